@@ -1,0 +1,230 @@
+"""One frozen, validated configuration, built once from env vars (EDGECHAT_*) and CLI flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ENV_PREFIX = "EDGECHAT_"
+DTYPES = ("auto", "float32", "bfloat16")
+LEAK_MODES = ("off", "history", "tensors")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+def _xdg(var: str, fallback: str) -> str:
+    """Return the XDG base folder for edgechat, honouring the variable when set."""
+    base = os.environ.get(var) or os.path.expanduser(fallback)
+    return os.path.join(base, "edgechat")
+
+
+def _runtime_default() -> str:
+    """Metrics folder default: $XDG_RUNTIME_DIR/edgechat/metrics, else under the state folder."""
+    run = os.environ.get("XDG_RUNTIME_DIR")
+    if run:
+        return os.path.join(run, "edgechat", "metrics")
+    return os.path.join(_xdg("XDG_STATE_HOME", "~/.local/state"), "metrics")
+
+
+def _opt(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None):
+    """A dataclass field carrying its documentation (used by --help, the README table and env example)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the daemon; field `x` is env var EDGECHAT_X and flag --x (flags win)."""
+
+    # --- model -----------------------------------------------------------------------------
+    model: str = _opt("Qwen/Qwen2.5-0.5B-Instruct",
+                      help="Hub id, local folder, or builtin:tiny / builtin:qwen2.5-0.5b-shape.")
+    dtype: str = _opt("auto", help="auto | float32 | bfloat16; auto = bfloat16 where the CPU has "
+                                   "AVX512-BF16/AMX, else float32.")
+    threads: int = _opt(0, help="torch intra-op threads per worker; 0 = physical cores.")
+    warmup: bool = _opt(True, help="Run a short generation before /readyz turns ready.")
+    # --- server ----------------------------------------------------------------------------
+    host: str = _opt("127.0.0.1", help="Address to listen on.")
+    port: int = _opt(8000, help="TCP port to listen on.")
+    workers: int = _opt(1, help="gunicorn worker processes; each holds one copy of the model.")
+    worker_threads: int = _opt(4, help="Request threads per worker (generation is serialized per model).")
+    graceful_timeout_s: float = _opt(60.0, help="Seconds in-flight turns get to finish after SIGTERM.")
+    state_dir: str = _opt(help="Folder for durable state (sessions).",
+                          factory=lambda: _xdg("XDG_STATE_HOME", "~/.local/state"))
+    cache_dir: str = _opt(help="Folder for built-in models and other caches.",
+                          factory=lambda: _xdg("XDG_CACHE_HOME", "~/.cache"))
+    # --- history policy --------------------------------------------------------------------
+    max_history_turns: int = _opt(5, help="User+assistant turns kept per session; 0 = unbounded.")
+    max_history_tokens: int = _opt(0, help="Prompt token budget (system + history + new message); "
+                                           "0 = model context minus max_new_tokens.")
+    session_ttl_s: float = _opt(600.0, help="Idle seconds before a session expires; 0 = never.")
+    max_sessions: int = _opt(1000, help="Sessions kept; the least recently active is evicted beyond.")
+    # --- generation ------------------------------------------------------------------------
+    max_new_tokens: int = _opt(512, help="Cap on generated tokens per turn (requests may ask less).")
+    min_new_tokens: int = _opt(0, help="Suppress end-of-text before this many tokens (testing aid).")
+    generation_timeout_s: float = _opt(120.0, help="Per-request generation deadline; the reply ends "
+                                                   "with finish_reason=length.")
+    queue_limit: int = _opt(4, help="Requests that may wait for the model; more get 503.")
+    queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for the model before 503.")
+    max_body_bytes: int = _opt(1_048_576, help="Largest accepted request body; larger gets 413.")
+    # --- per-turn memory hygiene -----------------------------------------------------------
+    gc_after_turn: bool = _opt(False, help="Run gc.collect() after every turn (see docs/memory.md).")
+    malloc_trim_after_turn: bool = _opt(True, help="Call glibc malloc_trim(0) after every turn to "
+                                                   "return freed heap to the OS.")
+    # --- security --------------------------------------------------------------------------
+    api_keys: tuple = _opt((), help="Comma-separated bearer keys for /v1; empty = open.")
+    # --- observability ---------------------------------------------------------------------
+    metrics_path: str = _opt("/metrics", help="Path of the Prometheus endpoint.")
+    metrics_port: int = _opt(0, help="Serve /metrics on this separate port too; 0 = main port only.")
+    metrics_dir: str = _opt(help="prometheus_client multiprocess folder (wiped by edgechat serve).",
+                            factory=_runtime_default)
+    metrics_refresh_s: float = _opt(5.0, help="Seconds between refreshes of per-worker memory/GC gauges.")
+    memory_limit_bytes: int = _opt(0, help="Memory budget; 0 = cgroup limit if set, else host total.")
+    tracemalloc: bool = _opt(False, help="Trace Python allocations (costs memory and time).")
+    leak_mode: str = _opt("off", help="off | history | tensors: deliberately leak, for demos and tests.")
+    log_level: str = _opt("INFO", help="DEBUG | INFO | WARNING | ERROR.")
+    log_format: str = _opt("text", help="text | json.")
+
+    def __post_init__(self) -> None:
+        """Reject invalid values at startup, naming the setting."""
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "leak_mode", LEAK_MODES)
+        _choice(self, "log_level", LOG_LEVELS)
+        _choice(self, "log_format", LOG_FORMATS)
+        for name in ("threads", "max_history_turns", "max_history_tokens", "max_sessions",
+                     "min_new_tokens", "queue_limit", "memory_limit_bytes"):
+            _at_least(self, name, 0)
+        for name in ("workers", "worker_threads", "max_new_tokens", "max_body_bytes"):
+            _at_least(self, name, 1)
+        for name in ("session_ttl_s",):
+            _at_least(self, name, 0)
+        for name in ("generation_timeout_s", "queue_timeout_s", "graceful_timeout_s",
+                     "metrics_refresh_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port!r}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port!r}")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        if not self.metrics_path.startswith("/"):
+            raise ValueError(f"metrics_path must start with '/', got {self.metrics_path!r}")
+        if not self.model:
+            raise ValueError("model must not be empty (try --model builtin:tiny)")
+        if any(not k or any(c.isspace() for c in k) for k in self.api_keys):
+            raise ValueError("api_keys must be non-empty keys without spaces, comma-separated")
+
+    def replace(self, **changes: Any) -> "Config":
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+        """Build from EDGECHAT_* variables, then apply already-typed overrides (flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = parse_value(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _choice(cfg: Config, name: str, allowed: tuple) -> None:
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(cfg, name)!r}")
+
+
+def _at_least(cfg: Config, name: str, low: float) -> None:
+    if getattr(cfg, name) < low:
+        raise ValueError(f"{name} must be >= {low}, got {getattr(cfg, name)!r}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def field_type(f: dataclasses.Field) -> type:
+    """The runtime type of a config field (annotations are strings under __future__)."""
+    return {"str": str, "int": int, "float": float, "bool": bool, "tuple": tuple}[str(f.type)]
+
+
+def parse_value(f: dataclasses.Field, raw: str) -> Any:
+    """Parse one env/flag string for field f; ValueError names the setting."""
+    kind = field_type(f)
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError("expected true/false")
+        if kind is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if kind is int:
+            return int(text.replace("_", ""))
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError as exc:
+        raise ValueError(f"{f.name}: invalid value {raw!r} ({exc})") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per config field; unset flags stay None so env vars and defaults apply."""
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            metavar=f.name.upper(), type=_flag_parser(f),
+                            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]")
+
+
+def _flag_parser(f: dataclasses.Field):
+    def parse(raw: str) -> Any:
+        try:
+            return parse_value(f, raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the config from parsed flags over the environment."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config.from_env(environ, **{k: v for k, v in vars(ns).items() if k in names})
+
+
+def to_env(cfg: Config) -> dict[str, str]:
+    """Render a config as EDGECHAT_* variables (hand-off from `edgechat serve` to its workers)."""
+    out = {}
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, tuple):
+            value = ",".join(value)
+        out[ENV_PREFIX + f.name.upper()] = str(value)
+    return out
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the dataclass."""
+    rows = ["| setting | env var / flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for f in dataclasses.fields(Config):
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = "(see meaning)" if f.name != "state_dir" else "`$XDG_STATE_HOME/edgechat`"
+            default = {"cache_dir": "`$XDG_CACHE_HOME/edgechat`",
+                       "metrics_dir": "`$XDG_RUNTIME_DIR/edgechat/metrics`"}.get(f.name, default)
+        else:
+            value = f.default
+            default = f"`{','.join(value) if isinstance(value, tuple) else value}`"
+            if value == ():
+                default = "(empty)"
+        rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` / `--{f.name.replace('_', '-')}` "
+                    f"| {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
