@@ -226,5 +226,5 @@ def markdown_table() -> str:
             if value == ():
                 default = "(empty)"
         rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` / `--{f.name.replace('_', '-')}` "
-                    f"| {default} | {f.metadata['help']} |")
+                    f"| {default} | {f.metadata['help'].replace('|', '&#124;')} |")
     return "\n".join(rows) + "\n"
