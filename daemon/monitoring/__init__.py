@@ -1,0 +1,1 @@
+"""Monitoring as code: Prometheus rules, Alertmanager config and Grafana dashboards rendered from Python."""
