@@ -52,6 +52,10 @@ class Config:
     workers: int = _opt(1, help="gunicorn worker processes; each holds one copy of the model.")
     worker_threads: int = _opt(4, help="Request threads per worker (generation is serialized per model).")
     graceful_timeout_s: float = _opt(60.0, help="Seconds in-flight turns get to finish after SIGTERM.")
+    max_requests: int = _opt(0, help="Recycle a worker after this many requests (a leak safety "
+                                     "valve); 0 = never.")
+    max_requests_jitter: int = _opt(0, help="Random extra requests before recycling, so workers "
+                                            "do not restart together.")
     state_dir: str = _opt(help="Folder for durable state (sessions).",
                           factory=lambda: _xdg("XDG_STATE_HOME", "~/.local/state"))
     cache_dir: str = _opt(help="Folder for built-in models and other caches.",
@@ -95,7 +99,8 @@ class Config:
         _choice(self, "log_level", LOG_LEVELS)
         _choice(self, "log_format", LOG_FORMATS)
         for name in ("threads", "max_history_turns", "max_history_tokens", "max_sessions",
-                     "min_new_tokens", "queue_limit", "memory_limit_bytes"):
+                     "min_new_tokens", "queue_limit", "memory_limit_bytes", "max_requests",
+                     "max_requests_jitter"):
             _at_least(self, name, 0)
         for name in ("workers", "worker_threads", "max_new_tokens", "max_body_bytes"):
             _at_least(self, name, 1)

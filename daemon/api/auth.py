@@ -1,0 +1,39 @@
+"""Bearer-key check for /v1 routes; a session's owner is a digest of the key that created it."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from flask import Blueprint, g, request
+
+from ..extensions import get_config, get_metrics
+from .errors import ApiError
+
+
+def owner_of(key: str | None) -> str | None:
+    """Stable owner id for a key, so stores never hold the key itself."""
+    return None if key is None else hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def _check() -> None:
+    keys = get_config().api_keys
+    g.owner = None
+    if not keys:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        raise ApiError(401, "missing bearer key: send 'Authorization: Bearer <key>'",
+                       code="missing_api_key")
+    # compare against every key in constant time so timing does not reveal a prefix match
+    if not any(hmac.compare_digest(token.strip(), k) for k in keys):
+        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        raise ApiError(401, "invalid API key", code="invalid_api_key")
+    g.owner = owner_of(token.strip())
+
+
+def protect(bp: Blueprint) -> Blueprint:
+    """Require a valid key on every route of the blueprint when api_keys is set."""
+    bp.before_request(_check)
+    return bp

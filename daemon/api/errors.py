@@ -1,0 +1,81 @@
+"""One JSON error shape (OpenAI's) for every failure; tracebacks are logged, never sent."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger("edgechat.api")
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    """A client-visible failure: raised in views, rendered by the handler below."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 param: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after = retry_after
+
+
+def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    """Shorthand for a 400 about one request field."""
+    return ApiError(400, message, code=code, param=param)
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    """The OpenAI-compatible error object."""
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
+                                                             else "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(err: ApiError):
+    """Render an ApiError as a JSON response with its status (and Retry-After when set)."""
+    resp = jsonify(error_body(err.status, err.message, err.code, err.param))
+    resp.status_code = err.status
+    if err.retry_after is not None:
+        resp.headers["Retry-After"] = str(err.retry_after)
+    return resp
+
+
+def request_id() -> str:
+    """This request's id: the client's X-Request-Id when sane, else a new one."""
+    if "request_id" not in g:
+        given = request.headers.get("X-Request-Id", "")
+        g.request_id = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
+    return g.request_id
+
+
+def init_app(app: Flask) -> None:
+    """Install the handlers that turn every error into the JSON shape."""
+
+    @app.after_request
+    def _tag(resp):
+        resp.headers["X-Request-Id"] = request_id()
+        return resp
+
+    @app.errorhandler(ApiError)
+    def _api_error(err: ApiError):
+        return error_response(err)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(err: HTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
+                 415: "unsupported_media_type", 400: "bad_request"}
+        message = {413: f"request body exceeds max_body_bytes ({app.config.get('MAX_CONTENT_LENGTH')})"}
+        return error_response(ApiError(err.code or 500, message.get(err.code, err.description or err.name),
+                                       code=codes.get(err.code)))
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception):
+        # Anything else is our bug: log the traceback with the request id, send only the id.
+        rid = request_id()
+        log.exception("unhandled error request_id=%s path=%s", rid, request.path)
+        return error_response(ApiError(500, f"internal error (request id {rid})", code="internal_error"))

@@ -1,0 +1,30 @@
+"""Liveness and readiness probes for systemd, load balancers and the soak tool."""
+from __future__ import annotations
+
+import os
+
+from flask import Blueprint, jsonify
+
+from ..extensions import get_config, get_engine
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    """Alive: the worker answers HTTP."""
+    return jsonify({"status": "ok", "pid": os.getpid()})
+
+
+@bp.get("/readyz")
+def readyz():
+    """Ready: model loaded and warmed up, and the wait queue not full."""
+    cfg, engine = get_config(), get_engine()
+    waiting = engine.queue_depth()
+    checks = {"model_loaded": bool(engine.ready), "queue_not_full": waiting < cfg.queue_limit}
+    ready = all(checks.values())
+    body = {"ready": ready, "checks": checks, "model": engine.model_id, "dtype": engine.dtype,
+            "queue_depth": waiting, "pid": os.getpid()}
+    if cfg.leak_mode != "off":
+        body["leak_mode"] = cfg.leak_mode
+    return jsonify(body), 200 if ready else 503

@@ -1,0 +1,132 @@
+"""Server-side conversations under the bounded history policy: /v1/sessions."""
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+from flask import Blueprint, g, jsonify
+
+from ..extensions import get_config, get_metrics, get_store
+from ..sessions import ContextTooLong, SessionBusy, SessionNotFound
+from . import turns, validate
+from .auth import protect
+from .errors import ApiError, invalid
+
+bp = protect(Blueprint("sessions", __name__, url_prefix="/v1/sessions"))
+
+
+def _not_found(session_id: str) -> ApiError:
+    return ApiError(404, f"no session {session_id!r} (unknown, expired, or not yours)",
+                    code="session_not_found", param="id")
+
+
+def _publish_stats() -> None:
+    get_metrics().set_store_stats(get_store().stats())
+
+
+@bp.post("")
+def create():
+    """Start a conversation, optionally with a system prompt."""
+    body = validate.json_body()
+    unknown = set(body) - {"system"}
+    if unknown:
+        raise invalid(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0],
+                      "unknown_field")
+    system = validate.text(body, "system", required=False)
+    snap = get_store().create(g.owner, system)
+    _publish_stats()
+    return jsonify({"id": snap.id, "created": int(snap.created)}), 201
+
+
+@bp.get("/<session_id>")
+def show(session_id: str):
+    """The stored conversation (what the model will see next turn)."""
+    try:
+        snap = get_store().get(session_id, g.owner)
+    except SessionNotFound:
+        raise _not_found(session_id) from None
+    return jsonify({"id": snap.id, "created": int(snap.created),
+                    "last_active": int(snap.last_active), "turns": snap.turns,
+                    "messages": [dict(m) for m in snap.messages], "tokens": snap.tokens,
+                    "truncations": snap.truncations, "system": snap.system})
+
+
+@bp.delete("/<session_id>")
+def delete(session_id: str):
+    """Forget a conversation."""
+    try:
+        get_store().delete(session_id, g.owner)
+    except SessionNotFound:
+        raise _not_found(session_id) from None
+    _publish_stats()
+    return "", 204
+
+
+def _summary(session_id: str, result, stats) -> dict:
+    snap = result.session
+    return {"id": session_id, "turn": result.turn, "finish_reason": stats.finish_reason,
+            "usage": {"prompt_tokens": stats.prompt_tokens,
+                      "completion_tokens": stats.completion_tokens,
+                      "total_tokens": stats.prompt_tokens + stats.completion_tokens},
+            "history": {"messages": len(snap.messages), "tokens": snap.tokens,
+                        "truncated": result.truncated}}
+
+
+@bp.post("/<session_id>/messages")
+def message(session_id: str):
+    """Take one turn: the reply is committed to history only once it is complete."""
+    body = validate.json_body()
+    unknown = set(body) - {"content", "max_tokens", "max_completion_tokens", "temperature",
+                           "top_p", "seed", "stream"}
+    if unknown:
+        raise invalid(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0],
+                      "unknown_field")
+    content = validate.text(body, "content", required=True)
+    params = turns.sampling_params(body, allow_stop=False)
+    streaming = validate.boolean(body, "stream")
+
+    stack = ExitStack()
+    try:
+        turn = stack.enter_context(get_store().turn(session_id, g.owner, content,
+                                                    timeout=get_config().queue_timeout_s))
+        turns.check_context(turn.prompt_tokens, params)
+        gen = turns.start(turn.prompt, params)
+    except SessionNotFound:
+        stack.close()
+        raise _not_found(session_id) from None
+    except SessionBusy:
+        stack.close()
+        get_metrics().requests_rejected_total.labels(reason="session_busy").inc()
+        raise ApiError(409, "another turn of this session is in progress", code="session_busy",
+                       retry_after=1) from None
+    except ContextTooLong as err:
+        stack.close()
+        raise invalid(f"the message needs {err.tokens} tokens with the system prompt; the "
+                      f"history budget is {err.limit}", "content", "context_length_exceeded") from None
+    except BaseException:
+        stack.close()
+        raise
+
+    def finish(g_) -> tuple:
+        result = turn.commit(g_.text) if g_.stats.finish_reason != "cancelled" else None
+        turns.observe(g_, turn=turn.index,
+                      history_messages=len(result.session.messages) if result else None)
+        _publish_stats()
+        return result
+
+    if not streaming:
+        with stack:
+            stack.callback(gen.close)
+            text = turns.drain(gen)
+            result = finish(gen)
+        if result is None:
+            raise ApiError(503, "the turn was cancelled (server shutting down?); nothing was "
+                                "stored", code="cancelled", retry_after=1)
+        out = _summary(session_id, result, gen.stats)
+        out["message"] = {"role": "assistant", "content": text}
+        return jsonify(out)
+
+    def tail(g_) -> list[dict]:
+        return [_summary(session_id, finish(g_), g_.stats)]
+
+    return turns.stream(gen, stack, turn=turn.index, head=[],
+                        delta=lambda piece: {"delta": piece}, tail=tail)

@@ -1,0 +1,135 @@
+"""Run one generation for a view: queue errors, streaming as SSE, cleanup on disconnect, metrics."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import ExitStack
+from typing import Callable, Iterator
+
+from flask import Response
+
+from ..engine import EngineBusy, GenerationParams
+from ..extensions import get_config, get_engine, get_metrics
+from .errors import ApiError, error_body, invalid
+from . import validate
+
+log = logging.getLogger("edgechat.api")
+
+# finish_reason/timeout -> the `outcome` label of edgechat_turns_total
+def outcome_of(stats) -> str:
+    """The turns_total outcome for finished generation stats."""
+    if stats is None:
+        return "error"
+    if stats.timed_out:
+        return "timeout"
+    return {"stop": "ok", "length": "length", "cancelled": "cancelled"}.get(stats.finish_reason, "ok")
+
+
+def sampling_params(body: dict, *, allow_stop: bool) -> GenerationParams:
+    """GenerationParams from a request body, validated against the server's caps."""
+    cfg = get_config()
+    return GenerationParams(
+        max_new_tokens=validate.max_tokens(body, cfg.max_new_tokens),
+        temperature=validate.number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=validate.number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        stop=validate.stop_list(body) if allow_stop else (),
+        seed=validate.integer(body, "seed", None, 0, 2**63 - 1),
+    )
+
+
+def check_context(prompt_tokens: int, params: GenerationParams) -> None:
+    """400 context_length_exceeded when prompt plus requested tokens cannot fit the model."""
+    limit = get_engine().context_length
+    if prompt_tokens + params.max_new_tokens > limit:
+        raise invalid(f"this model's context is {limit} tokens; the prompt has {prompt_tokens} and "
+                      f"{params.max_new_tokens} more were requested", "messages",
+                      "context_length_exceeded")
+
+
+def start(messages: list[dict], params: GenerationParams):
+    """Take the model (bounded queue) and start generating; 503 + Retry-After when saturated."""
+    try:
+        return get_engine().generate(messages, params)
+    except EngineBusy as busy:
+        get_metrics().requests_rejected_total.labels(reason=busy.reason).inc()
+        raise ApiError(503, f"the model is busy ({busy.reason.replace('_', ' ')}); retry later",
+                       code=busy.reason, retry_after=busy.retry_after) from None
+
+
+def observe(gen, *, turn: int, history_messages: int | None) -> None:
+    """Record a finished (or abandoned) generation in the turn metrics and refresh memory gauges."""
+    stats = gen.stats
+    m = get_metrics()
+    if stats is None:
+        m.turns_total.labels(outcome="error").inc()
+        return
+    m.observe_turn(turn=turn, outcome=outcome_of(stats), duration_s=stats.duration_s,
+                   ttft_s=stats.ttft_s, completion_tokens=stats.completion_tokens,
+                   prompt_tokens=stats.prompt_tokens, queue_wait_s=stats.queue_wait_s,
+                   history_messages=history_messages)
+    m.refresh()
+
+
+def drain(gen) -> str:
+    """Run a generation to the end without streaming."""
+    for _ in gen:
+        pass
+    return gen.text
+
+
+def sse(data) -> str:
+    """One server-sent event carrying JSON (or the literal [DONE])."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callable[[str], dict],
+           tail: Callable[[object], list[dict]]) -> Response:
+    """Stream a generation as SSE; the ExitStack (session lock, generation) closes on any exit.
+
+    `tail` runs once the generation finished: it commits, observes metrics and returns the last
+    events. A stream that ends any other way (disconnect, error) is observed here, uncommitted.
+    """
+    stack.callback(gen.close)
+    state = {"committed": False, "closed": False}
+
+    def cleanup() -> None:
+        if state["closed"]:
+            return
+        state["closed"] = True
+        stack.close()
+        if not state["committed"]:
+            observe(gen, turn=turn, history_messages=None)
+
+    def events() -> Iterator[str]:
+        try:
+            for event in head:
+                yield sse(event)
+            for piece in gen:
+                if piece:
+                    yield sse(delta(piece))
+            last = tail(gen)
+            state["committed"] = True
+            for event in last:
+                yield sse(event)
+            yield sse("[DONE]")
+        except GeneratorExit:
+            # the client went away mid-stream: stop generating, commit nothing
+            gen.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - the status line is sent; tell the client in-band
+            log.exception("stream failed")
+            yield sse(error_body(500, "generation failed", "internal_error"))
+        finally:
+            cleanup()
+
+    resp = Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # if the body is never iterated (client gone before the first byte) close still frees the lock
+    resp.call_on_close(cleanup)
+    return resp
+
+
+def now() -> int:
+    """Unix seconds, as OpenAI's `created`."""
+    return int(time.time())

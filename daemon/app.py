@@ -1,0 +1,89 @@
+"""The app factory: wires config, metrics, engine, session store and the HTTP API together."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from flask import Flask
+
+from . import extensions, logs
+from .config import Config
+
+log = logging.getLogger("edgechat")
+STOP = "edgechat.stop"
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build a ready-to-serve app; loads the model, so call it in the worker, never the master."""
+    cfg = config if config is not None else Config.from_env()
+    logs.setup(cfg.log_level, cfg.log_format)
+    app = Flask("daemon")
+    app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[extensions.CONFIG] = cfg
+    if cfg.leak_mode != "off":
+        log.warning("!!! LEAK MODE %r IS ON: this daemon leaks on purpose (demo/test only) !!!",
+                    cfg.leak_mode)
+
+    from .api import errors, metrics as metrics_api
+    errors.init_app(app)
+    metrics_api.init_app(app, cfg)
+    metrics = extensions.get_metrics(app)
+
+    from .engine import Engine
+    engine = Engine.load(cfg, listener=metrics)
+    app.extensions[extensions.ENGINE] = engine
+    metrics.set_model_info(engine.model_id, engine.dtype, cfg.leak_mode, engine.load_seconds)
+
+    init_store(app, cfg, engine, metrics)
+
+    from .api import chat, health, sessions
+    for bp in (health.bp, chat.bp, sessions.bp):
+        app.register_blueprint(bp)
+    return app
+
+
+def history_token_budget(cfg: Config, context_length: int) -> int:
+    """The prompt budget: configured, or the model context minus room for the reply."""
+    budget = cfg.max_history_tokens or context_length - cfg.max_new_tokens
+    if budget <= 0 or budget + cfg.max_new_tokens > context_length:
+        raise ValueError(f"max_history_tokens ({budget}) + max_new_tokens ({cfg.max_new_tokens}) "
+                         f"must fit the model context ({context_length})")
+    return budget
+
+
+def init_store(app: Flask, cfg: Config, engine, metrics) -> None:
+    """Create the session store under the configured policy and keep its gauges fresh."""
+    from .sessions import HistoryPolicy, make_store
+    policy = HistoryPolicy(max_turns=cfg.max_history_turns,
+                           max_tokens=history_token_budget(cfg, engine.context_length),
+                           ttl_s=cfg.session_ttl_s, max_sessions=cfg.max_sessions,
+                           trim=cfg.leak_mode != "history")
+    store = make_store(policy, engine.count_tokens, listener=metrics)
+    app.extensions[extensions.STORE] = store
+    metrics.set_store_stats(store.stats())
+    stop = threading.Event()
+    app.extensions[STOP] = stop
+    _start_housekeeping(store, metrics, cfg.metrics_refresh_s, stop)
+
+
+def shutdown_app(app: Flask) -> None:
+    """Stop background threads and release the model, store and metrics (tests, worker exit)."""
+    app.extensions[STOP].set()
+    for key in (extensions.STORE, extensions.ENGINE, extensions.METRICS):
+        obj = app.extensions.get(key)
+        if obj is not None:
+            obj.close()
+
+
+def _start_housekeeping(store, metrics, interval_s: float, stop: threading.Event) -> None:
+    """Expire idle sessions and refresh the history gauges even when no request comes."""
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            try:
+                store.sweep()
+                metrics.set_store_stats(store.stats())
+            except Exception:  # noqa: BLE001 - keep the loop alive; a failing store shows in logs
+                log.exception("session housekeeping failed")
+
+    threading.Thread(target=loop, name="edgechat-housekeeping", daemon=True).start()
