@@ -233,3 +233,24 @@ def markdown_table() -> str:
         rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` / `--{f.name.replace('_', '-')}` "
                     f"| {default} | {f.metadata['help'].replace('|', '&#124;')} |")
     return "\n".join(rows) + "\n"
+
+
+def env_example() -> str:
+    """deploy/edgechat.env.example: every setting, commented out at its default, with its meaning."""
+    lines = ["# edgechat settings (systemd EnvironmentFile=, docker --env-file).",
+             "# Every line is commented out at its default; uncomment to change.",
+             "# Generated from daemon/config.py: python -m daemon.config env-example", ""]
+    for f in dataclasses.fields(Config):
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = ""
+        else:
+            default = f.default
+            default = ",".join(default) if isinstance(default, tuple) else default
+            default = str(default).lower() if isinstance(default, bool) else default
+        lines += [f"# {f.metadata['help']}", f"#{ENV_PREFIX}{f.name.upper()}={default}", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    print({"env-example": env_example, "table": markdown_table}[sys.argv[1]](), end="")

@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make serve MODEL=...` and `make test` (see README.md).
+VENV ?= .venv
+PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: venv serve test test-fast test-deps
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch is pinned to the CPU build in setup.cfg; an unpinned torch would pull CUDA wheels
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: venv
+	@test -n "$(MODEL)" || { echo "name the model, e.g. make serve MODEL=builtin:tiny"; exit 2; }
+	$(VENV)/bin/edgechat serve --model $(MODEL) $(ARGS)
+
+# Debian packages the tests drive for real: promtool/prometheus, amtool/alertmanager
+test-deps:
+	@command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager; }
+
+test: venv test-deps
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: venv test-deps
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
