@@ -1,0 +1,155 @@
+"""The turns dashboard: latency by position in the conversation (creep), generation speed, queue and HTTP."""
+
+from daemon.monitoring.dashboard_memory import firing_alerts_table, shared_annotations
+from daemon.monitoring.grafana import dashboard, heatmap, quantile, rate, row, sel, stat, target, timeseries
+
+UID = "edgechat-turns"
+TITLE = "edgechat / Turns and latency"
+
+_TURN = "edgechat_turn_duration_seconds"
+_REQUESTS = "edgechat_http_requests_total"
+_LATE, _FIRST = 'turn_index=~"11-20|21+"', 'turn_index="1"'
+_5XX, _ERRORS = 'status=~"5.."', 'status=~"[45].."'
+# error ratio that reads 0 (not "no data") while no 5xx has been counted yet
+_ERROR_RATIO = (f"(sum by (instance) ({rate(_REQUESTS, _5XX)})"
+                f" or 0 * sum by (instance) ({rate(_REQUESTS)}))"
+                f" / sum by (instance) ({rate(_REQUESTS)})")
+
+
+def _top_row():
+    """Return the at-a-glance stats: load, errors, latency creep, work in flight."""
+    return [
+        stat("Turns per second", "Completed chat turns per second (all outcomes).", "ops",
+             [target(f"sum by (instance) ({rate('edgechat_turns_total')})", "{{instance}}")],
+             [(None, "blue")]),
+        stat("HTTP 5xx ratio", "Share of HTTP requests answered with a 5xx status. Orange from 1 %, red from 5 % "
+             "(EdgechatHighErrorRate).", "percentunit", [target(_ERROR_RATIO, "{{instance}}")],
+             [(None, "green"), (0.01, "orange"), (0.05, "red")]),
+        stat("Latency creep (p95 turn 11+ / turn 1)",
+             "p95 latency of turns 11 and later divided by p95 of first turns. About 1 when history is "
+             "bounded; the unbounded-history bug drove it to ~6 (8.2 s vs 1.4 s) "
+             "(EdgechatTurnLatencyCreep). Empty until conversations reach turn 11.", "none",
+             [target(f"{quantile(0.95, _TURN, extra=_LATE)} / {quantile(0.95, _TURN, extra=_FIRST)}",
+                    "{{instance}}")],
+             [(None, "green"), (2, "orange"), (4, "red")], decimals=1),
+        stat("Generations in progress", "Generations running now (the engine serves one at a time per worker).",
+             "short", [target(f"sum by (instance) ({sel('edgechat_generations_in_progress')})", "{{instance}}")],
+             [(None, "blue")]),
+        stat("Queue depth", "Requests waiting for the model. Sustained above zero means the device is saturated "
+             "and new requests will soon be rejected.", "short",
+             [target(f"sum by (instance) ({sel('edgechat_queue_depth')})", "{{instance}}")],
+             [(None, "green"), (1, "orange"), (4, "red")]),
+        stat("Model load time", "Seconds the worker took to load the model at start-up.", "s",
+             [target(f"max by (instance) ({sel('edgechat_model_load_seconds')})", "{{instance}}")],
+             [(None, "blue")]),
+    ]
+
+
+def _latency_rows():
+    """Return turn latency p50/p95/p99 split by turn_index bucket."""
+    panels = [row("Turn latency by position in the conversation")]
+    for q, label in ((0.5, "p50"), (0.95, "p95"), (0.99, "p99")):
+        panels.append(timeseries(
+            f"Turn latency {label} by turn index",
+            f"{label} of whole-turn latency, one line per position in the conversation (1, 2-5, 6-10, 11-20, "
+            "21+). Healthy: the lines lie together. History leak: later turns sit ever higher because each "
+            "re-feeds the whole history (latency creep).", "s",
+            [target(quantile(q, _TURN, by=("turn_index",)), "turn {{turn_index}}")], w=8, minimum=0))
+    return panels
+
+
+def _generation_rows():
+    """Return time to first token, time per output token and token throughput."""
+    tpot = "edgechat_time_per_output_token_seconds"
+    return [
+        row("Generation"),
+        timeseries("Time to first token",
+                   "p50 and p95 from request to the first generated token: queueing plus prefill of the "
+                   "whole prompt. Grows with prompt length, so with untrimmed history.", "s",
+                   [target(quantile(0.5, "edgechat_time_to_first_token_seconds"), "p50 {{instance}}"),
+                    target(quantile(0.95, "edgechat_time_to_first_token_seconds"), "p95 {{instance}}")],
+                   w=8, minimum=0),
+        timeseries("Time per output token",
+                   "p50 and p95 decode time per generated token. Mostly memory bandwidth bound; a rise "
+                   "with constant prompts hints at swapping or a growing KV cache kept between turns.", "s",
+                   [target(quantile(0.5, tpot), "p50 {{instance}}"), target(quantile(0.95, tpot), "p95 {{instance}}")],
+                   w=8, minimum=0),
+        timeseries("Tokens per second",
+                   "Prompt and generated tokens processed per second across all turns, and the decode speed "
+                   "of one generation (1 / mean time per output token), all in tokens/s.", "short",
+                   [target(f"sum by (instance) ({rate('edgechat_completion_tokens_total')})", "generated {{instance}}"),
+                    target(f"sum by (instance) ({rate('edgechat_prompt_tokens_total')})", "prompt {{instance}}"),
+                    target(f"sum by (instance) ({rate(tpot + '_count')}) / sum by (instance) ({rate(tpot + '_sum')})",
+                           "decode speed {{instance}}")], w=8, minimum=0),
+    ]
+
+
+def _queue_rows():
+    """Return the queue panels: depth, wait and rejections."""
+    return [
+        row("Queue"),
+        timeseries("Queue depth and generations in progress",
+                   "Requests waiting for the model and generations running. A queue that never drains means "
+                   "turns take longer than users arrive (often latency creep).", "short",
+                   [target(f"sum by (instance) ({sel('edgechat_queue_depth')})", "queued {{instance}}"),
+                    target(f"sum by (instance) ({sel('edgechat_generations_in_progress')})",
+                           "generating {{instance}}")], w=8, minimum=0),
+        timeseries("Queue wait",
+                   "p50 and p95 time a request waited for the model before its turn started.", "s",
+                   [target(quantile(0.5, "edgechat_queue_wait_seconds"), "p50 {{instance}}"),
+                    target(quantile(0.95, "edgechat_queue_wait_seconds"), "p95 {{instance}}")], w=8, minimum=0),
+        timeseries("Rejected requests by reason",
+                   "Requests turned away (queue full, memory watchdog, ...) per second. Empty while nothing "
+                   "is rejected (EdgechatSaturated).", "reqps",
+                   [target(f"sum by (instance, reason) ({rate('edgechat_requests_rejected_total')})", "{{reason}}")],
+                   w=8, minimum=0),
+    ]
+
+
+def _http_rows():
+    """Return request rate, errors by status, HTTP latency and turn outcomes."""
+    return [
+        row("HTTP"),
+        timeseries("Requests by route and status",
+                   "HTTP requests per second by route template and status code.", "reqps",
+                   [target(f"sum by (instance, route, status) ({rate(_REQUESTS)})", "{{route}} {{status}}")],
+                   w=8, minimum=0),
+        timeseries("HTTP errors by status",
+                   "4xx and 5xx responses per second by route, method and status. Empty while every request "
+                   "succeeds.", "reqps",
+                   [target(f"sum by (instance, route, method, status) ({rate(_REQUESTS, _ERRORS)})",
+                           "{{method}} {{route}} {{status}}")], w=8, minimum=0),
+        timeseries("HTTP request latency p95 by route",
+                   "p95 of the time to answer each route (for streamed chat: until the stream ends).", "s",
+                   [target(quantile(0.95, "edgechat_http_request_duration_seconds", by=("route",)), "{{route}}")],
+                   w=8, minimum=0),
+        timeseries("Turns by outcome", "Turns per second by outcome (completed, failed, cancelled, ...).", "ops",
+                   [target(f"sum by (instance, outcome) ({rate('edgechat_turns_total')})", "{{outcome}}")],
+                   minimum=0),
+        firing_alerts_table(w=12, h=8),
+    ]
+
+
+def _prompt_rows():
+    """Return the prompt-size distribution and the build identity."""
+    return [
+        row("Prompts and build"),
+        heatmap("Prompt tokens per turn",
+                "Distribution of prompt length (tokens, history included) of the turns in each interval. "
+                "Bounded history: a band that stops rising. Unbounded history: the band climbs turn by turn.",
+                "short", [target(f"sum by (le) ({rate('edgechat_turn_prompt_tokens_bucket', fn='increase')})",
+                                 "{{le}}", fmt="heatmap")], w=16),
+        stat("Build", "Versions of edgechat, Python, torch and transformers this daemon runs.", "none",
+             [target(f"max by (instance, version, python, torch, transformers) ({sel('edgechat_build_info')})",
+                     "edgechat {{version}} python {{python}} torch {{torch}} transformers {{transformers}}")],
+             [(None, "blue")], w=8, h=9, text_mode="name"),
+    ]
+
+
+def build():
+    """Return the turns dashboard as a dict."""
+    panels = [*_top_row(), *_latency_rows(), *_generation_rows(), *_queue_rows(), *_http_rows(), *_prompt_rows()]
+    return dashboard(UID, TITLE,
+                     "How edgechat's turns behave: latency by position in the conversation (creep), time to "
+                     "first token, tokens/s, queue and HTTP. See docs/dashboards.md.",
+                     panels, shared_annotations(), [("edgechat-memory", "edgechat / Is it leaking?")])
