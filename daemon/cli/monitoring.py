@@ -1,0 +1,67 @@
+"""`edgechat render-rules` and `edgechat render-alertmanager`: monitoring config rendered at deploy time."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..monitoring import alertmanager, rules
+
+
+def add_parsers(sub) -> None:
+    """Register `render-rules` and `render-alertmanager`."""
+    p = sub.add_parser("render-rules", help="render Prometheus recording and alert rules",
+                       description="Render edgechat's Prometheus rule files from "
+                                   "daemon/monitoring/thresholds.py.")
+    p.add_argument("--time-scale", type=float, default=1.0, metavar="F",
+                   help="multiply every range window, `for` and guard by F (e.g. 0.01 for an "
+                        "end-to-end test); 1 for production (default: %(default)s)")
+    p.add_argument("--out", default=rules.RULES_DIR, metavar="DIR",
+                   help="folder to write the rule files to (default: %(default)s)")
+    p.set_defaults(func=run_rules)
+
+    p = sub.add_parser("render-alertmanager", help="render the Alertmanager config with the webhook URL",
+                       description="Fill the webhook URL into deploy/alertmanager/alertmanager.yml.tmpl "
+                                   f"(Alertmanager 0.25 reads no environment). URL from the flags, else "
+                                   f"${alertmanager.URL_ENV}, else the file named by ${alertmanager.URL_FILE_ENV}.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--webhook-url", metavar="URL", help="the receiver's webhook URL")
+    source.add_argument("--webhook-url-file", metavar="PATH", help="a file holding the webhook URL")
+    p.add_argument("--watchdog-url", metavar="URL", default=os.environ.get(alertmanager.WATCHDOG_URL_ENV),
+                   help=f"heartbeat URL for the Watchdog alert [env {alertmanager.WATCHDOG_URL_ENV}] "
+                        "(default: a null receiver)")
+    p.add_argument("--template", default=alertmanager.TEMPLATE, metavar="PATH", help="template to render")
+    p.add_argument("--out", metavar="FILE", help="write here (mode 0640, atomically) instead of stdout")
+    p.set_defaults(func=run_alertmanager)
+
+
+def run_rules(ns: argparse.Namespace) -> int:
+    """Write the rule files and list them."""
+    try:
+        paths = rules.write(ns.out, ns.time_scale)
+    except ValueError as exc:  # a time scale of 0 or one shrinking a window below 1 ms
+        print(f"edgechat render-rules: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+def run_alertmanager(ns: argparse.Namespace) -> int:
+    """Render the Alertmanager config to a file or stdout."""
+    try:
+        url = alertmanager.resolve_url(ns.webhook_url, ns.webhook_url_file)
+        text = alertmanager.render(url, ns.watchdog_url, ns.template)
+    except alertmanager.WebhookURLError as exc:
+        print(f"edgechat render-alertmanager: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the template is missing (installed without the repository's deploy/)
+        print(f"edgechat render-alertmanager: cannot read template {ns.template}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    if ns.out:
+        alertmanager.write(ns.out, text)
+        print(ns.out)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,201 @@
+"""Alerting rules: what a leak, a stall or an outage of edgechat looks like, one comment each."""
+from __future__ import annotations
+
+from .promql import Group, Rule, duration, number
+from .recording import Names
+from .thresholds import Thresholds
+
+ON = "on (job, instance)"
+INSTANCE = "{{ $labels.instance }}"
+
+
+def _alert(t: Thresholds, name: str, comment: str, expr: str, for_s: float, severity: str,
+           summary: str, description: str) -> Rule:
+    return Rule(comment, {
+        "alert": name,
+        "expr": expr,
+        "for": duration(for_s),
+        "labels": {"severity": severity},
+        "annotations": {"summary": summary, "description": description, "runbook_url": t.runbook_url(name)},
+    })
+
+
+def _leak(t: Thresholds, n: Names, fast: bool) -> Rule:
+    deriv, predict = (n.deriv_fast, n.predict_fast) if fast else (n.deriv_slow, n.predict_slow)
+    window = duration(t.leak_fast_window if fast else t.leak_slow_window)
+    horizon = duration(t.leak_fast_horizon if fast else t.leak_slow_horizon)
+    expr = (f"{deriv} * 60 > 0\n"
+            f"and {ON} {predict} >= {ON} {n.limit}\n"
+            f"and {ON} {n.usage_ratio} > {number(t.leak_level_floor_ratio)}\n"
+            f"and {ON} {n.uptime} > {number(t.leak_min_uptime)}\n"
+            f"and {ON} {n.turns_traffic} > 0")
+    return _alert(
+        t, "EdgechatMemoryLeakSuspected",
+        f"Detects service memory rising steadily over {window} so that it reaches the limit within {horizon} "
+        f"(above {t.leak_level_floor_ratio:.0%} of the limit, after start-up, with traffic).",
+        expr, t.leak_fast_for if fast else t.leak_slow_for, "critical" if fast else "warning",
+        f"edgechat memory is growing towards its limit (OOM within {horizon}).",
+        f"Service memory on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the last "
+        f"{window}; at that pace it reaches the memory limit within {horizon}.")
+
+
+def memory_alerts(t: Thresholds, n: Names) -> Group:
+    """Leak (trend) and level alerts on the memory counted against the limit."""
+    def near(severity: str, ratio: float, for_s: float) -> Rule:
+        return _alert(
+            t, "EdgechatMemoryNearLimit",
+            f"Detects service memory above {ratio:.0%} of the memory limit (never one worker's RSS).",
+            f"{n.usage_ratio} > {number(ratio)}", for_s, severity,
+            f"edgechat uses more than {ratio:.0%} of its memory limit.",
+            f"edgechat on {INSTANCE} uses {{{{ $value | humanizePercentage }}}} of its memory limit.")
+    return Group("edgechat.memory.alerts", [
+        _leak(t, n, fast=False), _leak(t, n, fast=True),
+        near("warning", t.near_limit_warning_ratio, t.near_limit_warning_for),
+        near("critical", t.near_limit_critical_ratio, t.near_limit_critical_for),
+    ])
+
+
+def history_alerts(t: Thresholds, n: Names) -> Group:
+    """History growth (the classic unbounded-history bug) and a disabled limit."""
+    span = duration(t.history_growth_span)
+    unbounded = (f"# the longest conversation holds more messages than the turn limit allows\n"
+                 f"{n.history_max} > {ON} {n.history_allowed}\n"
+                 f"or\n"
+                 f"# total history grew in every {duration(t.history_growth_step)} step of the last {span}\n"
+                 f"(\n"
+                 f"  {n.history_max}\n"
+                 f"  and {ON} min_over_time({n.history_delta}[{span}]) > 0\n"
+                 f"  and {ON} ({n.history_delta} offset {span})\n"
+                 f")")
+    return Group("edgechat.history.alerts", [
+        _alert(t, "EdgechatHistoryUnbounded",
+               "Detects conversation history that is not trimmed: longer than 2 x max_turns + 1 messages, "
+               f"or the total growing without pause for {span} (growth, not configuration).",
+               unbounded, t.history_unbounded_for, "warning",
+               "edgechat conversation history is growing without bound.",
+               f"The longest conversation on {INSTANCE} holds {{{{ $value }}}} messages, more than the "
+               f"configured turn limit allows, or the total history has grown without pause for {span}."),
+        _alert(t, "EdgechatHistoryLimitDisabled",
+               "Detects a configuration with no turn limit on conversation history (max_history_turns = 0).",
+               f"{n.max_turns} == 0", t.history_limit_disabled_for, "info",
+               "edgechat runs with an unbounded history turn limit.",
+               f"edgechat on {INSTANCE} reports max_history_turns = {{{{ $value }}}}: conversations are "
+               "trimmed only by tokens, TTL and max_sessions."),
+    ])
+
+
+def gc_alerts(t: Thresholds, n: Names) -> Group:
+    """Python garbage collector: objects it cannot free, time it steals from turns."""
+    window = duration(t.gc_uncollectable_window)
+    return Group("edgechat.gc.alerts", [
+        _alert(t, "EdgechatGCUncollectableGrowing",
+               f"Detects objects the garbage collector found unreachable but could not free, over {window}.",
+               f"{n.gc_uncollectable} > 0", t.gc_uncollectable_for, "warning",
+               "Python's garbage collector finds objects it cannot free in edgechat.",
+               f"{{{{ $value | humanize }}}} uncollectable objects appeared on {INSTANCE} in the last {window}."),
+        _alert(t, "EdgechatGCPausesHigh",
+               f"Detects workers spending more than {t.gc_pause_ratio:.0%} of wall time in GC pauses.",
+               f"{n.gc_pause_ratio} > {number(t.gc_pause_ratio)}", t.gc_pause_for, "warning",
+               "edgechat workers spend a large share of time in garbage collection.",
+               f"Each worker on {INSTANCE} spent {{{{ $value | humanizePercentage }}}} of the last "
+               f"{duration(t.gc_pause_window)} in GC pauses."),
+    ])
+
+
+def turn_alerts(t: Thresholds, n: Names) -> Group:
+    """Turn latency: late turns slower than early ones (creep), and plainly slow turns."""
+    return Group("edgechat.turns.alerts", [
+        _alert(t, "EdgechatTurnLatencyCreep",
+               f"Detects late turns (11+) at more than {number(t.creep_ratio)}x the p95 latency of early "
+               "turns (1-5): prompts grow with the conversation.",
+               f"{n.creep_ratio} > {number(t.creep_ratio)}\n"
+               f"and {ON} {n.p95_late} > {number(t.creep_min_late_seconds)}",
+               t.creep_for, "warning",
+               "edgechat turns get slower as conversations get longer.",
+               f"On {INSTANCE} the p95 latency of turns 11 and later is {{{{ $value | printf \"%.1f\" }}}}x "
+               f"that of turns 1-5 (late turns over {duration(t.creep_late_window)}, early over "
+               f"{duration(t.creep_early_window)})."),
+        _alert(t, "EdgechatTurnLatencyHigh",
+               f"Detects p95 turn latency above {number(t.latency_high_seconds)} s.",
+               f"{n.p95_all} > {number(t.latency_high_seconds)}", t.latency_high_for, "warning",
+               "edgechat turns are slow.",
+               f"p95 turn latency on {INSTANCE} is {{{{ $value | humanizeDuration }}}} over the last "
+               f"{duration(t.latency_high_window)}."),
+    ])
+
+
+def process_alerts(t: Thresholds, n: Names) -> Group:
+    """Worker restarts and kernel OOM kills."""
+    def restarted(severity: str, window: float, above: int, for_s: float, what: str) -> Rule:
+        return _alert(
+            t, "EdgechatRestarted", f"Detects {what} in {duration(window)}: the youngest worker's start time "
+            "changed (a new pid or a restarted process).",
+            f"changes({n.start_time_max}[{duration(window)}]) > {above}", for_s, severity,
+            f"edgechat workers {'keep restarting' if above else 'restarted'}.",
+            f"Workers on {INSTANCE} (re)started {{{{ $value }}}} time(s) in the last {duration(window)}.")
+    window = duration(t.oom_window)
+    return Group("edgechat.process.alerts", [
+        restarted("info", t.restart_window, 0, t.restart_for, "a worker (re)start"),
+        restarted("warning", t.crashloop_window, t.crashloop_restarts, t.crashloop_for,
+                  f"a crash loop, more than {t.crashloop_restarts} (re)starts"),
+        _alert(t, "EdgechatOOMKilled",
+               f"Detects the kernel OOM killer firing on the host within {window} (needs node_exporter).",
+               f"increase(node_vmstat_oom_kill[{window}]) > 0", t.oom_for, "critical",
+               "The kernel OOM-killed a process on the edgechat host.",
+               f"The kernel OOM-killed {{{{ $value | printf \"%.0f\" }}}} process(es) on {INSTANCE} in the last "
+               f"{window}; on an edge box running edgechat that is usually the daemon."),
+    ])
+
+
+def availability_alerts(t: Thresholds, n: Names) -> Group:
+    """Down, failing, or refusing work."""
+    job = f'up{{job="{t.job}"}}'
+    return Group("edgechat.availability.alerts", [
+        _alert(t, "EdgechatDown", "Detects a daemon Prometheus cannot scrape, or no daemon target at all.",
+               f"{job} == 0 or absent({job})", t.down_for, "critical",
+               "edgechat is down.",
+               f"{{{{ with $labels.instance }}}}edgechat at {{{{ . }}}} has failed every scrape for "
+               f"{duration(t.down_for)} (up = {{{{ $value }}}}).{{{{ else }}}}Prometheus has had no "
+               f"{t.job} target for {duration(t.down_for)} (absent = {{{{ $value }}}}).{{{{ end }}}}"),
+        _alert(t, "EdgechatHighErrorRate",
+               f"Detects more than {t.error_ratio:.0%} of API requests failing with 5xx (503 rejections excluded).",
+               f"{n.error_ratio} > {number(t.error_ratio)}", t.error_for, "warning",
+               "edgechat answers many requests with server errors.",
+               f"{{{{ $value | humanizePercentage }}}} of API requests to {INSTANCE} failed with a 5xx "
+               f"over the last {duration(t.error_window)}."),
+        _alert(t, "EdgechatSaturated",
+               f"Detects more than {t.saturation_ratio:.0%} of API requests rejected (queue full, queue "
+               "timeout, memory pressure).",
+               f"{n.rejected_ratio} > {number(t.saturation_ratio)}", t.saturation_for, "warning",
+               "edgechat rejects requests: it cannot keep up or is short of memory.",
+               f"{{{{ $value | humanizePercentage }}}} of API requests to {INSTANCE} were rejected with "
+               f"reason {{{{ $labels.reason }}}} over the last {duration(t.saturation_window)}."),
+    ])
+
+
+def meta_alerts(t: Thresholds) -> Group:
+    """Watchdog and InfoInhibitor as kube-prometheus ships them (severity none: never a page)."""
+    return Group("edgechat.meta.alerts", [
+        _alert(t, "Watchdog", "Always fires: proves the whole alerting pipeline works (dead man's switch).",
+               "vector(1)", t.watchdog_for, "none",
+               "Alerting pipeline heartbeat.",
+               "This alert always fires (value {{ $value }}). If the receiver stops getting it, Prometheus, "
+               "the rules or Alertmanager are broken."),
+        _alert(t, "InfoInhibitor",
+               "Fires while an info alert is pending or firing on an instance with no warning or critical "
+               "alert; Alertmanager uses it to hold back lone info alerts.",
+               'count by (job, instance) (ALERTS{severity="info"})\n'
+               "unless on (instance)\n"
+               'max by (instance) (ALERTS{alertname!="InfoInhibitor", alertstate="firing", '
+               'severity=~"warning|critical"})',
+               t.info_inhibitor_for, "none",
+               "Info-level alert inhibition.",
+               f"{{{{ $value }}}} info alert(s) on {INSTANCE} and nothing more severe: info alerts are "
+               "held back until a warning or critical alert gives them context."),
+    ])
+
+
+def alert_groups(t: Thresholds, n: Names) -> list[Group]:
+    """All alert groups; the meta group comes last so InfoInhibitor sees the others' ALERTS."""
+    return [memory_alerts(t, n), history_alerts(t, n), gc_alerts(t, n), turn_alerts(t, n),
+            process_alerts(t, n), availability_alerts(t, n), meta_alerts(t)]

@@ -1,0 +1,182 @@
+"""Recording rules (level:metric:operation) that normalise edgechat's series to one per instance."""
+from __future__ import annotations
+
+import dataclasses
+
+from .promql import Group, Rule, duration, number
+from .thresholds import Thresholds
+
+# Per-worker gauges carry `pid` under gunicorn's multiprocess mode and lack it in single-process
+# mode; aggregating `by (job, instance)` gives one series per daemon either way.
+BY = "by (job, instance)"
+EARLY_TURNS = "1|2-5"            # turn_index buckets that make the creep baseline
+NOT_LATE_TURNS = "1|2-5|6-10"    # late = every other bucket ("11-20", "21+", and any added later)
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """Recording-rule names; suffixes state the nominal window, which time scaling leaves alone."""
+
+    service: str
+    limit: str
+    usage_ratio: str
+    deriv_fast: str
+    deriv_slow: str
+    predict_fast: str
+    predict_slow: str
+    rss_sum: str
+    rss_max: str
+    uss_sum: str
+    workers: str
+    start_time_max: str
+    uptime: str
+    history_max: str
+    max_turns: str
+    history_allowed: str
+    history_total: str
+    history_delta: str
+    sessions: str
+    turns_rate: str
+    turns_traffic: str
+    p95_by_index: str
+    p95_all: str
+    p95_early: str
+    p95_late: str
+    creep_ratio: str
+    http_rate: str
+    error_ratio: str
+    rejected_rate: str
+    rejected_ratio: str
+    gc_pause_ratio: str
+    gc_uncollectable: str
+
+
+def names_for(nominal: Thresholds) -> Names:
+    """Derive every recording-rule name from the unscaled thresholds."""
+    d = duration
+    mem = "instance:edgechat_service_memory_bytes"
+    dur = "edgechat_turn_duration_seconds"
+    return Names(
+        service=f"{mem}:max",
+        limit="instance:edgechat_memory_limit_bytes:max",
+        usage_ratio="instance:edgechat_memory_usage:ratio",
+        deriv_fast=f"{mem}:deriv{d(nominal.leak_fast_window)}",
+        deriv_slow=f"{mem}:deriv{d(nominal.leak_slow_window)}",
+        predict_fast=f"{mem}:predict_linear{d(nominal.leak_fast_window)}_{d(nominal.leak_fast_horizon)}",
+        predict_slow=f"{mem}:predict_linear{d(nominal.leak_slow_window)}_{d(nominal.leak_slow_horizon)}",
+        rss_sum="instance:edgechat_process_resident_memory_bytes:sum",
+        rss_max="instance:edgechat_process_resident_memory_bytes:max",
+        uss_sum="instance:edgechat_process_unique_memory_bytes:sum",
+        workers="instance:edgechat_workers:count",
+        start_time_max="instance:edgechat_process_start_time_seconds:max",
+        uptime="instance:edgechat_uptime_seconds:max",
+        history_max="instance:edgechat_history_messages_max:max",
+        max_turns="instance:edgechat_history_max_turns:max",
+        history_allowed="instance:edgechat_history_messages_max:limit",
+        history_total="instance:edgechat_history_messages:sum",
+        history_delta=f"instance:edgechat_history_messages:delta{d(nominal.history_growth_step)}",
+        sessions="instance:edgechat_sessions:sum",
+        turns_rate=f"instance:edgechat_turns:rate{d(nominal.latency_rate_window)}",
+        turns_traffic=f"instance:edgechat_turns:increase{d(nominal.leak_traffic_window)}",
+        p95_by_index=f"instance_turn_index:{dur}:p95_rate{d(nominal.latency_rate_window)}",
+        p95_all=f"instance:{dur}:p95_rate{d(nominal.latency_high_window)}",
+        p95_early=f"instance:{dur}:p95_early_rate{d(nominal.creep_early_window)}",
+        p95_late=f"instance:{dur}:p95_late_rate{d(nominal.creep_late_window)}",
+        creep_ratio="instance:edgechat_turn_latency_creep:ratio",
+        http_rate=f"instance:edgechat_http_requests:rate{d(nominal.error_window)}",
+        error_ratio=f"instance:edgechat_http_request_errors:ratio_rate{d(nominal.error_window)}",
+        rejected_rate=f"instance_reason:edgechat_requests_rejected:rate{d(nominal.saturation_window)}",
+        rejected_ratio=f"instance_reason:edgechat_requests_rejected:ratio_rate{d(nominal.saturation_window)}",
+        gc_pause_ratio=f"instance:edgechat_gc_pause_seconds:ratio_rate{d(nominal.gc_pause_window)}",
+        gc_uncollectable=f"instance:edgechat_gc_uncollectable_objects:increase{d(nominal.gc_uncollectable_window)}",
+    )
+
+
+def _rec(name: str, expr: str, comment: str) -> Rule:
+    return Rule(comment, {"record": name, "expr": expr})
+
+
+def _p95(selector: str, window: float, by: str) -> str:
+    return (f"histogram_quantile(0.95, sum by ({by}, le) "
+            f"(rate(edgechat_turn_duration_seconds_bucket{selector}[{duration(window)}])))")
+
+
+def recording_groups(t: Thresholds, n: Names) -> list[Group]:
+    """The recording groups; rules only use earlier rules of their own group (evaluated in order)."""
+    d = duration
+    probes = f'route!~"{t.probe_routes_regex}"'
+    process = Group("edgechat.process.recording", [
+        _rec(n.rss_sum, f"sum {BY} (edgechat_process_resident_memory_bytes)",
+             "RSS of all workers together (dashboards; alerts use the service memory instead)."),
+        _rec(n.rss_max, f"max {BY} (edgechat_process_resident_memory_bytes)", "RSS of the largest worker."),
+        _rec(n.uss_sum, f"sum {BY} (edgechat_process_unique_memory_bytes)", "USS of all workers together."),
+        _rec(n.workers, f"count {BY} (edgechat_process_start_time_seconds)", "Live workers."),
+        _rec(n.start_time_max, f"max {BY} (edgechat_process_start_time_seconds)",
+             "Start time of the youngest worker: it changes whenever a worker (re)starts."),
+        _rec(n.uptime, f"time() - min {BY} (edgechat_process_start_time_seconds)",
+             "Uptime of the oldest worker, i.e. of the service since its last full restart."),
+    ])
+    memory = Group("edgechat.memory.recording", [
+        _rec(n.service, f"max {BY} (edgechat_service_memory_bytes)",
+             "Memory counted against the limit (cgroup memory.current or the workers' RSS sum)."),
+        _rec(n.limit, f"max {BY} (edgechat_memory_limit_bytes)", "The memory limit (cgroup, configured or host)."),
+        _rec(n.usage_ratio, f"{n.service} / ({n.limit} > 0)",
+             "Service memory as a fraction of the limit; no series while the limit is unknown (0)."),
+        _rec(n.deriv_fast, f"max {BY} (deriv(edgechat_service_memory_bytes[{d(t.leak_fast_window)}]))",
+             "Least-squares slope of service memory, bytes/s, short window."),
+        _rec(n.deriv_slow, f"max {BY} (deriv(edgechat_service_memory_bytes[{d(t.leak_slow_window)}]))",
+             "Least-squares slope of service memory, bytes/s, long window."),
+        _rec(n.predict_fast, f"max {BY} (predict_linear(edgechat_service_memory_bytes"
+                             f"[{d(t.leak_fast_window)}], {number(t.leak_fast_horizon)}))",
+             "Service memory projected one fast-horizon ahead from the short window."),
+        _rec(n.predict_slow, f"max {BY} (predict_linear(edgechat_service_memory_bytes"
+                             f"[{d(t.leak_slow_window)}], {number(t.leak_slow_horizon)}))",
+             "Service memory projected one slow-horizon ahead from the long window."),
+    ])
+    history = Group("edgechat.history.recording", [
+        _rec(n.history_max, f"max {BY} (edgechat_history_messages_max)", "Messages in the longest conversation."),
+        _rec(n.max_turns, f"max {BY} (edgechat_history_max_turns)", "Configured turn limit (0 = unbounded)."),
+        _rec(n.history_allowed, f"2 * ({n.max_turns} > 0) + 1",
+             "Most messages a conversation may hold under the limit: 2 per turn plus the system prompt."),
+        _rec(n.history_total, f"sum {BY} (edgechat_history_messages)", "Messages held over all sessions."),
+        _rec(n.history_delta, f"sum {BY} (delta(edgechat_history_messages[{d(t.history_growth_step)}]))",
+             "Change of the total history over the growth step (> 0 = growing)."),
+        _rec(n.sessions, f"sum {BY} (edgechat_sessions)", "Active sessions."),
+    ])
+    turns = Group("edgechat.turns.recording", [
+        _rec(n.turns_rate, f"sum {BY} (rate(edgechat_turns_total[{d(t.latency_rate_window)}]))", "Turns per second."),
+        _rec(n.turns_traffic, f"sum {BY} (increase(edgechat_turns_total[{d(t.leak_traffic_window)}]))",
+             "Turns over the leak rules' traffic window (evidence that the daemon was used)."),
+        _rec(n.p95_by_index, _p95("", t.latency_rate_window, "job, instance, turn_index"),
+             "p95 turn latency per turn_index bucket (latency creep shows as a fan-out)."),
+        _rec(n.p95_all, _p95("", t.latency_high_window, "job, instance"), "p95 turn latency over all turns."),
+        _rec(n.p95_early, _p95(f'{{turn_index=~"{EARLY_TURNS}"}}', t.creep_early_window, "job, instance"),
+             "p95 latency of early turns (1-5) over a long window: the creep baseline."),
+        _rec(n.p95_late, _p95(f'{{turn_index!~"{NOT_LATE_TURNS}"}}', t.creep_late_window, "job, instance"),
+             "p95 latency of late turns (11 and beyond) over a recent window."),
+        _rec(n.creep_ratio, f"{n.p95_late} / ({n.p95_early} > 0)", "How many times slower late turns are than early ones."),
+    ])
+    http = Group("edgechat.http.recording", [
+        _rec(n.http_rate, f"sum {BY} (rate(edgechat_http_requests_total{{{probes}}}[{d(t.error_window)}]))",
+             "API requests per second, scrapes and probes left out."),
+        _rec(n.error_ratio,
+             f'(sum {BY} (rate(edgechat_http_requests_total{{{probes}, status=~"5..", status!="503"}}'
+             f"[{d(t.error_window)}])) or 0 * {n.http_rate})\n/ ({n.http_rate} > 0)",
+             "Share of API requests answered 5xx other than 503 (0 when there were none)."),
+        _rec(n.rejected_rate, f"sum by (job, instance, reason) "
+                              f"(rate(edgechat_requests_rejected_total[{d(t.saturation_window)}]))",
+             "Rejected requests per second, by reason."),
+        _rec(n.rejected_ratio, f"{n.rejected_rate}\n/ on (job, instance) group_left ()\n"
+                               f"(sum {BY} (rate(edgechat_http_requests_total{{{probes}}}"
+                               f"[{d(t.saturation_window)}])) > 0)",
+             "Share of API requests rejected (rejections answer 503 and are counted there too), by reason."),
+    ])
+    gc = Group("edgechat.gc.recording", [
+        _rec(n.gc_pause_ratio, f"sum {BY} (rate(edgechat_gc_pause_seconds_sum[{d(t.gc_pause_window)}]))\n"
+                               f"/ (count {BY} (edgechat_process_start_time_seconds) > 0)",
+             "Share of wall time one worker spends in GC pauses (total pause rate over live workers)."),
+        _rec(n.gc_uncollectable, f"sum {BY} "
+                                 f"(increase(edgechat_gc_uncollectable_objects_total[{d(t.gc_uncollectable_window)}]))",
+             "Objects the collector found unreachable but could not free."),
+    ])
+    return [process, memory, history, turns, http, gc]

@@ -1,0 +1,144 @@
+"""Every alert threshold and window in one commented place, chosen for a 2-4 GB edge device."""
+from __future__ import annotations
+
+import dataclasses
+
+MINUTE = 60
+HOUR = 3600
+
+
+def _window(seconds: float, why: str) -> float:
+    """Declare a duration that `Thresholds.scaled` shrinks (range window, `for`, horizon, guard)."""
+    return dataclasses.field(default=seconds, metadata={"scaled": True, "why": why})
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """The knobs of every edgechat rule; durations are seconds, ratios are fractions of 1."""
+
+    # -- identity ---------------------------------------------------------------------------------
+    # Scrape job of the daemon in prometheus/prometheus.yml; only `up`/`absent` select on it, every
+    # other rule keys on the edgechat_ metric names and keeps whatever job the scrape config gives.
+    job: str = "edgechat"
+    # runbook_url of alert X is f"{runbook_base}#{X.lower()}" (GitHub's heading anchor).
+    runbook_base: str = "https://github.com/edgechat/edgechat/blob/main/docs/runbooks.md"
+    # Routes left out of the HTTP error and rejection ratios: scrapes and probes would otherwise
+    # dilute them (Prometheus alone sends 2 requests a minute to a box that may serve a few turns).
+    probe_routes_regex: str = "/metrics|/healthz|/readyz"
+
+    # -- memory: slow leak (warning) ---------------------------------------------------------------
+    # A 0.5B model takes ~1 GB after load; a leak of a few MB/min (the seed's tensor leak is ~35
+    # MB/min, a cache leak can be 1-5 MB/min) needs an hour of samples (120 at 30 s) before a slope
+    # means anything, and GC/malloc sawtooth of +-50 MB averages out over 1 h.
+    leak_slow_window: float = _window(1 * HOUR, "deriv/predict_linear range of the slow leak rule")
+    # "Reaches the limit within 4 h": time for a person to look at an edge box before it OOMs.
+    leak_slow_horizon: float = _window(4 * HOUR, "predict_linear horizon of the slow leak rule")
+    # 30 min of continuous evidence; a phase of the GC sawtooth never keeps the slope up that long.
+    leak_slow_for: float = _window(30 * MINUTE, "for of the slow leak rule")
+    # -- memory: fast leak (critical) --------------------------------------------------------------
+    # OOM within the hour: a shorter window reacts to leaks like the seed's (980 MB -> 2.1 GB in 30 turns).
+    leak_fast_window: float = _window(30 * MINUTE, "deriv/predict_linear range of the fast leak rule")
+    leak_fast_horizon: float = _window(1 * HOUR, "predict_linear horizon of the fast leak rule")
+    leak_fast_for: float = _window(10 * MINUTE, "for of the fast leak rule")
+    # -- memory: guards shared by both leak rules --------------------------------------------------
+    # Below half the limit a 2 GB box has >1 GB of head room: growth there is start-up and caches
+    # filling, and NearLimit still catches anything that gets further.
+    leak_level_floor_ratio: float = 0.5
+    # Model load makes RSS jump by ~1 GB in the first minutes; no leak window may start inside it.
+    # Equal to the fast window, so the fast rule never regresses over the start-up; the slow rule's
+    # 30 min `for` then carries its window past start-up before it can fire.
+    leak_min_uptime: float = _window(30 * MINUTE, "uptime of the oldest worker before leak rules arm")
+    # Growth with no turns in the window is not a per-turn leak (page cache in a cgroup, lazy loads).
+    leak_traffic_window: float = _window(1 * HOUR, "window in which turns must have happened")
+
+    # -- memory: level (warning ~80 %, critical ~90 %) ---------------------------------------------
+    # On 2 GB, 80 % leaves ~400 MB: one long prefill can take 70 MB (design.md), so that is a few
+    # turns of margin; 90 % leaves ~200 MB, i.e. the next bad turn OOMs.
+    near_limit_warning_ratio: float = 0.80
+    near_limit_warning_for: float = _window(5 * MINUTE, "for of NearLimit warning (rides out one long prefill)")
+    near_limit_critical_ratio: float = 0.90
+    near_limit_critical_for: float = _window(2 * MINUTE, "for of NearLimit critical (little time is left)")
+
+    # -- history -----------------------------------------------------------------------------------
+    # The longest history above 2*max_turns+1 messages is a bug as soon as it is seen; 10 min keeps
+    # a message appended before its trim (mid-turn) from paging.
+    history_unbounded_for: float = _window(10 * MINUTE, "for of HistoryUnbounded")
+    # "Total messages growing without pause": the 10 min delta stayed > 0 at every evaluation of
+    # the last 2 h. A bounded store pauses (trims, TTL evictions, idle users) well within that.
+    history_growth_step: float = _window(10 * MINUTE, "delta window of total history messages")
+    history_growth_span: float = _window(2 * HOUR, "span over which the delta never paused")
+    history_limit_disabled_for: float = _window(15 * MINUTE, "for of HistoryLimitDisabled (info)")
+
+    # -- garbage collector -------------------------------------------------------------------------
+    # CPython >= 3.4 frees cycles with finalizers, so any uncollectable object is a real leak.
+    gc_uncollectable_window: float = _window(1 * HOUR, "increase window of uncollectable objects")
+    gc_uncollectable_for: float = _window(15 * MINUTE, "for of GCUncollectableGrowing")
+    # Share of wall time a worker spends in GC pauses; CPython's usual cost is ~1 %. 5 % for 15 min
+    # means millions of tracked objects, i.e. something accumulates Python objects.
+    gc_pause_window: float = _window(10 * MINUTE, "rate window of GC pause seconds")
+    gc_pause_ratio: float = 0.05
+    gc_pause_for: float = _window(15 * MINUTE, "for of GCPausesHigh")
+
+    # -- turn latency ------------------------------------------------------------------------------
+    # Dashboard resolution of p95 by turn_index.
+    latency_rate_window: float = _window(5 * MINUTE, "rate window of p95 by turn_index (dashboards)")
+    # Absolute: a 0.5B model on 2 cores answers a bounded turn in 1.4-14 s (seed, fp32 13.6 s at turn
+    # 30 with 5 turns kept); 30 s p95 means users wait twice the worst healthy case.
+    latency_high_window: float = _window(10 * MINUTE, "rate window of overall p95")
+    latency_high_seconds: float = 30.0
+    latency_high_for: float = _window(15 * MINUTE, "for of TurnLatencyHigh")
+    # Creep: late turns (11+) against early turns (1-5). Healthy bounded history: 13.4 s / 9.5 s =
+    # 1.4x (seed-notes); the history bug: 8.2 s / 1.4 s = 5.9x (article), 36.9 s / 9.6 s = 3.8x (here).
+    creep_ratio: float = 2.0
+    # Late turns need a recent window; early turns come from a long one, because in the classic
+    # leak one user chats on and no new conversation (turn 1-5) happens for hours.
+    creep_late_window: float = _window(30 * MINUTE, "rate window of late-turn p95")
+    creep_early_window: float = _window(6 * HOUR, "rate window of early-turn p95 (baseline)")
+    # Sub-second turns (builtin:tiny, tests) are timer noise; creep matters once a human feels it.
+    creep_min_late_seconds: float = 1.0
+    creep_for: float = _window(15 * MINUTE, "for of TurnLatencyCreep")
+
+    # -- restarts and OOM --------------------------------------------------------------------------
+    # One (re)start: info (deploys, max_requests recycling). More than 3 in an hour: crash loop.
+    restart_window: float = _window(15 * MINUTE, "window in which a start-time change counts")
+    restart_for: float = _window(5 * MINUTE, "for of Restarted (info)")
+    crashloop_window: float = _window(1 * HOUR, "window of the crash-loop count")
+    crashloop_restarts: int = 3
+    crashloop_for: float = _window(5 * MINUTE, "for of Restarted (warning)")
+    oom_window: float = _window(15 * MINUTE, "increase window of node_vmstat_oom_kill")
+    oom_for: float = _window(1 * MINUTE, "for of OOMKilled")
+
+    # -- availability ------------------------------------------------------------------------------
+    # A restart reloads a 1 GB model from eMMC/SD (30-90 s); 5 min is a restart gone wrong.
+    down_for: float = _window(5 * MINUTE, "for of Down")
+    # 5xx other than 503 (503 is a queue/memory rejection, counted by Saturated instead).
+    error_window: float = _window(10 * MINUTE, "rate window of HTTP errors")
+    error_ratio: float = 0.05
+    error_for: float = _window(10 * MINUTE, "for of HighErrorRate (one failed turn never lasts that long)")
+    # Rejections by reason (queue_full, queue_timeout, memory_pressure) over all requests.
+    saturation_window: float = _window(10 * MINUTE, "rate window of rejections")
+    saturation_ratio: float = 0.05
+    saturation_for: float = _window(10 * MINUTE, "for of Saturated")
+
+    # -- meta --------------------------------------------------------------------------------------
+    watchdog_for: float = _window(1 * MINUTE, "for of Watchdog (heartbeat starts a minute after Prometheus)")
+    # Must stay shorter than every info alert's `for` (a test checks it), so the inhibitor fires
+    # before any info alert does.
+    info_inhibitor_for: float = _window(1 * MINUTE, "for of InfoInhibitor")
+
+    def scaled(self, time_scale: float) -> "Thresholds":
+        """Shrink (or stretch) every window, `for`, horizon and guard by one factor, for fast tests."""
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+        changes = {f.name: getattr(self, f.name) * time_scale
+                   for f in dataclasses.fields(self) if f.metadata.get("scaled")}
+        return dataclasses.replace(self, **changes)
+
+    def runbook_url(self, alertname: str) -> str:
+        """The docs/runbooks.md anchor of an alert (GitHub lower-cases heading anchors)."""
+        return f"{self.runbook_base}#{alertname.lower()}"
+
+
+def scaled_field_names() -> list[str]:
+    """Names of the duration fields that `Thresholds.scaled` multiplies."""
+    return [f.name for f in dataclasses.fields(Thresholds) if f.metadata.get("scaled")]
