@@ -6,7 +6,7 @@ from contextlib import ExitStack
 
 from flask import Blueprint, jsonify
 
-from ..extensions import get_engine
+from ..extensions import get_engine, get_metrics
 from . import turns, validate
 from .auth import protect
 from .errors import ApiError, invalid
@@ -50,6 +50,7 @@ def completions():
     turns.check_context(engine.count_tokens(messages), params)
 
     gen = turns.start(messages, params)
+    metrics = get_metrics()
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", turns.now()
     base = {"id": cid, "created": created, "model": engine.model_id}
     if not streaming:
@@ -57,7 +58,7 @@ def completions():
             text = turns.drain(gen)
         finally:
             gen.close()
-            turns.observe(gen, turn=1, history_messages=None)
+            turns.observe(gen, metrics, turn=1, history_messages=None)
         return jsonify({**base, "object": "chat.completion", "usage": _usage(gen.stats),
                         "choices": [{"index": 0, "finish_reason": gen.stats.finish_reason,
                                      "message": {"role": "assistant", "content": text}}]})
@@ -69,7 +70,7 @@ def completions():
                                       "finish_reason": None}]}
 
     def tail(g) -> list[dict]:
-        turns.observe(g, turn=1, history_messages=None)
+        turns.observe(g, metrics, turn=1, history_messages=None)
         events = [{**chunk, "choices": [{"index": 0, "delta": {},
                                          "finish_reason": g.stats.finish_reason}]}]
         if include_usage:

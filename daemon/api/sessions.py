@@ -19,8 +19,8 @@ def _not_found(session_id: str) -> ApiError:
                     code="session_not_found", param="id")
 
 
-def _publish_stats() -> None:
-    get_metrics().set_store_stats(get_store().stats())
+def _publish_stats(store=None, metrics=None) -> None:
+    (metrics or get_metrics()).set_store_stats((store or get_store()).stats())
 
 
 @bp.post("")
@@ -84,9 +84,10 @@ def message(session_id: str):
     params = turns.sampling_params(body, allow_stop=False)
     streaming = validate.boolean(body, "stream")
 
+    store, metrics = get_store(), get_metrics()
     stack = ExitStack()
     try:
-        turn = stack.enter_context(get_store().turn(session_id, g.owner, content,
+        turn = stack.enter_context(store.turn(session_id, g.owner, content,
                                                     timeout=get_config().queue_timeout_s))
         turns.check_context(turn.prompt_tokens, params)
         gen = turns.start(turn.prompt, params)
@@ -95,7 +96,7 @@ def message(session_id: str):
         raise _not_found(session_id) from None
     except SessionBusy:
         stack.close()
-        get_metrics().requests_rejected_total.labels(reason="session_busy").inc()
+        metrics.requests_rejected_total.labels(reason="session_busy").inc()
         raise ApiError(409, "another turn of this session is in progress", code="session_busy",
                        retry_after=1) from None
     except ContextTooLong as err:
@@ -108,9 +109,9 @@ def message(session_id: str):
 
     def finish(g_) -> tuple:
         result = turn.commit(g_.text) if g_.stats.finish_reason != "cancelled" else None
-        turns.observe(g_, turn=turn.index,
+        turns.observe(g_, metrics, turn=turn.index,
                       history_messages=len(result.session.messages) if result else None)
-        _publish_stats()
+        _publish_stats(store, metrics)
         return result
 
     if not streaming:

@@ -57,10 +57,12 @@ def start(messages: list[dict], params: GenerationParams):
                        code=busy.reason, retry_after=busy.retry_after) from None
 
 
-def observe(gen, *, turn: int, history_messages: int | None) -> None:
-    """Record a finished (or abandoned) generation in the turn metrics and refresh memory gauges."""
+def observe(gen, m, *, turn: int, history_messages: int | None) -> None:
+    """Record a finished (or abandoned) generation in metrics `m` and refresh memory gauges.
+
+    Takes the Metrics object explicitly: streamed bodies finish outside the app context.
+    """
     stats = gen.stats
-    m = get_metrics()
     if stats is None:
         m.turns_total.labels(outcome="error").inc()
         return
@@ -91,6 +93,7 @@ def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callabl
     events. A stream that ends any other way (disconnect, error) is observed here, uncommitted.
     """
     stack.callback(gen.close)
+    metrics = get_metrics()
     state = {"committed": False, "closed": False}
 
     def cleanup() -> None:
@@ -99,7 +102,7 @@ def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callabl
         state["closed"] = True
         stack.close()
         if not state["committed"]:
-            observe(gen, turn=turn, history_messages=None)
+            observe(gen, metrics, turn=turn, history_messages=None)
 
     def events() -> Iterator[str]:
         try:
