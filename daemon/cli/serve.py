@@ -66,6 +66,8 @@ def gunicorn_options(cfg: config_mod.Config) -> dict:
         "max_requests": cfg.max_requests,
         "max_requests_jitter": cfg.max_requests_jitter,
         "proc_name": "edgechat",
+        # gunicorn 27's control socket is unused here and would clash between daemons on one host
+        "control_socket_disable": True,
         "accesslog": None,
         "loglevel": cfg.log_level.lower(),
         "on_starting": hooks.on_starting,
