@@ -1,0 +1,308 @@
+"""The model engine: load a model and tokenizer, serve one generation at a time behind a bounded queue."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from typing import Any, Protocol, Sequence
+
+from .builtin_models import ensure_built, is_builtin, read_marker
+from .config import Config
+from .generation import (Generation, GenerationFailed, GenerationParams, GenerationStats, Plan,
+                         TokenMask, plain_text_mask)
+from .hygiene import Hygiene, rss_bytes
+
+__all__ = ["Engine", "EngineBusy", "EngineListener", "ModelLoadError", "ContextTooLong", "Generation",
+           "GenerationFailed", "GenerationParams", "GenerationStats"]
+
+_LOG = logging.getLogger("edgechat.engine")
+_WARMUP = [{"role": "user", "content": "Hello!"}]
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model cannot be loaded; the message names the setting and the offline way out."""
+
+    def __init__(self, model: str, cause: BaseException) -> None:
+        reason = " ".join(str(cause).split()).rstrip(".")  # one line, whatever the library wrote
+        super().__init__(
+            f"cannot load model {model!r} (setting `model`, env EDGECHAT_MODEL, flag --model): "
+            f"{type(cause).__name__}: {reason}. For a model that needs no download, use "
+            f"`--model builtin:tiny`.")
+
+
+class EngineBusy(RuntimeError):
+    """No slot for this request: reason "queue_full" or "queue_timeout"; retry after some seconds."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(f"model busy ({reason}); retry after {retry_after} s")
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class ContextTooLong(ValueError):
+    """The prompt leaves no room for a single new token in the model's context."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(f"prompt of {prompt_tokens} tokens does not fit the context of {context_length}")
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+class EngineListener(Protocol):
+    """Observer of the queue (metrics); called under the engine's lock, so it must be quick."""
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        """Requests now waiting for the model, and generations running (0 or 1)."""
+
+
+class _Slot:
+    """One generation at a time, FIFO waiters, at most `limit` of them, each for at most a timeout."""
+
+    def __init__(self, limit: int, listener: EngineListener | None) -> None:
+        self._lock = threading.Lock()
+        self._busy = False
+        self._waiters: deque[threading.Event] = deque()
+        self._limit = limit
+        self._listener = listener
+        self._mean_s = 0.0  # moving average of turn durations, for Retry-After
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._waiters), int(self._busy)
+
+    def _changed(self) -> None:
+        if self._listener is not None:
+            self._listener.on_queue(len(self._waiters), int(self._busy))
+
+    def _retry_after(self, timeout: float) -> int:
+        guess = self._mean_s * (len(self._waiters) + 1) if self._mean_s else timeout
+        return max(1, math.ceil(min(guess, timeout)))
+
+    def acquire(self, timeout: float) -> float:
+        """Take the slot (waiting in line); return the seconds waited or raise EngineBusy."""
+        started = time.monotonic()
+        with self._lock:
+            if not self._busy and not self._waiters:
+                self._busy = True
+                self._changed()
+                return 0.0
+            if len(self._waiters) >= self._limit:
+                raise EngineBusy("queue_full", self._retry_after(timeout))
+            ticket = threading.Event()
+            self._waiters.append(ticket)
+            self._changed()
+        ticket.wait(timeout)
+        with self._lock:
+            if ticket.is_set():  # handed over by release(); _busy stayed True for us
+                self._changed()
+                return time.monotonic() - started
+            self._waiters.remove(ticket)
+            self._changed()
+            raise EngineBusy("queue_timeout", self._retry_after(timeout))
+
+    def release(self, duration: float = 0.0) -> None:
+        """Free the slot, handing it straight to the first waiter if any."""
+        with self._lock:
+            if duration:
+                self._mean_s = duration if not self._mean_s else 0.8 * self._mean_s + 0.2 * duration
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._busy = False
+            self._changed()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo flags."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: assume no native bf16
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(setting: str) -> str:
+    """The dtype to load with: "auto" picks bfloat16 where the CPU has it, else float32."""
+    if setting == "auto":
+        return "bfloat16" if cpu_has_bf16() else "float32"
+    return setting
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyperthreads only slow down GEMV-bound decoding)."""
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
+
+
+def _set_threads(threads: int) -> int:
+    import torch
+
+    n = threads or physical_cores()
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # settable once per process, before inter-op work; a second Engine keeps it
+        pass
+    return n
+
+
+class Engine:
+    """One model and tokenizer; generate() runs one generation at a time behind a bounded queue."""
+
+    def __init__(self, cfg: Config, model: Any, tokenizer: Any, *, model_id: str, dtype: str,
+                 plain_text_only: bool, listener: EngineListener | None = None,
+                 log: logging.Logger = _LOG) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.dtype = dtype
+        self.leak_mode = cfg.leak_mode
+        self.load_seconds = 0.0
+        self.ready = False
+        self.retained: list = []
+        self._log = log
+        self._slot = _Slot(cfg.queue_limit, listener)
+        self._hygiene = Hygiene(cfg.gc_after_turn, cfg.malloc_trim_after_turn, log)
+        self._closed = False
+        self._current: weakref.ref | None = None  # the running generation, for close()
+        config = model.config
+        limits = [x for x in (getattr(config, "max_position_embeddings", None),
+                              getattr(tokenizer, "model_max_length", None))
+                  if isinstance(x, int) and 0 < x < 10**9]  # tokenizers say 1e30 for "no limit"
+        self.context_length = min(limits) if limits else 2048
+        self.eos_ids = self._eos_ids()
+        self._generation_config = copy.deepcopy(model.generation_config)
+        rows = model.get_input_embeddings().weight.shape[0]
+        self._processors = [TokenMask(plain_text_mask(tokenizer, rows, self.eos_ids))] if plain_text_only else []
+
+    @classmethod
+    def load(cls, cfg: Config, *, listener: EngineListener | None = None, log: logging.Logger = _LOG) -> "Engine":
+        """Load cfg.model (building builtin:* models first), set threads, warm up; ModelLoadError if it cannot."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        started = time.monotonic()
+        threads = _set_threads(cfg.threads)
+        dtype = resolve_dtype(cfg.dtype)
+        try:
+            path = ensure_built(cfg.model, cfg.cache_dir, log=log.info) if is_builtin(cfg.model) else cfg.model
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # OSError: missing path, offline and not cached, unreadable files; ValueError/KeyError:
+            # unknown builtin name or architecture, malformed config; RuntimeError: a failed build.
+            raise ModelLoadError(cfg.model, exc) from exc
+        model.eval()
+        plain = is_builtin(cfg.model) or read_marker(path) is not None
+        engine = cls(cfg, model, tokenizer, model_id=cfg.model, dtype=dtype, plain_text_only=plain,
+                     listener=listener, log=log)
+        log.info("loaded model %s from %s: %s, %d threads, context %d, in %.1f s, RSS %.0f MB",
+                 cfg.model, path, dtype, threads, engine.context_length, time.monotonic() - started,
+                 rss_bytes() / 2**20)
+        if cfg.leak_mode == "tensors":
+            log.warning("LEAK MODE 'tensors' IS ON: every turn's generation outputs (KV cache, scores) are "
+                        "kept in memory on purpose. Memory WILL grow until the process dies. Demo/test only.")
+        if cfg.warmup:
+            engine._warm_up()
+        engine.load_seconds = time.monotonic() - started
+        engine.ready = True
+        return engine
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def _warm_up(self) -> None:
+        started = time.monotonic()
+        gen = self.generate(_WARMUP, GenerationParams(max_new_tokens=4, temperature=0.0))
+        for _ in gen:
+            pass
+        self.retained.clear()  # leak mode counts the served turns only
+        self._log.info("warm-up: %d tokens in %.2f s", gen.stats.completion_tokens if gen.stats else 0,
+                       time.monotonic() - started)
+
+    def encode(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt ids: the chat template with the assistant turn opened."""
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages: Sequence[dict]) -> int:
+        """Prompt length of these messages as the model would see them."""
+        return len(self.encode(messages))
+
+    def queue_depth(self) -> int:
+        """Requests waiting for the model."""
+        return self._slot.counts()[0]
+
+    def in_progress(self) -> int:
+        """Generations running now (0 or 1)."""
+        return self._slot.counts()[1]
+
+    def _gen_kwargs(self, params: GenerationParams, max_new: int) -> dict:
+        conf = copy.deepcopy(self._generation_config)
+        conf.max_new_tokens = max_new
+        conf.max_length = None
+        conf.min_new_tokens = min(self.cfg.min_new_tokens, max_new) or None
+        conf.do_sample = params.temperature > 0
+        if conf.do_sample:
+            conf.temperature, conf.top_p = params.temperature, params.top_p
+            if conf.top_k is None:  # no top-k unless the model's own config asks (HF would add 50)
+                conf.top_k = 0
+        else:  # greedy: neutral values, since None would be refilled from the model's sampling defaults
+            conf.temperature, conf.top_p, conf.top_k = 1.0, 1.0, 50
+        conf.eos_token_id = sorted(self.eos_ids)
+        if conf.pad_token_id is None:
+            conf.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+                else min(self.eos_ids)
+        retain = self.leak_mode == "tensors"
+        conf.return_dict_in_generate = conf.output_scores = retain
+        return {"generation_config": conf}
+
+    def generate(self, messages: Sequence[dict], params: GenerationParams) -> Generation:
+        """Wait for the model (bounded), then start generating in a worker thread; iterate the result."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        prompt_ids = self.encode(messages)
+        max_new = min(params.max_new_tokens, self.cfg.max_new_tokens, self.context_length - len(prompt_ids))
+        if max_new < 1:
+            raise ContextTooLong(len(prompt_ids), self.context_length)
+        gen_kwargs = self._gen_kwargs(params, max_new)
+        waited = self._slot.acquire(self.cfg.queue_timeout_s)
+        try:
+            gen = Generation(Plan(
+                model=self.model, tokenizer=self.tokenizer, prompt_ids=prompt_ids, gen_kwargs=gen_kwargs,
+                stop=tuple(params.stop), seed=params.seed, eos_ids=self.eos_ids,
+                timeout_s=self.cfg.generation_timeout_s, processors=self._processors,
+                hygiene=self._hygiene, release=self._slot.release, queue_wait_s=waited,
+                started=time.monotonic(), retain=self.retained if self.leak_mode == "tensors" else None,
+                log=self._log))
+            self._current = weakref.ref(gen)
+            gen.start()
+        except BaseException:
+            self._slot.release()
+            raise
+        return gen
+
+    def close(self) -> None:
+        """Refuse new work, cancel the running generation (waiting for it) and drop the model."""
+        self._closed = True
+        self.ready = False
+        current = self._current() if self._current else None
+        if current is not None:
+            current.close()
+        self._current = None
+        self.retained.clear()
+        self.model = self.tokenizer = None
+        self._hygiene()

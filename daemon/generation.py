@@ -1,0 +1,298 @@
+"""One generation: model.generate in a worker thread, streaming text deltas, stop strings, cancel, timeout."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+_END = object()
+_CONTROL = frozenset(chr(c) for c in (*range(32), 127)) - {"\n", "\t"}  # not plain text
+THREAD_PREFIX = "edgechat-generate-"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What a caller may choose per request; temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """Reject values generate() would choke on, naming the parameter."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class GenerationStats:
+    """How a generation went; ttft_s and duration_s count from the slot being acquired (queue wait apart)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (eos or stop string) | "length" (max tokens or timeout) | "cancelled" | "error"
+    timed_out: bool
+    queue_wait_s: float
+    ttft_s: float | None
+    duration_s: float
+    hygiene_s: float
+
+
+class GenerationFailed(RuntimeError):
+    """The worker's generate() raised; the slot has been released all the same."""
+
+
+class TokenMask(LogitsProcessor):
+    """Forbid a fixed set of token ids (a precomputed boolean mask over the vocabulary rows)."""
+
+    def __init__(self, banned: torch.Tensor) -> None:
+        self.banned = banned
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-printable-character table used by ByteLevel tokenizers."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def plain_text_mask(tokenizer: Any, vocab_rows: int, eos_ids: frozenset[int]) -> torch.Tensor:
+    """Ban rows the tokenizer lacks, special tokens but eos, partial UTF-8 and control characters."""
+    banned = torch.ones(vocab_rows, dtype=torch.bool)
+    decoder = _byte_decoder()
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_rows))))):
+        if token_id in special or token is None:
+            continue
+        try:
+            text = bytes(decoder[c] for c in token).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):  # not a byte-level token, or a partial UTF-8 sequence
+            continue
+        banned[token_id] = any(c in _CONTROL for c in text)
+    for token_id in eos_ids:
+        if token_id < vocab_rows:
+            banned[token_id] = False
+    return banned
+
+
+class TextTracker:
+    """Turns generated ids into text deltas: stop strings cut the text, partial text is held back."""
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...], emit: Callable[[str], None]) -> None:
+        self._tokenizer = tokenizer
+        self._stops = tuple(s for s in stop if s)
+        self._longest = max((len(s) for s in self._stops), default=0)
+        self._emit = emit
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False  # a stop string was found
+
+    def add(self, token_id: int) -> bool:
+        """Take one new token; True once a stop string has been found."""
+        if not self.stopped:
+            self.ids.append(token_id)
+            self._advance(final=False)
+        return self.stopped
+
+    def finish(self) -> None:
+        """Emit whatever was held back (the generation is over)."""
+        if not self.stopped:
+            self._advance(final=True)
+
+    def _advance(self, final: bool) -> None:
+        # Full decode each step: prefix-stable and microseconds for a few hundred ids.
+        full = self._tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        cut = self._find_stop(full)
+        if cut is not None:
+            full, final, self.stopped = full[:cut], True, True
+        end = len(full)
+        if not final:
+            end = len(full.rstrip("\ufffd"))  # an incomplete UTF-8 sequence may still complete
+            end -= self._partial_stop(full[:end])
+        if end > len(self.text):
+            delta = full[len(self.text):end]
+            self.text += delta
+            self._emit(delta)
+
+    def _find_stop(self, full: str) -> int | None:
+        start = max(0, len(self.text) - self._longest)
+        found = [i for i in (full.find(s, start) for s in self._stops) if i >= 0]
+        return max(min(found), len(self.text)) if found else None
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest tail of text that could begin a stop string."""
+        best = 0
+        for s in self._stops:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+class _Control(StoppingCriteria):
+    """Called by generate() after every new token: feeds the text tracker and decides to stop early."""
+
+    def __init__(self, tracker: TextTracker, cancel: threading.Event, deadline: float) -> None:
+        self.tracker, self.cancel, self.deadline = tracker, cancel, deadline
+        self.first_token_at: float | None = None
+        self.reason: str | None = None  # "stop_string" | "cancelled" | "timeout"
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        hit = self.tracker.add(int(input_ids[0, -1]))
+        if self.reason is None:
+            if hit:
+                self.reason = "stop_string"
+            elif self.cancel.is_set():
+                self.reason = "cancelled"
+            elif now >= self.deadline:
+                self.reason = "timeout"
+        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool)
+
+
+@dataclass
+class Plan:
+    """Everything one generation needs, prepared by the engine while it holds the slot."""
+
+    model: Any
+    tokenizer: Any
+    prompt_ids: list[int]
+    gen_kwargs: dict
+    stop: tuple[str, ...]
+    seed: int | None
+    eos_ids: frozenset[int]
+    timeout_s: float
+    processors: list
+    hygiene: Callable[[], float]
+    release: Callable[[float], None]  # frees the slot; gets the duration
+    queue_wait_s: float
+    started: float  # monotonic time the slot was acquired
+    retain: list | None = None  # leak_mode "tensors": where outputs are kept on purpose
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("edgechat.engine"))
+
+
+class Generation:
+    """A running generation: iterate for text deltas; cancel()/close() stop it and free the model."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._tracker = TextTracker(plan.tokenizer, plan.stop, self._queue.put)
+        self.stats: GenerationStats | None = None
+        self._ended = False  # the consumer has seen the end; iterating again yields nothing
+        self._thread = threading.Thread(target=self._work, daemon=True,
+                                        name=f"{THREAD_PREFIX}{id(self):x}")
+
+    def start(self) -> None:
+        """Start the worker thread (the engine calls this once)."""
+        self._thread.start()
+
+    @property
+    def text(self) -> str:
+        """The text produced so far (stop strings excluded)."""
+        return self._tracker.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The ids generated so far (eos included when it ended the reply)."""
+        return list(self._tracker.ids)
+
+    def __iter__(self) -> Iterator[str]:
+        finished = self._ended
+        try:
+            while not finished:
+                item = self._queue.get()
+                if item is _END:
+                    finished = self._ended = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = self._ended = True
+                    raise GenerationFailed(f"generation failed: {item!r}") from item
+                yield item
+        finally:
+            if not finished:  # the consumer stopped listening (disconnect): stop generating
+                self.close()
+
+    def cancel(self) -> None:
+        """Stop decoding within a token; returns once the worker is gone and the slot is free."""
+        self._cancel.set()
+        if threading.current_thread() is not self._thread and self._thread.ident is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        """Cancel if unfinished; safe to call any number of times."""
+        if not self._done.is_set():
+            self.cancel()
+
+    def _work(self) -> None:
+        plan = self._plan
+        control = _Control(self._tracker, self._cancel, plan.started + plan.timeout_s)
+        error: BaseException | None = None
+        outputs = input_ids = None
+        try:
+            if not self._cancel.is_set():
+                if plan.seed is not None:
+                    torch.manual_seed(plan.seed)
+                input_ids = torch.tensor([plan.prompt_ids], dtype=torch.long)
+                with torch.inference_mode():
+                    outputs = plan.model.generate(
+                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                        logits_processor=LogitsProcessorList(plan.processors),
+                        stopping_criteria=StoppingCriteriaList([control]), **plan.gen_kwargs)
+                if plan.retain is not None:
+                    plan.retain.append(outputs)
+            self._tracker.finish()
+        except Exception as exc:  # any failure must still free the slot; the caller gets it from __iter__
+            plan.log.error("generation failed", exc_info=exc)
+            error = exc.with_traceback(None)  # the traceback would pin the KV cache's frames
+        finally:
+            outputs = input_ids = None  # drop every tensor before hygiene measures what is freed
+            duration = 0.0
+            try:
+                hygiene_s = plan.hygiene()
+                duration = time.monotonic() - plan.started
+                self.stats = GenerationStats(
+                    prompt_tokens=len(plan.prompt_ids), completion_tokens=len(self._tracker.ids),
+                    finish_reason="error" if error else self._finish_reason(control),
+                    timed_out=control.reason == "timeout", queue_wait_s=plan.queue_wait_s,
+                    ttft_s=None if control.first_token_at is None else control.first_token_at - plan.started,
+                    duration_s=duration, hygiene_s=hygiene_s)
+            finally:  # whatever happened, the next request must get the model
+                plan.release(duration)
+                self._done.set()
+                self._queue.put(error if error else _END)
+
+    def _finish_reason(self, control: _Control) -> str:
+        ids = self._tracker.ids
+        if self._tracker.stopped or (ids and ids[-1] in self._plan.eos_ids):
+            return "stop"
+        if control.reason == "cancelled" or (not ids and self._cancel.is_set()):
+            return "cancelled"
+        return "length"
