@@ -30,6 +30,8 @@ def create_app(config: Config | None = None) -> Flask:
     metrics_api.init_app(app, cfg)
     metrics = extensions.get_metrics(app)
 
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # a tqdm bar per load is noise in a daemon's log
     from .engine import Engine
     engine = Engine.load(cfg, listener=metrics)
     app.extensions[extensions.ENGINE] = engine

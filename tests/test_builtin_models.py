@@ -25,9 +25,9 @@ def sha(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    """builtin:tiny built once for this module."""
-    return bm.build("builtin:tiny", str(tmp_path_factory.mktemp("tiny") / "m"), **QUIET)
+def tiny_dir(cache_dir) -> str:
+    """builtin:tiny as conftest built it once for the run."""
+    return bm.builtin_dir("builtin:tiny", cache_dir)
 
 
 def test_names_and_folders():

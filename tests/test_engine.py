@@ -21,11 +21,9 @@ GREEDY = GenerationParams(max_new_tokens=30, temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory) -> str:
-    """A cache folder with builtin:tiny built once for this module."""
-    cache = str(tmp_path_factory.mktemp("engine-cache"))
-    ensure_built("builtin:tiny", cache, log=lambda line: None)
-    return cache
+def tiny_cache(cache_dir) -> str:
+    """The run's cache folder, where conftest built builtin:tiny once."""
+    return cache_dir
 
 
 class Recorder:

@@ -23,7 +23,8 @@ def outcome_of(stats) -> str:
         return "error"
     if stats.timed_out:
         return "timeout"
-    return {"stop": "ok", "length": "length", "cancelled": "cancelled"}.get(stats.finish_reason, "ok")
+    return {"stop": "ok", "length": "length", "cancelled": "cancelled"}.get(stats.finish_reason,
+                                                                            "error")
 
 
 def sampling_params(body: dict, *, allow_stop: bool) -> GenerationParams:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from .. import config as config_mod
@@ -30,13 +29,14 @@ def check_model(cfg: config_mod.Config) -> str | None:
     Built-in models are built here in a child process (building runs torch ops, which must never
     happen in the gunicorn master before it forks).
     """
-    from ..builtin_models import is_builtin
+    from ..builtin_models import ensure_built, is_builtin
     hint = "try --model builtin:tiny (generated locally, no download)"
     if is_builtin(cfg.model):
-        code = ("import sys; from daemon.builtin_models import ensure_built; "
-                "ensure_built(sys.argv[1], sys.argv[2])")
-        proc = subprocess.run([sys.executable, "-c", code, cfg.model, cfg.cache_dir], check=False)
-        return None if proc.returncode == 0 else f"model: could not build {cfg.model}"
+        try:
+            ensure_built(cfg.model, cfg.cache_dir, isolate=True)
+        except (OSError, RuntimeError) as exc:  # the child's failure, already logged by it
+            return f"model: could not build {cfg.model}: {exc}"
+        return None
     if os.path.isdir(cfg.model):
         if not os.path.isfile(os.path.join(cfg.model, "config.json")):
             return f"model: folder {cfg.model} has no config.json; {hint}"

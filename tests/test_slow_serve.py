@@ -1,0 +1,30 @@
+"""`edgechat serve` with 2 workers on the 494M-parameter model: no fork-after-torch hang."""
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import requests
+
+from servers import Daemon
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def test_two_workers_on_the_qwen_shaped_model(tmp_path, tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("big-cache"))
+    d = Daemon(tmp_path, cache, "--model", "builtin:qwen2.5-0.5b-shape", "--workers", "2",
+               "--threads", "1", "--max-new-tokens", "4", "--worker-threads", "2")
+    with d.start(timeout=600):
+        def turn(n: int) -> tuple[int, int]:
+            resp = requests.post(d.url + "/v1/chat/completions", timeout=300, json={
+                "messages": [{"role": "user", "content": f"hello {n}"}], "max_tokens": 4})
+            assert resp.status_code == 200, resp.text
+            return resp.json()["usage"]["completion_tokens"], requests.get(
+                d.url + "/healthz", timeout=30).json()["pid"]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(turn, range(8)))
+        assert all(tokens == 4 for tokens, _ in results)
+        pids = {pid for _, pid in results}
+        assert len(pids) == 2, f"both workers should answer, saw {pids}\n{d.log()[-2000:]}"
