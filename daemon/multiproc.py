@@ -1,0 +1,147 @@
+"""The prometheus_client multiprocess folder: set up at serve start, kept bounded across worker recycling.
+
+prometheus_client writes one file per metric type and pid and never deletes counter/histogram
+files of dead pids (client_python #275, #367): with gunicorn `max_requests` the folder grows and
+scrapes slow down. `worker_exited` folds a dead pid's files into one `<type>_archive.db` per type,
+so totals stay monotonic and the folder holds O(live workers) files.
+
+Compaction and scrapes exclude each other with flock on `.edgechat.lock` in the folder: a scrape
+never sees a dead pid's values both in its file and in the archive, or in neither (brian-brazil's
+objection to compaction in client_python #204/#518). Only the gunicorn master compacts, after it has
+reaped the pid and before it forks a replacement, so no live process can own that pid meanwhile.
+
+prometheus_client picks its value class when first imported, from PROMETHEUS_MULTIPROC_DIR: this
+module imports it lazily, and prepare_dir() must run before anything imports it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import sys
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LOCK_NAME = ".edgechat.lock"
+ARCHIVE = "archive"  # stands where a pid stands in file names: counter_archive.db, gauge_max_archive.db
+_SUMMED = ("counter", "histogram", "summary")
+_GAUGE_MERGE = {"min": min, "max": max, "sum": lambda a, b: a + b}  # + mostrecent; all/live*: dropped
+
+
+def prepare_dir(path: str) -> str:
+    """Create the folder (0700), wipe metric files of a previous run, export PROMETHEUS_MULTIPROC_DIR.
+
+    Only *.db files are removed, never the folder, so a misconfigured path cannot lose data.
+    Raises RuntimeError when prometheus_client was already imported without multiprocess mode:
+    workers forked from this process would then silently keep their metrics to themselves.
+    """
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
+        raise RuntimeError(f"prometheus_client was imported before {MULTIPROC_ENV} was set; "
+                           "call prepare_dir() before importing the app or prometheus_client")
+    with _locked(path, exclusive=True):
+        for name in glob.glob(os.path.join(path, "*.db")) + glob.glob(os.path.join(path, ".*.tmp")):
+            os.remove(name)
+    os.environ[MULTIPROC_ENV] = path
+    return path
+
+
+@contextlib.contextmanager
+def _locked(path: str, exclusive: bool):
+    fd = os.open(os.path.join(path, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+def worker_exited(pid: int, path: str | None = None) -> None:
+    """A worker is gone (gunicorn child_exit): drop its live gauges, fold the rest into archives."""
+    from prometheus_client.multiprocess import mark_process_dead
+    path = path or os.environ[MULTIPROC_ENV]
+    with _locked(path, exclusive=True):
+        mark_process_dead(pid, path)
+        for typ in _SUMMED:
+            _fold(path, f"{typ}_{pid}.db", f"{typ}_{ARCHIVE}.db", pid, _add)
+        for mode in ("min", "max", "sum", "mostrecent"):
+            _fold(path, f"gauge_{mode}_{pid}.db", f"gauge_{mode}_{ARCHIVE}.db", pid,
+                  _latest if mode == "mostrecent" else _gauge_merge(mode))
+        # `all` keeps a series per pid forever by design; a dead worker's is dropped to stay bounded
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, f"gauge_all_{pid}.db"))
+
+
+def _add(old: tuple[float, float], new: tuple[float, float]) -> tuple[float, float]:
+    return old[0] + new[0], 0.0
+
+
+def _latest(old: tuple[float, float], new: tuple[float, float]) -> tuple[float, float]:
+    return new if new[1] >= old[1] else old
+
+
+def _gauge_merge(mode: str):
+    def merge(old: tuple[float, float], new: tuple[float, float]) -> tuple[float, float]:
+        return _GAUGE_MERGE[mode](old[0], new[0]), 0.0
+    return merge
+
+
+def _fold(path: str, dead_name: str, archive_name: str, pid: int, merge) -> None:
+    """Merge one dead file into its archive (written aside, then renamed over), then delete it."""
+    from prometheus_client.mmap_dict import MmapedDict
+    dead = os.path.join(path, dead_name)
+    if not os.path.exists(dead):
+        return
+    archive = os.path.join(path, archive_name)
+    merged: dict[str, tuple[float, float]] = {}
+    for source in (archive, dead):
+        if not os.path.exists(source):
+            continue
+        for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(source):
+            if source == dead and _labels_pid(key) == str(pid):
+                continue  # a series about the dead process itself (process CPU): gone with it
+            merged[key] = merge(merged[key], (value, timestamp)) if key in merged else (value, timestamp)
+    tmp = os.path.join(path, f".{archive_name}.tmp")  # not *.db: invisible to collectors
+    out = MmapedDict(tmp)
+    try:
+        for key, (value, timestamp) in merged.items():
+            out.write_value(key, value, timestamp)
+    finally:
+        out.close()
+    os.replace(tmp, archive)
+    os.remove(dead)
+
+
+def _labels_pid(key: str) -> str | None:
+    labels = json.loads(key)[2]
+    return labels.get("pid") if isinstance(labels, dict) else None
+
+
+class LockedMultiProcessCollector:
+    """MultiProcessCollector that reads the folder under a shared lock (no torn compaction)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def describe(self) -> list:
+        """Nothing to declare up front: the names come from the files."""
+        return []
+
+    def collect(self):
+        """Merge every worker's and the archives' files into metric families."""
+        from prometheus_client.multiprocess import MultiProcessCollector
+        with _locked(self.path, exclusive=False):
+            files = glob.glob(os.path.join(self.path, "*.db"))
+            return list(MultiProcessCollector.merge(files, accumulate=True))
+
+
+def scrape_registry(path: str, *first):
+    """A fresh registry for one scrape: any `first` collectors (e.g. a refresher), then the folder."""
+    from prometheus_client import CollectorRegistry
+    registry = CollectorRegistry()
+    for collector in first + (LockedMultiProcessCollector(path),):
+        registry.register(collector)
+    return registry
