@@ -1,0 +1,697 @@
+"""Metrics: contract names, what moves when, HTTP instrumentation, promtool, multiprocess folder hygiene."""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from flask import Flask, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon import procstats
+from daemon.config import Config
+from daemon.metrics import TURN_INDEX_BUCKETS, Metrics, turn_index_bucket
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONTRACT = """
+edgechat_process_resident_memory_bytes edgechat_process_unique_memory_bytes
+edgechat_process_virtual_memory_bytes edgechat_process_open_fds edgechat_process_threads
+edgechat_process_cpu_seconds_total edgechat_process_start_time_seconds
+edgechat_host_memory_available_bytes edgechat_host_memory_total_bytes edgechat_memory_limit_bytes
+edgechat_service_memory_bytes edgechat_sessions edgechat_history_messages
+edgechat_history_messages_max edgechat_history_tokens_max edgechat_history_max_turns
+edgechat_turn_history_messages edgechat_turn_prompt_tokens edgechat_history_truncations_total
+edgechat_sessions_evicted_total edgechat_gc_collections_total edgechat_gc_collected_objects_total
+edgechat_gc_uncollectable_objects_total edgechat_gc_pause_seconds edgechat_gc_tracked_objects
+edgechat_turn_duration_seconds edgechat_time_to_first_token_seconds
+edgechat_time_per_output_token_seconds edgechat_queue_wait_seconds edgechat_prompt_tokens_total
+edgechat_completion_tokens_total edgechat_turns_total edgechat_generations_in_progress
+edgechat_queue_depth edgechat_http_requests_total edgechat_http_request_duration_seconds
+edgechat_requests_rejected_total edgechat_build_info edgechat_model_info edgechat_model_load_seconds
+""".split()
+HISTOGRAMS = {"edgechat_turn_history_messages", "edgechat_turn_prompt_tokens",
+              "edgechat_gc_pause_seconds", "edgechat_turn_duration_seconds",
+              "edgechat_time_to_first_token_seconds", "edgechat_time_per_output_token_seconds",
+              "edgechat_queue_wait_seconds", "edgechat_http_request_duration_seconds"}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def samples(text: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of an exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels) -> float:
+    """One sample's value (KeyError when absent)."""
+    return samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+def series_of(text: str, name: str) -> dict[tuple, float]:
+    """Every sample of one name: {sorted labels: value}."""
+    return {labels: v for (n, labels), v in samples(text).items() if n == name}
+
+
+def scrape(m: Metrics) -> str:
+    return generate_latest(m.registry).decode()
+
+
+@pytest.fixture
+def metrics():
+    m = Metrics(CollectorRegistry())
+    yield m
+    m.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cfg(**kw) -> Config:
+    base = dict(model="builtin:tiny", metrics_refresh_s=60.0)
+    base.update(kw)
+    return Config(**base)
+
+
+# --- names and single-process behaviour -----------------------------------------------------------
+def test_every_contract_family_is_exported_with_its_type(metrics):
+    metrics.refresh()
+    metrics.refresh_slow()
+    families = {f.name: f.type for f in text_string_to_metric_families(scrape(metrics))}
+    for name in CONTRACT:
+        kind = "counter" if name.endswith("_total") else "histogram" if name in HISTOGRAMS else "gauge"
+        family = name[: -len("_total")] if kind == "counter" else name  # the parser drops _total
+        assert families.get(family) == kind, name
+        assert hasattr(metrics, name[len("edgechat_"):]), name  # attribute = name minus namespace
+
+
+@pytest.mark.parametrize("turn,bucket", [(0, "1"), (1, "1"), (2, "2-5"), (5, "2-5"), (6, "6-10"),
+                                         (10, "6-10"), (11, "11-20"), (20, "11-20"), (21, "21+"),
+                                         (10_000, "21+")])
+def test_turn_index_bucket(turn, bucket):
+    assert turn_index_bucket(turn) == bucket
+    assert bucket in TURN_INDEX_BUCKETS
+
+
+def test_observe_turn_moves_the_right_series(metrics):
+    before = scrape(metrics)
+    metrics.observe_turn(turn=7, outcome="length", duration_s=2.0, ttft_s=0.5, completion_tokens=4,
+                         prompt_tokens=300, queue_wait_s=0.02, history_messages=13)
+    metrics.observe_turn(turn=1, outcome="ok", duration_s=0.3, ttft_s=None, completion_tokens=0,
+                         prompt_tokens=20, queue_wait_s=0.0, history_messages=None)
+    after = scrape(metrics)
+
+    def grew(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("edgechat_turns_total", outcome="length") == 1
+    assert grew("edgechat_turns_total", outcome="ok") == 1
+    assert grew("edgechat_turns_total", outcome="error") == 0
+    assert grew("edgechat_turn_duration_seconds_count", turn_index="6-10") == 1
+    assert grew("edgechat_turn_duration_seconds_sum", turn_index="6-10") == pytest.approx(2.0)
+    assert grew("edgechat_turn_duration_seconds_count", turn_index="1") == 1
+    assert grew("edgechat_turn_duration_seconds_bucket", turn_index="6-10", le="2.5") == 1
+    assert grew("edgechat_turn_duration_seconds_bucket", turn_index="6-10", le="1.0") == 0
+    assert grew("edgechat_time_to_first_token_seconds_count") == 1  # the None ttft is not observed
+    # (2.0 - 0.5) / (4 - 1) = 0.5 s per token after the first
+    assert grew("edgechat_time_per_output_token_seconds_sum") == pytest.approx(0.5)
+    assert grew("edgechat_time_per_output_token_seconds_count") == 1
+    assert grew("edgechat_prompt_tokens_total") == 320
+    assert grew("edgechat_completion_tokens_total") == 4
+    assert grew("edgechat_queue_wait_seconds_count") == 2
+    assert grew("edgechat_turn_history_messages_count") == 1  # stateless turn (None) not observed
+    assert grew("edgechat_turn_history_messages_sum") == 13
+    assert grew("edgechat_turn_prompt_tokens_count") == 2
+
+
+def test_unknown_label_values_stay_bounded(metrics):
+    metrics.observe_turn(turn=1, outcome="exploded", duration_s=1, ttft_s=None, completion_tokens=0,
+                         prompt_tokens=1, queue_wait_s=0, history_messages=None)
+    metrics.on_truncate("whim", 3)
+    text = scrape(metrics)
+    assert value(text, "edgechat_turns_total", outcome="other") == 1
+    assert value(text, "edgechat_history_truncations_total", reason="other") == 3
+
+
+def test_store_and_engine_listeners(metrics):
+    metrics.on_truncate("turns", 2)
+    metrics.on_truncate("tokens", 5)
+    metrics.on_evict("lru", 3)
+    metrics.on_evict("ttl", 1)
+    metrics.on_queue(waiting=2, running=1)
+    text = scrape(metrics)
+    assert value(text, "edgechat_history_truncations_total", reason="turns") == 2
+    assert value(text, "edgechat_history_truncations_total", reason="tokens") == 5
+    assert value(text, "edgechat_sessions_evicted_total", reason="lru") == 3
+    assert value(text, "edgechat_sessions_evicted_total", reason="ttl") == 1
+    assert value(text, "edgechat_sessions_evicted_total", reason="deleted") == 0
+    assert value(text, "edgechat_queue_depth") == 2
+    assert value(text, "edgechat_generations_in_progress") == 1
+    metrics.on_queue(waiting=0, running=0)
+    assert value(scrape(metrics), "edgechat_queue_depth") == 0
+
+
+@dataclass
+class StoreStats:
+    sessions: int
+    messages_total: int
+    messages_max: int
+    tokens_max: int
+
+
+def test_config_model_and_store_gauges(metrics):
+    metrics.set_config(cfg(max_history_turns=7, memory_limit_bytes=3 << 30))
+    metrics.set_model_info("builtin:tiny", "float32", "history", 1.5)
+    metrics.set_store_stats(StoreStats(sessions=3, messages_total=40, messages_max=22, tokens_max=900))
+    text = scrape(metrics)
+    assert value(text, "edgechat_history_max_turns") == 7
+    assert value(text, "edgechat_memory_limit_bytes") == 3 << 30  # explicit config wins
+    assert value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", leak_mode="history") == 1
+    assert value(text, "edgechat_model_load_seconds") == 1.5
+    assert value(text, "edgechat_sessions") == 3
+    assert value(text, "edgechat_history_messages") == 40
+    assert value(text, "edgechat_history_messages_max") == 22
+    assert value(text, "edgechat_history_tokens_max") == 900
+    (build,) = series_of(text, "edgechat_build_info")
+    assert {k for k, _ in build} == {"version", "python", "torch", "transformers"}
+    assert dict(build)["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_refresh_reads_the_process_and_gc(metrics):
+    metrics.refresh()
+    metrics.refresh_slow()
+    first = scrape(metrics)
+    assert value(first, "edgechat_process_resident_memory_bytes") > 10 << 20
+    assert value(first, "edgechat_process_unique_memory_bytes") > 0
+    assert value(first, "edgechat_process_open_fds") > 0
+    assert value(first, "edgechat_process_threads") >= 1
+    assert value(first, "edgechat_gc_tracked_objects", generation="2") > 1000
+    assert value(first, "edgechat_host_memory_total_bytes") >= value(first, "edgechat_host_memory_available_bytes") > 0
+    assert value(first, "edgechat_service_memory_bytes") > 0
+    junk = [[i] for i in range(50_000)]  # a real gen-2 collection with something to find
+    cycle = []
+    cycle.append(cycle)
+    del junk, cycle
+    gc.collect()
+    metrics.refresh()
+    second = scrape(metrics)
+    for name in ("edgechat_gc_collections_total", "edgechat_gc_pause_seconds_count"):
+        assert value(second, name, generation="2") > value(first, name, generation="2")
+    assert value(second, "edgechat_gc_collected_objects_total", generation="2") >= 1
+    assert value(second, "edgechat_gc_pause_seconds_sum", generation="2") > 0
+    assert value(second, "edgechat_process_cpu_seconds_total") >= value(first, "edgechat_process_cpu_seconds_total") > 0
+
+
+def test_sampler_is_idempotent_and_close_cleans_up():
+    m = Metrics(CollectorRegistry())
+    callbacks = len(gc.callbacks)
+    m.start_sampler(0.01)
+    thread = m._sampler
+    m.start_sampler(0.01)
+    assert m._sampler is thread and thread.is_alive()
+    m.close()
+    assert not thread.is_alive()
+    assert len(gc.callbacks) == callbacks - 1
+
+
+def test_tracemalloc_gauges_only_when_configured(metrics):
+    assert "edgechat_tracemalloc_traced_bytes" not in scrape(metrics)
+    was_tracing = tracemalloc.is_tracing()
+    try:
+        metrics.set_config(cfg(tracemalloc=True))
+        blob = [bytes(1000) for _ in range(1000)]  # ~1 MB traced
+        metrics.refresh()
+        text = scrape(metrics)
+        assert value(text, "edgechat_tracemalloc_traced_bytes") > 0
+        assert value(text, "edgechat_tracemalloc_peak_bytes") >= value(text, "edgechat_tracemalloc_traced_bytes")
+        del blob
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+
+
+def test_multiprocess_needs_the_env_before_import(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR"):
+        Metrics()
+
+
+def test_a_thousand_sessions_make_no_more_series_than_one():
+    def run(sessions: int) -> int:
+        m = Metrics(CollectorRegistry())
+        try:
+            for s in range(sessions):
+                for turn in (1, 2, 7, 15, 40):
+                    m.observe_turn(turn=turn, outcome="ok", duration_s=0.1 * turn, ttft_s=0.01,
+                                   completion_tokens=3, prompt_tokens=10 * turn + s, queue_wait_s=0,
+                                   history_messages=2 * turn)
+                m.on_truncate("turns", 2)
+                m.set_store_stats(StoreStats(s + 1, 10 * (s + 1), 10, 100 + s))
+            m.on_evict("lru", sessions)
+            m.refresh()
+            return len(samples(scrape(m)))
+        finally:
+            m.close()
+    assert run(1) == run(1000)
+
+
+# --- cgroup and limit ---------------------------------------------------------------------------
+@pytest.mark.parametrize("config_bytes,cgroup,host,expected", [
+    (2 << 30, 1 << 30, 8 << 30, (2 << 30, "config")),
+    (0, 1 << 30, 8 << 30, (1 << 30, "cgroup")),
+    (0, 64 << 30, 8 << 30, (8 << 30, "cgroup")),      # a limit above the RAM cannot be reached
+    (0, 9223372036854771712, 8 << 30, (8 << 30, "host")),  # cgroup v1's "no limit"
+    (0, None, 8 << 30, (8 << 30, "host")),
+])
+def test_memory_limit_precedence(config_bytes, cgroup, host, expected):
+    assert procstats.memory_limit(config_bytes, cgroup, host) == expected
+
+
+def _fake_proc(tmp_path: Path, cgroup: str, mountinfo: str) -> str:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    (proc / "mountinfo").write_text(mountinfo)
+    return str(proc)
+
+
+def test_cgroup_v2_limit_of_the_tightest_ancestor(tmp_path):
+    root = tmp_path / "root"
+    svc = root / "sys/fs/cgroup/edge.slice/edgechat.service"
+    svc.mkdir(parents=True)
+    for d, limit, current in ((svc, "max", "700"), (svc.parent, "2000", "900"),
+                              (svc.parent.parent, "max", "5000")):
+        (d / "memory.max").write_text(limit + "\n")
+        (d / "memory.current").write_text(current + "\n")
+        (d / "memory.stat").write_text("anon 500\ninactive_file 100\n")
+    proc = _fake_proc(tmp_path, "0::/edge.slice/edgechat.service\n",
+                      "30 23 0:26 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n")
+    cg = procstats.CgroupMemory.detect(proc, root=str(root))
+    assert cg.version == 2 and cg.limit_bytes() == 2000
+    assert cg.current_bytes() == 900 and cg.working_set_bytes() == 800
+    budget = procstats.memory_budget(cg, 0, siblings=False)
+    assert (budget.limit, budget.limit_source, budget.service) == (2000, "cgroup", 900)
+
+
+def test_cgroup_v1_in_a_hybrid_host(tmp_path):
+    root = tmp_path / "root"
+    mine = root / "sys/fs/cgroup/memory/docker/abc"
+    mine.mkdir(parents=True)
+    (root / "sys/fs/cgroup/unified").mkdir(parents=True)  # v2 mounted, without the memory controller
+    (mine / "memory.limit_in_bytes").write_text("1073741824\n")
+    (mine / "memory.usage_in_bytes").write_text("4096\n")
+    (mine / "memory.stat").write_text("cache 10\ntotal_inactive_file 96\n")
+    proc = _fake_proc(tmp_path, "4:memory:/docker/abc\n0::/\n",
+                      "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+                      "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    cg = procstats.CgroupMemory.detect(proc, root=str(root))
+    assert cg.version == 1 and cg.limit_bytes() == 1 << 30
+    assert cg.current_bytes() == 4096 and cg.working_set_bytes() == 4000
+    (mine / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cg.limit_bytes() is None  # v1's "unlimited"
+
+
+def test_no_cgroup_means_rss_sum(tmp_path):
+    proc = _fake_proc(tmp_path, "", "")
+    assert procstats.CgroupMemory.detect(proc, root=str(tmp_path)) is None
+    budget = procstats.memory_budget(None, 0, siblings=False)
+    assert budget.limit_source == "host" and budget.service == procstats.rss_of(os.getpid()) > 0
+
+
+# --- Flask integration --------------------------------------------------------------------------
+@pytest.fixture
+def flask_app():
+    app = Flask("metrics-test")
+
+    @app.get("/v1/sessions/<session_id>")
+    def session(session_id):
+        return {"id": session_id}
+
+    @app.get("/stream")
+    def stream():
+        return Response((c for c in "abc"), mimetype="text/event-stream")
+
+    from daemon.api.metrics import get_metrics, init_app
+    init_app(app, cfg())
+    yield app
+    get_metrics(app).close()
+
+
+def test_flask_route_labels_and_both_encodings(flask_app):
+    client = flask_app.test_client()
+    for sid in ("a1", "b2", "c3"):
+        assert client.get(f"/v1/sessions/{sid}").status_code == 200
+    assert client.get("/no/such/path/x9").status_code == 404
+    assert client.open("/v1/sessions/a1", method="BREW").status_code == 405
+    streamed = client.get("/stream")
+    assert streamed.data == b"abc"
+    streamed.close()  # what the WSGI server does when the stream ends
+
+    text_resp = client.get("/metrics")
+    assert text_resp.status_code == 200
+    assert text_resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = text_resp.text
+    assert value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>",
+                 method="GET", status="200") == 3
+    assert value(text, "edgechat_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert value(text, "edgechat_http_requests_total", route="unmatched", method="other", status="405") == 1
+    assert value(text, "edgechat_http_request_duration_seconds_count", route="/v1/sessions/<session_id>") == 3
+    assert value(text, "edgechat_http_request_duration_seconds_count", route="/stream") == 1
+    assert "a1" not in text and "no/such" not in text  # never the raw path
+    assert value(text, "edgechat_process_resident_memory_bytes") > 0
+
+    om = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert om.text.rstrip().endswith("# EOF")
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+    families = {f.name for f in om_parse(om.text)}
+    assert {"edgechat_http_requests", "edgechat_turns", "edgechat_build_info"} <= families
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_accepts_a_real_scrape(flask_app, tmp_path):
+    client = flask_app.test_client()
+    client.get("/v1/sessions/x")
+    from daemon.api.metrics import get_metrics
+    get_metrics(flask_app).observe_turn(turn=3, outcome="ok", duration_s=1, ttft_s=0.1,
+                                        completion_tokens=5, prompt_tokens=9, queue_wait_s=0,
+                                        history_messages=5)
+    text = client.get("/metrics").data
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def test_metrics_port_served_once(tmp_path, caplog):
+    from daemon.api.metrics import SERVER_EXTENSION, get_metrics, init_app
+    caplog.set_level("INFO", logger="edgechat.metrics")
+    port = free_port()
+    first, second = Flask("a"), Flask("b")
+    init_app(first, cfg(metrics_port=port))
+    try:
+        init_app(second, cfg(metrics_port=port))  # the port is taken: serves the main path only
+        assert "already served" in caplog.text
+        assert first.extensions[SERVER_EXTENSION] is not None and second.extensions[SERVER_EXTENSION] is None
+        resp = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert resp.status_code == 200 and "edgechat_process_resident_memory_bytes" in resp.text
+    finally:
+        get_metrics(first).close()
+        get_metrics(second).close()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+def test_metrics_import_no_torch():
+    code = ("import sys, daemon.metrics, daemon.multiproc, daemon.api.metrics; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in os.environ.items()
+                                           if k != "PROMETHEUS_MULTIPROC_DIR"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# --- multiprocess mode (each "worker" is a child python: the env var must precede the import) -----
+WORKER = r"""
+import os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from daemon.metrics import Metrics
+m = Metrics()
+m.refresh()
+m.refresh_slow()
+m.observe_turn(turn=int(sys.argv[2]), outcome="ok", duration_s=0.5, ttft_s=0.1, completion_tokens=5,
+               prompt_tokens=10, queue_wait_s=0.0, history_messages=3)
+m.on_queue(waiting=1, running=1)
+print(os.getpid(), flush=True)
+sys.stdin.readline()  # live until the test closes stdin
+"""
+
+
+def start_worker(path: Path, turn: int = 1) -> tuple[subprocess.Popen, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(turn)], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def stop_worker(proc: subprocess.Popen) -> None:
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def folder_scrape(path: Path) -> str:
+    from daemon.multiproc import scrape_registry
+    return generate_latest(scrape_registry(str(path))).decode()
+
+
+def pids_of(text: str, name: str) -> set[str]:
+    return {dict(labels)["pid"] for labels in series_of(text, name)}
+
+
+@pytest.fixture
+def mpdir(tmp_path):
+    path = tmp_path / "metrics"
+    path.mkdir()
+    workers: list[subprocess.Popen] = []
+    yield path, workers
+    for proc in workers:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_two_workers_two_pids_and_a_dead_one_leaves(mpdir):
+    from daemon.multiproc import worker_exited
+    path, workers = mpdir
+    (a, pid_a), (b, pid_b) = start_worker(path), start_worker(path, turn=8)
+    workers += [a, b]
+    text = folder_scrape(path)
+    for name in ("edgechat_process_resident_memory_bytes", "edgechat_process_unique_memory_bytes",
+                 "edgechat_process_start_time_seconds", "edgechat_process_cpu_seconds_total"):
+        assert pids_of(text, name) == {pid_a, pid_b}, name
+    assert value(text, "edgechat_queue_depth") == 2  # livesum over workers
+    assert len(series_of(text, "edgechat_build_info")) == 1  # livemax: one series, no pid
+    assert "pid" not in dict(next(iter(series_of(text, "edgechat_service_memory_bytes"))))
+    assert value(text, "edgechat_turns_total", outcome="ok") == 2
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
+                               capture_output=True, timeout=60)
+        assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+    stop_worker(a)
+    worker_exited(int(pid_a), str(path))
+    text = folder_scrape(path)
+    assert pids_of(text, "edgechat_process_resident_memory_bytes") == {pid_b}
+    assert pids_of(text, "edgechat_process_cpu_seconds_total") == {pid_b}
+    assert value(text, "edgechat_queue_depth") == 1
+    assert value(text, "edgechat_turns_total", outcome="ok") == 2  # the dead worker's turn stays
+    assert value(text, "edgechat_turn_duration_seconds_count", turn_index="1") == 1
+    assert value(text, "edgechat_turn_duration_seconds_count", turn_index="6-10") == 1
+
+
+def test_twenty_recycled_workers_keep_the_folder_bounded(mpdir):
+    from daemon.multiproc import worker_exited
+    path, workers = mpdir
+    live, live_pid = start_worker(path)
+    workers.append(live)
+    per_worker = {p.name.replace(live_pid, "PID") for p in path.glob("*.db")}
+    assert len(per_worker) == 6  # counter, histogram, gauge_{liveall,livesum,livemax,livemostrecent}
+    before = None
+    for _ in range(20):
+        proc, pid = start_worker(path, turn=3)
+        stop_worker(proc)
+        worker_exited(int(pid), str(path))
+        total = value(folder_scrape(path), "edgechat_turns_total", outcome="ok")
+        assert before is None or total == before + 1  # monotonic across every recycle
+        before = total
+    files = sorted(p.name for p in path.glob("*.db"))
+    assert len(files) == 6 + 2, files  # the live worker's files + counter/histogram archives
+    assert {f.split("_")[-1][:-3] for f in files} == {live_pid, "archive"}
+    text = folder_scrape(path)
+    assert value(text, "edgechat_turns_total", outcome="ok") == 21
+    assert value(text, "edgechat_turn_duration_seconds_count", turn_index="2-5") == 20
+    assert value(text, "edgechat_turn_duration_seconds_bucket", turn_index="2-5", le="0.5") == 20
+    assert value(text, "edgechat_prompt_tokens_total") == 210
+    assert pids_of(text, "edgechat_process_resident_memory_bytes") == {live_pid}
+    assert pids_of(text, "edgechat_process_cpu_seconds_total") == {live_pid}
+
+
+PREPARE = r"""
+import os, sys
+path = sys.argv[1]
+if sys.argv[2] == "early":
+    import prometheus_client
+from daemon.multiproc import prepare_dir
+try:
+    prepare_dir(path)
+except RuntimeError as exc:
+    print("refused:", exc)
+    sys.exit(0)
+print("env", os.environ["PROMETHEUS_MULTIPROC_DIR"] == path)
+from prometheus_client import values
+print("multiprocess", values.ValueClass._multiprocess)
+"""
+
+
+def test_prepare_dir_wipes_and_insists_on_import_order(tmp_path):
+    path = tmp_path / "run" / "metrics"
+    path.mkdir(parents=True)
+    (path / "counter_123.db").write_bytes(b"old")
+    (path / "keep.txt").write_text("not ours")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", PREPARE, str(path), mode], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    assert "refused: prometheus_client was imported before" in run("early")
+    assert (path / "counter_123.db").exists()  # refused means untouched
+    assert run("late").split() == ["env", "True", "multiprocess", "True"]
+    assert not (path / "counter_123.db").exists() and (path / "keep.txt").exists()
+
+
+# --- real gunicorn: the shipped server hooks, two workers, a kill, twenty recycles ---------------
+E2E_APP = '''
+import os
+from flask import Flask
+from daemon.api.metrics import init_app
+from daemon.config import Config
+
+def create():
+    app = Flask("e2e")
+
+    @app.get("/pid")
+    def pid():
+        return {"pid": os.getpid()}
+
+    init_app(app, Config(model="builtin:tiny", metrics_refresh_s=0.2))
+    return app
+'''
+
+
+def _poll(fn, timeout_s: float = 60.0):
+    """Call fn until it returns truthy; the last value (falsy on timeout)."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            result = fn()
+        except requests.RequestException:
+            result = None
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.1)
+
+
+@pytest.mark.e2e
+def test_gunicorn_two_workers_kill_and_twenty_recycles(tmp_path):
+    import signal
+    (tmp_path / "e2e_app.py").write_text(E2E_APP)
+    path = tmp_path / "metrics"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(path)  # the hooks read it; on_starting creates and wipes it
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:daemon.server_hooks",
+                               "--bind", f"127.0.0.1:{port}", "--workers", "2", "--max-requests", "4",
+                               "--pythonpath", str(tmp_path), "e2e_app:create()"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=(tmp_path / "gunicorn.log").open("wb"))
+    try:
+        def live_pids() -> set[str]:
+            return pids_of(requests.get(base + "/metrics", timeout=5).text,
+                           "edgechat_process_resident_memory_bytes")
+        two = _poll(lambda: (lambda p: p if len(p) == 2 else None)(live_pids()))
+        assert two and len(two) == 2, (tmp_path / "gunicorn.log").read_text()[-3000:]
+
+        victim = sorted(two)[0]
+        os.kill(int(victim), signal.SIGKILL)
+        after = _poll(lambda: (lambda p: p if len(p) == 2 and victim not in p else None)(live_pids()))
+        assert after and victim not in after
+
+        seen, sent = set(), 0
+        while len(seen) < 22 and sent < 400:  # 2 first workers + 20 recycled ones
+            seen.add(requests.get(base + "/pid", timeout=10).json()["pid"])
+            sent += 1
+        assert len(seen) >= 22
+        # settle: two live workers again, each has refreshed its gauges
+        assert _poll(lambda: len(live_pids()) == 2)
+        files = sorted(p.name for p in path.glob("*.db"))
+        assert len(files) <= 2 * 6 + 2, files  # two workers' files + counter/histogram archives
+        assert sum(f.endswith("_archive.db") for f in files) == 2
+        text = requests.get(base + "/metrics", timeout=5).text
+        assert value(text, "edgechat_http_requests_total", route="/pid", method="GET", status="200") == sent
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+
+
+# --- real turns on builtin:tiny through the app (the lead's fixtures) ---------------------------
+def _turns(client, n: int, session: str | None = None) -> str:
+    sid = session or client.post("/v1/sessions", json={"system": "Be brief."}).get_json()["id"]
+    for i in range(n):
+        resp = client.post(f"/v1/sessions/{sid}/messages", json={"content": f"turn {i}", "max_tokens": 4})
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+    return sid
+
+
+def test_real_turns_move_the_metrics(app_factory):
+    app = app_factory(max_history_turns=2)
+    client = app.test_client()
+    before = client.get("/metrics").text
+    _turns(client, 4)
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 3})
+    text = client.get("/metrics").text
+
+    def grew(name, **labels):
+        return value(text, name, **labels) - value(before, name, **labels)
+
+    assert sum(value(text, "edgechat_turns_total", outcome=o) for o in ("ok", "length")) == 5
+    assert grew("edgechat_turn_duration_seconds_count", turn_index="1") == 2  # session turn 1 + stateless
+    assert grew("edgechat_turn_duration_seconds_count", turn_index="2-5") == 3
+    assert grew("edgechat_turn_history_messages_count") == 4  # session turns only
+    assert grew("edgechat_prompt_tokens_total") > 0 and grew("edgechat_completion_tokens_total") > 0
+    assert grew("edgechat_time_to_first_token_seconds_count") == 5
+    assert value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>/messages",
+                 method="POST", status="200") == 4
+    dtype = app.extensions["edgechat.engine"].dtype  # auto: bfloat16 where the CPU has it
+    assert value(text, "edgechat_model_info", model="builtin:tiny", dtype=dtype, leak_mode="off") == 1
+    assert value(text, "edgechat_history_max_turns") == 2
+    assert value(text, "edgechat_sessions") == 1
+    assert value(text, "edgechat_history_truncations_total", reason="turns") > 0
+    assert value(text, "edgechat_process_resident_memory_bytes") > 50 << 20
+
+
+@pytest.mark.parametrize("leak_mode", ["off", "history"])
+def test_history_gauges_grow_only_with_the_history_leak(app_factory, leak_mode):
+    app = app_factory(max_history_turns=1, leak_mode=leak_mode)
+    client = app.test_client()
+    sid, longest = None, []
+    for _ in range(4):
+        sid = _turns(client, 1, sid)
+        longest.append(value(client.get("/metrics").text, "edgechat_history_messages_max"))
+    if leak_mode == "history":
+        assert [b - a for a, b in zip(longest, longest[1:])] == [2, 2, 2]
+    else:
+        assert max(longest) <= 3  # system + the one kept turn
+    assert value(client.get("/metrics").text, "edgechat_history_max_turns") == 1  # config, not growth
