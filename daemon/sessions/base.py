@@ -1,0 +1,350 @@
+"""Session store contract and history-trimming policy: the pure logic every backend (memory, SQLite, Redis) shares.
+
+A backend persists `SessionRecord`s (plain strings and numbers only) and supplies three primitives the
+shared turn lifecycle is built on: `_acquire` (per-session lock + load), `_release`, and `_commit` (one
+atomic compare-and-swap on the record's `version`, i.e. one transaction / one Lua script).
+
+Token counting is injected and assumed expensive and not additive (a chat template wraps the messages),
+so it is only ever called on whole candidate prompts: once for the prompt and once for the stored history
+in the common case, and O(log turns) times when trimming by tokens (binary search over how many oldest
+turns to drop). Each record caches its token total, so get() and stats() never tokenize.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import weakref
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from typing import Callable, Protocol, Sequence
+
+Message = dict  # {"role": "user"|"assistant"|"system", "content": str}
+CountTokens = Callable[[Sequence[dict]], int]
+Pairs = tuple[tuple[str, str], ...]  # (role, content), oldest first: how records hold messages
+
+
+@dataclass(frozen=True)
+class HistoryPolicy:
+    """Bounds on one session's history and on the number of sessions (0 = unbounded)."""
+
+    max_turns: int      # keep at most this many user+assistant turns (2 messages each); 0 = unbounded
+    max_tokens: int     # token budget of the prompt (system + history + new user message); 0 = unbounded
+    ttl_s: float        # idle seconds before a session expires; 0 = never
+    max_sessions: int   # LRU-evict the least recently active beyond this; 0 = unbounded
+    trim: bool = True   # False = leak_mode "history": never trim by turns or tokens; limits still reported
+
+    def __post_init__(self):
+        for name in ("max_turns", "max_tokens", "max_sessions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"HistoryPolicy.{name} must be an integer >= 0, got {value!r}")
+        if isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) \
+                or not math.isfinite(self.ttl_s) or self.ttl_s < 0:
+            raise ValueError(f"HistoryPolicy.ttl_s must be a finite number >= 0, got {self.ttl_s!r}")
+
+    def expired(self, last_active: float, now: float) -> bool:
+        """Whether a session last active at `last_active` has been idle for the TTL at `now`."""
+        return self.ttl_s > 0 and now - last_active >= self.ttl_s
+
+
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """A read-only copy of one session, safe to hand to the API layer."""
+
+    id: str
+    owner: str | None
+    created: float
+    last_active: float
+    system: str | None
+    messages: tuple[dict, ...]  # stored history, system prompt NOT included
+    turns: int                  # turns ever committed in this session
+    tokens: int                 # count_tokens(system + messages)
+    truncations: int            # messages dropped by trimming, cumulative
+
+
+class SessionNotFound(LookupError):
+    """Unknown, expired, or owned by another key (the message never contains the id: it is a secret)."""
+
+    def __init__(self, message: str = "session not found"):
+        super().__init__(message)
+
+
+class SessionBusy(RuntimeError):
+    """The per-session lock was not acquired within the timeout."""
+
+
+class ContextTooLong(ValueError):
+    """System prompt + new user message alone (or the untrimmed prompt in leak mode) exceed max_tokens."""
+
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"prompt needs {tokens} tokens, the limit is {limit}")
+        self.tokens = tokens
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """What a committed turn produced."""
+
+    session: SessionSnapshot  # after commit
+    turn: int                 # 1-based index of the committed turn
+    truncated: int            # messages this turn's trimming dropped (prompt-time + commit-time)
+
+
+class StoreListener(Protocol):
+    """Metrics hook; the store never imports metrics."""
+
+    def on_truncate(self, reason: str, messages: int) -> None: ...  # reason "turns" | "tokens"
+
+    def on_evict(self, reason: str, sessions: int) -> None: ...     # reason "ttl" | "lru" | "deleted"
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Cheap aggregate gauges over live sessions."""
+
+    sessions: int
+    messages_total: int
+    messages_max: int
+    tokens_max: int
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What a backend persists for one session: plain strings and numbers, so it maps to a row or a hash."""
+
+    id: str
+    owner: str | None
+    created: float
+    last_active: float
+    system: str | None
+    messages: Pairs
+    turns: int
+    tokens: int
+    truncations: int
+    version: int = 0  # bumped by every commit; a commit is written only if the stored version still matches
+
+    def snapshot(self) -> SessionSnapshot:
+        """A snapshot with fresh message dicts, so callers cannot mutate stored history."""
+        return SessionSnapshot(self.id, self.owner, self.created, self.last_active, self.system,
+                               tuple({"role": r, "content": c} for r, c in self.messages),
+                               self.turns, self.tokens, self.truncations)
+
+
+def new_session_id() -> str:
+    """An unguessable session id: 192 random bits, URL-safe."""
+    return secrets.token_urlsafe(24)
+
+
+def as_messages(system: str | None, pairs: Pairs) -> list[dict]:
+    """The chat messages a model sees: the system prompt (when set) followed by `pairs`."""
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [{"role": r, "content": c} for r, c in pairs]
+
+
+def _count(count_tokens: CountTokens, system: str | None, pairs: Pairs) -> int:
+    messages = as_messages(system, pairs)
+    return count_tokens(messages) if messages else 0  # an empty conversation costs nothing; never template it
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    """The result of trimming a history: what is kept, its token count, and messages dropped per reason."""
+
+    history: Pairs
+    tokens: int       # count_tokens(system + history + tail)
+    by_turns: int     # messages dropped to honour max_turns
+    by_tokens: int    # messages dropped to honour max_tokens
+
+
+def trim_history(policy: HistoryPolicy, count_tokens: CountTokens, system: str | None,
+                 history: Pairs, tail: Pairs = ()) -> Trimmed:
+    """Drop the oldest whole turns of `history` (turns first, then tokens); system and `tail` are kept.
+
+    If even dropping every turn does not fit max_tokens, everything is dropped and the returned tokens
+    exceed the limit: the caller decides whether that is an error.
+    """
+    turns = len(history) // 2
+    drop = 0
+    if policy.trim and policy.max_turns and turns > policy.max_turns:
+        drop = turns - policy.max_turns
+    by_turns = drop
+
+    def cost(k: int) -> int:
+        return _count(count_tokens, system, history[2 * k:] + tail)
+
+    tokens = cost(drop)
+    limit = policy.max_tokens
+    if policy.trim and limit and tokens > limit and drop < turns:
+        floor = cost(turns)
+        if floor > limit:
+            drop, tokens = turns, floor
+        else:
+            # invariant: dropping `lo` turns does not fit, dropping `hi` does (with `tokens`)
+            lo, hi, tokens = drop, turns, floor
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                mid_tokens = cost(mid)
+                if mid_tokens <= limit:
+                    hi, tokens = mid, mid_tokens
+                else:
+                    lo = mid
+            drop = hi
+    return Trimmed(history[2 * drop:], tokens, 2 * by_turns, 2 * (drop - by_turns))
+
+
+def require_text(name: str, value: object, *, optional: bool = False) -> None:
+    """Reject anything but a str (sessions must hold only plain strings, never tensors or objects)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+
+
+class Turn:
+    """One turn in progress: holds the session's lock until closed; commit() stores it atomically.
+
+    Use as a context manager; leaving the block (or close(), or garbage collection of an abandoned
+    Turn) releases the lock. Without commit() the session stays exactly as it was.
+    """
+
+    def __init__(self, store: "SessionStore", record: SessionRecord, lease: object,
+                 user_content: str, plan: Trimmed):
+        self._store, self._before, self._user, self._plan = store, record, user_content, plan
+        self.session: SessionSnapshot = record.snapshot()  # before the turn
+        self.prompt: list[dict] = as_messages(record.system, plan.history + (("user", user_content),))
+        self.prompt_tokens: int = plan.tokens
+        self.index: int = record.turns + 1
+        self.dropped: int = plan.by_turns + plan.by_tokens
+        self.result: TurnResult | None = None
+        # finalize runs at most once: close(), block exit and GC of a forgotten Turn all share it
+        self._release = weakref.finalize(self, store._release, record.id, lease)
+        self._release.atexit = False
+
+    def commit(self, assistant_content: str) -> TurnResult:
+        """Append user + assistant, trim per policy, bump last_active: one atomic write."""
+        if not self._release.alive:
+            raise RuntimeError("turn is closed; commit inside its with block")
+        if self.result is not None:
+            raise RuntimeError("turn already committed")
+        require_text("assistant_content", assistant_content)
+        store, before, plan = self._store, self._before, self._plan
+        pairs = plan.history + (("user", self._user), ("assistant", assistant_content))
+        kept = trim_history(store.policy, store.count_tokens, before.system, pairs)
+        by_turns, by_tokens = plan.by_turns + kept.by_turns, plan.by_tokens + kept.by_tokens
+        after = replace(before, messages=kept.history, turns=before.turns + 1, tokens=kept.tokens,
+                        truncations=before.truncations + by_turns + by_tokens,
+                        last_active=store.clock(), version=before.version + 1)
+        store._commit(before, after)
+        store._notify_truncate("turns", by_turns)
+        store._notify_truncate("tokens", by_tokens)
+        self.result = TurnResult(after.snapshot(), self.index, by_turns + by_tokens)
+        return self.result
+
+    def close(self) -> None:
+        """Release the session lock (idempotent); an uncommitted turn leaves no trace."""
+        self._release()
+
+    def __enter__(self) -> "Turn":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SessionStore(ABC):
+    """Bounded per-session chat history; backends implement storage, the turn lifecycle is shared."""
+
+    def __init__(self, policy: HistoryPolicy, count_tokens: CountTokens, *,
+                 clock: Callable[[], float] = time.time, listener: StoreListener | None = None):
+        self.policy = policy
+        self.count_tokens = count_tokens
+        self.clock = clock
+        self.listener = listener
+
+    @abstractmethod
+    def create(self, owner: str | None, system: str | None = None) -> SessionSnapshot:
+        """Start a session, LRU-evicting the least recently active idle ones beyond max_sessions."""
+
+    @abstractmethod
+    def get(self, session_id: str, owner: str | None) -> SessionSnapshot:
+        """The session as stored; SessionNotFound if unknown, expired or another owner's."""
+
+    @abstractmethod
+    def delete(self, session_id: str, owner: str | None) -> None:
+        """Remove a session (counted as evict "deleted"); a turn in progress on it then fails to commit."""
+
+    @abstractmethod
+    def sweep(self) -> int:
+        """Expire idle sessions now (also done lazily on access); returns how many were evicted."""
+
+    @abstractmethod
+    def stats(self) -> StoreStats:
+        """Aggregate gauges from cached per-session figures (no tokenization)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the backend's resources."""
+
+    def turn(self, session_id: str, owner: str | None, user_content: str, *,
+             timeout: float | None = None) -> Turn:
+        """Lock the session and build the trimmed prompt; use the returned Turn as a context manager.
+
+        Raises SessionNotFound, SessionBusy (lock not acquired within `timeout`; None waits forever),
+        or ContextTooLong (nothing changed) right here, before any generation starts.
+        """
+        require_text("user_content", user_content)
+        record, lease = self._acquire(session_id, owner, timeout)
+        try:
+            plan = trim_history(self.policy, self.count_tokens, record.system, record.messages,
+                                (("user", user_content),))
+            if self.policy.max_tokens and plan.tokens > self.policy.max_tokens:
+                raise ContextTooLong(plan.tokens, self.policy.max_tokens)
+            return Turn(self, record, lease, user_content, plan)
+        except BaseException:
+            self._release(session_id, lease)
+            raise
+
+    # -- backend primitives -------------------------------------------------------------------------
+
+    @abstractmethod
+    def _acquire(self, session_id: str, owner: str | None, timeout: float | None
+                 ) -> tuple[SessionRecord, object]:
+        """Take the per-session lock and load the record; returns it with an opaque lease for _release."""
+
+    @abstractmethod
+    def _release(self, session_id: str, lease: object) -> None:
+        """Give the per-session lock back; must tolerate a session deleted meanwhile."""
+
+    @abstractmethod
+    def _commit(self, before: SessionRecord, after: SessionRecord) -> None:
+        """Atomically replace `before` by `after` iff the stored version is still before.version.
+
+        Raises SessionNotFound when the session was deleted or evicted meanwhile.
+        """
+
+    # -- helpers for backends -----------------------------------------------------------------------
+
+    def _new_record(self, owner: str | None, system: str | None) -> SessionRecord:
+        """A fresh record for create(): validated, id drawn, system tokens counted."""
+        require_text("owner", owner, optional=True)
+        require_text("system", system, optional=True)
+        system = system or None
+        tokens = _count(self.count_tokens, system, ())  # a system prompt over budget fails at turn()
+        now = self.clock()
+        return SessionRecord(new_session_id(), owner, now, now, system, (), 0, tokens, 0)
+
+    def _notify_truncate(self, reason: str, messages: int) -> None:
+        if messages and self.listener is not None:
+            self.listener.on_truncate(reason, messages)
+
+    def _notify_evict(self, reason: str, sessions: int) -> None:
+        if sessions and self.listener is not None:
+            self.listener.on_evict(reason, sessions)
+
+    def __enter__(self) -> "SessionStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

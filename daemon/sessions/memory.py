@@ -1,0 +1,175 @@
+"""Bounded in-memory SessionStore: the reference backend for tests and single-worker daemons.
+
+Locking: `_mu` guards the session map and running totals and is held only for dict operations (never
+while tokenizing or generating); each session has its own lock, held across a turn, so turns on one
+session are serialized while turns on different sessions proceed in parallel. `pending` counts turns
+holding or waiting for a session's lock: such sessions are never expired or LRU-evicted.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from .base import SessionNotFound, SessionBusy, SessionRecord, SessionSnapshot, SessionStore, StoreStats
+
+
+class _Slot:
+    """A stored record plus the in-process lock state that goes with it."""
+
+    __slots__ = ("record", "lock", "pending")
+
+    def __init__(self, record: SessionRecord):
+        self.record = record
+        self.lock = threading.Lock()
+        self.pending = 0
+
+
+class MemoryStore(SessionStore):
+    """Sessions in a dict ordered least recently active first (LRU order, and the TTL sweep's order)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mu = threading.Lock()
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        self._messages_total = 0
+        self._closed = False
+
+    def create(self, owner: str | None, system: str | None = None) -> SessionSnapshot:
+        """Start a session; expired sessions go first, then the least recently active beyond max_sessions."""
+        record = self._new_record(owner, system)  # tokenizes: outside the map lock
+        with self._mu:
+            self._check_open()
+            expired = self._expire_locked(record.created)
+            self._slots[record.id] = _Slot(record)
+            evicted = self._evict_lru_locked(keep=record.id)
+        self._notify_evict("ttl", expired)
+        self._notify_evict("lru", evicted)
+        return record.snapshot()
+
+    def get(self, session_id: str, owner: str | None) -> SessionSnapshot:
+        """The session as stored; SessionNotFound if unknown, expired or another owner's."""
+        return self._lookup(session_id, owner).record.snapshot()
+
+    def delete(self, session_id: str, owner: str | None) -> None:
+        """Remove a session; a turn in progress on it then fails to commit with SessionNotFound."""
+        slot = self._lookup(session_id, owner)
+        with self._mu:
+            if self._slots.get(session_id) is not slot:  # a concurrent delete or eviction won
+                raise SessionNotFound()
+            self._remove_locked(slot)
+        self._notify_evict("deleted", 1)
+
+    def sweep(self) -> int:
+        """Expire idle sessions now; returns how many were evicted."""
+        with self._mu:
+            self._check_open()
+            expired = self._expire_locked(self.clock())
+        self._notify_evict("ttl", expired)
+        return expired
+
+    def stats(self) -> StoreStats:
+        """Gauges over live sessions: O(sessions) over cached lengths and token totals."""
+        messages_max = tokens_max = 0
+        with self._mu:
+            self._check_open()
+            expired = self._expire_locked(self.clock())
+            for slot in self._slots.values():
+                messages_max = max(messages_max, len(slot.record.messages))
+                tokens_max = max(tokens_max, slot.record.tokens)
+            stats = StoreStats(len(self._slots), self._messages_total, messages_max, tokens_max)
+        self._notify_evict("ttl", expired)
+        return stats
+
+    def close(self) -> None:
+        """Drop every session; later calls raise RuntimeError."""
+        with self._mu:
+            self._closed = True
+            self._slots.clear()
+            self._messages_total = 0
+
+    # -- turn primitives ----------------------------------------------------------------------------
+
+    def _acquire(self, session_id, owner, timeout):
+        slot = self._lookup(session_id, owner, pin=True)
+        if not slot.lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            self._unpin(slot)
+            raise SessionBusy("another turn on this session is in progress")
+        with self._mu:
+            live = self._slots.get(session_id) is slot
+        if not live:  # deleted or closed while we waited for the lock
+            self._release(session_id, slot)
+            raise SessionNotFound()
+        return slot.record, slot
+
+    def _release(self, session_id, lease):
+        lease.lock.release()
+        self._unpin(lease)
+
+    def _commit(self, before, after):
+        with self._mu:
+            self._check_open()
+            slot = self._slots.get(before.id)
+            if slot is None or slot.record.version != before.version:
+                raise SessionNotFound("session was deleted or evicted during the turn")
+            slot.record = after
+            self._slots.move_to_end(before.id)
+            self._messages_total += len(after.messages) - len(before.messages)
+
+    # -- internals (the *_locked ones need self._mu held) --------------------------------------------
+
+    def _lookup(self, session_id: str, owner: str | None, *, pin: bool = False) -> _Slot:
+        """The live slot visible to `owner`, expiring it first if idle past the TTL; pin = count a turn."""
+        expired = False
+        with self._mu:
+            self._check_open()
+            slot = self._slots.get(session_id)
+            if slot is not None and not slot.pending \
+                    and self.policy.expired(slot.record.last_active, self.clock()):
+                self._remove_locked(slot)
+                slot, expired = None, True
+            if slot is not None and slot.record.owner == owner:
+                slot.pending += pin
+                return slot
+        self._notify_evict("ttl", int(expired))
+        raise SessionNotFound()
+
+    def _unpin(self, slot: _Slot) -> None:
+        with self._mu:
+            slot.pending -= 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("session store is closed")
+
+    def _remove_locked(self, slot: _Slot) -> None:
+        del self._slots[slot.record.id]
+        self._messages_total -= len(slot.record.messages)
+
+    def _expire_locked(self, now: float) -> int:
+        if not self.policy.ttl_s:
+            return 0
+        victims = []
+        for slot in self._slots.values():  # least recently active first: stop at the first live one
+            if not self.policy.expired(slot.record.last_active, now):
+                break
+            if not slot.pending:
+                victims.append(slot)
+        for slot in victims:
+            self._remove_locked(slot)
+        return len(victims)
+
+    def _evict_lru_locked(self, keep: str) -> int:
+        """Evict the least recently active idle sessions beyond max_sessions, never `keep` or a busy one.
+
+        When every other session has a turn in progress the store stays over the bound until they end.
+        """
+        excess = len(self._slots) - self.policy.max_sessions if self.policy.max_sessions else 0
+        victims = []
+        for sid, slot in self._slots.items():
+            if len(victims) >= excess:
+                break
+            if not slot.pending and sid != keep:
+                victims.append(slot)
+        for slot in victims:
+            self._remove_locked(slot)
+        return len(victims)
