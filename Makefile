@@ -19,10 +19,11 @@ serve: venv
 	@test -n "$(MODEL)" || { echo "name the model, e.g. make serve MODEL=builtin:tiny"; exit 2; }
 	$(VENV)/bin/edgechat serve --model $(MODEL) $(ARGS)
 
-# Debian packages the tests drive for real: promtool/prometheus, amtool/alertmanager
+# Debian packages the tests drive for real: promtool/prometheus, amtool/alertmanager, headless chromium
 test-deps:
 	@command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
-	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager; }
+	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager chromium chromium-driver; }
 
 test: venv test-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
