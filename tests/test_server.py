@@ -162,3 +162,27 @@ def test_unloadable_model_exits_nonzero_with_one_message(tmp_path, cache_dir):
         capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     assert "model" in proc.stderr and "builtin:tiny" in proc.stderr
+
+
+def test_chat_cli_streams_over_http(daemon):
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "chat", "--url", daemon.url, "--max-tokens", "5"],
+        input="hello there\n/show\nsecond message\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "[turn 1 · 5 tokens · history 2 messages" in proc.stdout
+    assert "[turn 2 · 5 tokens · history 4 messages" in proc.stdout
+    assert '"content": "hello there"' in proc.stdout  # /show printed the stored history
+
+
+def test_chat_cli_reports_unreachable_daemon():
+    proc = subprocess.run([sys.executable, "-m", "daemon", "chat", "--url",
+                           f"http://127.0.0.1:{free_port()}"], input="hi\n",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "cannot reach" in proc.stderr
+
+
+def test_client_commands_import_no_torch():
+    code = ("import sys; from daemon.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'flask') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
