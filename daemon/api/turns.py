@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 from flask import Response
 
-from ..engine import EngineBusy, GenerationParams
+from ..engine import ContextTooLong, EngineBusy, GenerationParams
 from ..extensions import get_config, get_engine, get_metrics
 from .errors import ApiError, error_body, invalid
 from . import validate
@@ -56,6 +56,8 @@ def start(messages: list[dict], params: GenerationParams):
         get_metrics().requests_rejected_total.labels(reason=busy.reason).inc()
         raise ApiError(503, f"the model is busy ({busy.reason.replace('_', ' ')}); retry later",
                        code=busy.reason, retry_after=busy.retry_after) from None
+    except ContextTooLong as err:  # the engine's own last check (check_context normally comes first)
+        raise invalid(str(err), "messages", "context_length_exceeded") from None
 
 
 def observe(gen, m, *, turn: int, history_messages: int | None) -> None:
