@@ -42,6 +42,9 @@ def create_app(config: Config | None = None) -> Flask:
     from .api import chat, health, sessions
     for bp in (health.bp, chat.bp, sessions.bp):
         app.register_blueprint(bp)
+    from .api import stats, ui  # the web page and its live side panel (/v1/stats)
+    for bp in (stats.bp, ui.bp):
+        app.register_blueprint(bp)
     return app
 
 
