@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # each module exposes add_parsers(subparsers); subparsers set func(namespace) -> exit code
-COMMANDS = ("serve", "chat", "build_model", "monitoring")
+COMMANDS = ("serve", "chat", "build_model", "monitoring", "stack", "soak", "memwatch", "alertsink")
 
 
 def build_parser() -> argparse.ArgumentParser:
