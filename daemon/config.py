@@ -10,6 +10,7 @@ from typing import Any, Mapping
 ENV_PREFIX = "EDGECHAT_"
 DTYPES = ("auto", "float32", "bfloat16")
 LEAK_MODES = ("off", "history", "tensors")
+QUANTIZE = ("none", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -42,9 +43,11 @@ class Config:
     # --- model -----------------------------------------------------------------------------
     model: str = _opt("Qwen/Qwen2.5-0.5B-Instruct",
                       help="Hub id, local folder, or builtin:tiny / builtin:qwen2.5-0.5b-shape.")
-    dtype: str = _opt("auto", help="auto | float32 | bfloat16; auto = bfloat16 where the CPU has "
-                                   "AVX512-BF16/AMX, else float32.")
+    dtype: str = _opt("auto", help="auto | float32 | bfloat16; auto = the checkpoint's bfloat16 where "
+                                   "the CPU has AVX512-BF16/AMX, else float32.")
     threads: int = _opt(0, help="torch intra-op threads per worker; 0 = physical cores.")
+    quantize: str = _opt("none", help="none | int8: int8 weight-only linears (half the weight bytes of "
+                                      "bfloat16; Qwen2/Llama-family models only).")
     warmup: bool = _opt(True, help="Run a short generation before /readyz turns ready.")
     # --- server ----------------------------------------------------------------------------
     host: str = _opt("127.0.0.1", help="Address to listen on.")
@@ -74,6 +77,9 @@ class Config:
     queue_limit: int = _opt(4, help="Requests that may wait for the model; more get 503.")
     queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for the model before 503.")
     max_body_bytes: int = _opt(1_048_576, help="Largest accepted request body; larger gets 413.")
+    kv_cache_bytes: int = _opt(268_435_456, help="Per-worker budget for KV caches kept between turns "
+                                                 "(a turn then prefills only its new tokens; LRU); "
+                                                 "0 = off.")
     # --- per-turn memory hygiene -----------------------------------------------------------
     gc_after_turn: bool = _opt(False, help="Run gc.collect() after every turn (see docs/memory.md).")
     malloc_trim_after_turn: bool = _opt(True, help="Call glibc malloc_trim(0) after every turn to "
@@ -96,11 +102,12 @@ class Config:
         """Reject invalid values at startup, naming the setting."""
         _choice(self, "dtype", DTYPES)
         _choice(self, "leak_mode", LEAK_MODES)
+        _choice(self, "quantize", QUANTIZE)
         _choice(self, "log_level", LOG_LEVELS)
         _choice(self, "log_format", LOG_FORMATS)
         for name in ("threads", "max_history_turns", "max_history_tokens", "max_sessions",
                      "min_new_tokens", "queue_limit", "memory_limit_bytes", "max_requests",
-                     "max_requests_jitter"):
+                     "max_requests_jitter", "kv_cache_bytes"):
             _at_least(self, name, 0)
         for name in ("workers", "worker_threads", "max_new_tokens", "max_body_bytes"):
             _at_least(self, name, 1)
