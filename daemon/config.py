@@ -86,6 +86,8 @@ class Config:
                                                    "return freed heap to the OS.")
     # --- security --------------------------------------------------------------------------
     api_keys: tuple = _opt((), help="Comma-separated bearer keys for /v1; empty = open.")
+    admin_key: str = _opt("", help="Bearer key for the /debug/memory admin endpoints; empty = those "
+                                   "endpoints do not exist.")
     # --- observability ---------------------------------------------------------------------
     metrics_path: str = _opt("/metrics", help="Path of the Prometheus endpoint.")
     metrics_port: int = _opt(0, help="Serve /metrics on this separate port too; 0 = main port only.")
@@ -94,6 +96,14 @@ class Config:
     metrics_refresh_s: float = _opt(5.0, help="Seconds between refreshes of per-worker memory/GC gauges.")
     memory_limit_bytes: int = _opt(0, help="Memory budget; 0 = cgroup limit if set, else host total.")
     tracemalloc: bool = _opt(False, help="Trace Python allocations (costs memory and time).")
+    tracemalloc_frames: int = _opt(1, help="Frames kept per traced allocation (1..100); more show who "
+                                           "called (group_by=traceback) at more cost.")
+    memory_watchdog: bool = _opt(True, help="Free memory above the soft limit and refuse new turns "
+                                            "above the hard limit (see docs/runbooks.md).")
+    memory_soft_limit_ratio: float = _opt(0.85, help="Share of the memory limit above which the "
+                                                     "watchdog frees caches and idle sessions.")
+    memory_hard_limit_ratio: float = _opt(0.95, help="Share of the memory limit above which new turns "
+                                                     "get 503 and /readyz fails.")
     leak_mode: str = _opt("off", help="off | history | tensors: deliberately leak, for demos and tests.")
     log_level: str = _opt("INFO", help="DEBUG | INFO | WARNING | ERROR.")
     log_format: str = _opt("text", help="text | json.")
@@ -129,6 +139,15 @@ class Config:
             raise ValueError("model must not be empty (try --model builtin:tiny)")
         if any(not k or any(c.isspace() for c in k) for k in self.api_keys):
             raise ValueError("api_keys must be non-empty keys without spaces, comma-separated")
+        if any(c.isspace() for c in self.admin_key):
+            raise ValueError("admin_key must not contain spaces")
+        if not 1 <= self.tracemalloc_frames <= 100:
+            raise ValueError(f"tracemalloc_frames must be 1..100, got {self.tracemalloc_frames!r}")
+        if not 0 < self.memory_soft_limit_ratio < self.memory_hard_limit_ratio:
+            raise ValueError(f"memory_soft_limit_ratio must be > 0 and below memory_hard_limit_ratio "
+                             f"({self.memory_hard_limit_ratio!r}), got {self.memory_soft_limit_ratio!r}")
+        if not self.memory_hard_limit_ratio <= 1:
+            raise ValueError(f"memory_hard_limit_ratio must be <= 1, got {self.memory_hard_limit_ratio!r}")
 
     def replace(self, **changes: Any) -> "Config":
         """Return a copy with some fields changed (validated again)."""
@@ -235,7 +254,7 @@ def markdown_table() -> str:
         else:
             value = f.default
             default = f"`{','.join(value) if isinstance(value, tuple) else value}`"
-            if value == ():
+            if value in ((), ""):
                 default = "(empty)"
         rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` / `--{f.name.replace('_', '-')}` "
                     f"| {default} | {f.metadata['help'].replace('|', '&#124;')} |")
