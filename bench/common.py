@@ -80,6 +80,19 @@ def machine_note() -> str:
     return f"{os.cpu_count()} CPUs, load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min)"
 
 
+def code_note() -> str:
+    """Which daemon code runs: its folder and git commit, flagging uncommitted changes under daemon/."""
+    where = os.path.join(REPO, "daemon")
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "daemon"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # no git, or a plain copy (git archive)
+        return f"daemon code from {where} (not a git checkout)"
+    return f"daemon code from {where} at git {head}" + (" + UNCOMMITTED changes" if dirty else "")
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so `with` blocks stop the daemons and children we started."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
