@@ -10,14 +10,13 @@ INSTANCE = "{{ $labels.instance }}"
 
 
 def _alert(t: Thresholds, name: str, comment: str, expr: str, for_s: float, severity: str,
-           summary: str, description: str) -> Rule:
-    return Rule(comment, {
-        "alert": name,
-        "expr": expr,
-        "for": duration(for_s),
-        "labels": {"severity": severity},
-        "annotations": {"summary": summary, "description": description, "runbook_url": t.runbook_url(name)},
-    })
+           summary: str, description: str, keep_firing_s: float = 0) -> Rule:
+    body = {"alert": name, "expr": expr, "for": duration(for_s)}
+    if keep_firing_s:
+        body["keep_firing_for"] = duration(keep_firing_s)
+    body["labels"] = {"severity": severity}
+    body["annotations"] = {"summary": summary, "description": description, "runbook_url": t.runbook_url(name)}
+    return Rule(comment, body)
 
 
 def _leak(t: Thresholds, n: Names, fast: bool) -> Rule:
@@ -47,7 +46,8 @@ def memory_alerts(t: Thresholds, n: Names) -> Group:
             f"Detects service memory above {ratio:.0%} of the memory limit (never one worker's RSS).",
             f"{n.usage_ratio} > {number(ratio)}", for_s, severity,
             f"edgechat uses more than {ratio:.0%} of its memory limit.",
-            f"edgechat on {INSTANCE} uses {{{{ $value | humanizePercentage }}}} of its memory limit.")
+            f"edgechat on {INSTANCE} uses {{{{ $value | humanizePercentage }}}} of its memory limit.",
+            t.near_limit_keep_firing)
     return Group("edgechat.memory.alerts", [
         _leak(t, n, fast=False), _leak(t, n, fast=True),
         near("warning", t.near_limit_warning_ratio, t.near_limit_warning_for),

@@ -7,10 +7,12 @@ _UNITS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000), ("ms"
 
 
 def duration(seconds: float) -> str:
-    """Render seconds as a Prometheus duration ("1h30m", "36s", "600ms"); refuses < 1 ms."""
+    """Render seconds as a Prometheus duration ("1h30m", "36s", "600ms"); refuses what rounds to 0 ms."""
     ms = round(seconds * 1000)
+    if seconds == 0:
+        return "0s"
     if ms < 1:
-        raise ValueError(f"duration {seconds!r}s is below Prometheus's 1 ms resolution")
+        raise ValueError(f"duration {seconds!r}s is not a positive multiple of Prometheus's 1 ms resolution")
     parts = []
     for unit, size in _UNITS:
         count, ms = divmod(ms, size)

@@ -39,7 +39,9 @@ class Thresholds:
     # OOM within the hour: a shorter window reacts to leaks like the seed's (980 MB -> 2.1 GB in 30 turns).
     leak_fast_window: float = _window(30 * MINUTE, "deriv/predict_linear range of the fast leak rule")
     leak_fast_horizon: float = _window(1 * HOUR, "predict_linear horizon of the fast leak rule")
-    leak_fast_for: float = _window(10 * MINUTE, "for of the fast leak rule")
+    # 5 min: the seed's leak goes from 1 GB to a 2 GB limit in ~25 min, so every minute counts; a
+    # sawtooth cannot hold a 30 min regression at "limit within 1 h" that long below ~90 %.
+    leak_fast_for: float = _window(5 * MINUTE, "for of the fast leak rule")
     # -- memory: guards shared by both leak rules --------------------------------------------------
     # Below half the limit a 2 GB box has >1 GB of head room: growth there is start-up and caches
     # filling, and NearLimit still catches anything that gets further.
@@ -58,6 +60,9 @@ class Thresholds:
     near_limit_warning_for: float = _window(5 * MINUTE, "for of NearLimit warning (rides out one long prefill)")
     near_limit_critical_ratio: float = 0.90
     near_limit_critical_for: float = _window(2 * MINUTE, "for of NearLimit critical (little time is left)")
+    # keep_firing_for of both: memory riding the threshold with the +-50 MB GC sawtooth would
+    # otherwise resolve and re-fire every few minutes; a peak is what OOMs, so hold it for 10 min.
+    near_limit_keep_firing: float = _window(10 * MINUTE, "keep_firing_for of NearLimit")
 
     # -- history -----------------------------------------------------------------------------------
     # The longest history above 2*max_turns+1 messages is a bug as soon as it is seen; 10 min keeps
