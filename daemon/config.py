@@ -13,6 +13,7 @@ LEAK_MODES = ("off", "history", "tensors")
 QUANTIZE = ("none", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+SESSION_STORE_PREFIXES = ("memory", "sqlite:///", "redis://", "rediss://", "unix://")
 
 
 def _xdg(var: str, fallback: str) -> str:
@@ -69,6 +70,10 @@ class Config:
                                            "0 = model context minus max_new_tokens.")
     session_ttl_s: float = _opt(600.0, help="Idle seconds before a session expires; 0 = never.")
     max_sessions: int = _opt(1000, help="Sessions kept; the least recently active is evicted beyond.")
+    session_store: str = _opt("", help="Where sessions live, shared by all workers: "
+                                       "sqlite:///abs/path.db or redis://host:port/db; empty = the "
+                                       "SQLite file sessions.db in state_dir; memory = per worker, "
+                                       "lost at restart (tests).")
     # --- generation ------------------------------------------------------------------------
     max_new_tokens: int = _opt(512, help="Cap on generated tokens per turn (requests may ask less).")
     min_new_tokens: int = _opt(0, help="Suppress end-of-text before this many tokens (testing aid).")
@@ -139,6 +144,12 @@ class Config:
             raise ValueError("model must not be empty (try --model builtin:tiny)")
         if any(not k or any(c.isspace() for c in k) for k in self.api_keys):
             raise ValueError("api_keys must be non-empty keys without spaces, comma-separated")
+        if self.session_store and not (self.session_store == "memory" or self.session_store.startswith(
+                SESSION_STORE_PREFIXES[1:])):
+            scheme = self.session_store.partition(":")[0] if ":" in self.session_store else ""
+            # never echo the value: a Redis URL may carry a password
+            raise ValueError(f"session_store must be memory, sqlite:///abs/path.db or "
+                             f"redis://host:port/db; got scheme {scheme!r}")
         if any(c.isspace() for c in self.admin_key):
             raise ValueError("admin_key must not contain spaces")
         if not 1 <= self.tracemalloc_frames <= 100:
@@ -148,6 +159,12 @@ class Config:
                              f"({self.memory_hard_limit_ratio!r}), got {self.memory_soft_limit_ratio!r}")
         if not self.memory_hard_limit_ratio <= 1:
             raise ValueError(f"memory_hard_limit_ratio must be <= 1, got {self.memory_hard_limit_ratio!r}")
+
+    def session_store_url(self) -> str:
+        """The session store to open: session_store, else the SQLite file in state_dir."""
+        if self.session_store:
+            return self.session_store
+        return "sqlite://" + os.path.join(os.path.abspath(self.state_dir), "sessions.db")
 
     def replace(self, **changes: Any) -> "Config":
         """Return a copy with some fields changed (validated again)."""
