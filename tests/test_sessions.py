@@ -14,8 +14,17 @@ import pytest
 from daemon.sessions import (ContextTooLong, HistoryPolicy, MemoryStore, SessionBusy, SessionNotFound,
                              SessionStore, StoreStats, make_store)
 
-# later backends add one entry each: name -> URL builder (tmp_path for file-backed stores)
-BACKEND_URLS = {"memory": lambda tmp_path: "memory"}
+from redis_server import redis_server  # noqa: F401,E402 - a fixture
+
+# name -> URL builder, given the test's request (tmp_path for file stores, a fresh Redis database)
+BACKEND_URLS = {"memory": lambda request: "memory",
+                "sqlite": lambda request: f"sqlite://{request.getfixturevalue('tmp_path')}/sessions.db",
+                "redis": lambda request: _fresh_redis(request.getfixturevalue("redis_server"))}
+
+
+def _fresh_redis(server) -> str:
+    server.client().flushdb()  # each test starts from an empty database
+    return server.url
 
 POLICY = HistoryPolicy(max_turns=5, max_tokens=0, ttl_s=600, max_sessions=100)
 
@@ -63,12 +72,12 @@ class RecordingListener:
 
 
 @pytest.fixture(params=sorted(BACKEND_URLS))
-def store_factory(request, tmp_path):
+def store_factory(request):
     stores = []
+    url = BACKEND_URLS[request.param](request)
 
     def make(policy=POLICY, *, count_tokens=count_words, clock=None, listener=None) -> SessionStore:
-        store = make_store(policy, count_tokens, url=BACKEND_URLS[request.param](tmp_path),
-                           clock=clock or FakeClock(), listener=listener)
+        store = make_store(policy, count_tokens, url=url, clock=clock or FakeClock(), listener=listener)
         stores.append(store)
         return store
 
@@ -601,8 +610,10 @@ def test_make_store_memory(url):
     assert isinstance(make_store(POLICY, count_words, url=url), MemoryStore)
 
 
-@pytest.mark.parametrize("url", ["sqlite:///tmp/x.db", "redis://:hunter2@localhost:6379/0", "bogus", ""])
+@pytest.mark.parametrize("url", ["postgresql://u:hunter2@localhost/db", "sqlite://relative/x.db",
+                                 "sqlite:///tmp/x.db?mode=ro", "redis://:hunter2@127.0.0.1:1/0", "bogus", ""])
 def test_make_store_unknown_backend_names_setting(url):
+    """Unknown schemes, malformed SQLite URLs and an unreachable Redis: ValueError naming the setting."""
     with pytest.raises(ValueError) as err:
         make_store(POLICY, count_words, url=url)
     assert "session_store" in str(err.value) and "hunter2" not in str(err.value)

@@ -5,25 +5,48 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit
 
-from .base import (ContextTooLong, CountTokens, HistoryPolicy, Message, SessionBusy, SessionNotFound,
-                   SessionRecord, SessionSnapshot, SessionStore, StoreListener, StoreStats, Trimmed, Turn,
-                   TurnResult, trim_history)
+from .base import (STORE_OPERATIONS, ContextTooLong, CountTokens, HistoryPolicy, Message, SessionBusy,
+                   SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreListener, StoreStats,
+                   StoreUnavailable, Trimmed, Turn, TurnResult, trim_history)
 from .memory import MemoryStore
 
-__all__ = ["ContextTooLong", "CountTokens", "HistoryPolicy", "MemoryStore", "Message", "SessionBusy",
-           "SessionNotFound", "SessionRecord", "SessionSnapshot", "SessionStore", "StoreListener",
-           "StoreStats", "Trimmed", "Turn", "TurnResult", "make_store", "trim_history"]
+__all__ = ["STORE_OPERATIONS", "ContextTooLong", "CountTokens", "HistoryPolicy", "MemoryStore", "Message",
+           "SessionBusy", "SessionNotFound", "SessionRecord", "SessionSnapshot", "SessionStore",
+           "StoreListener", "StoreStats", "StoreUnavailable", "Trimmed", "Turn", "TurnResult", "is_shared",
+           "make_store", "trim_history"]
 
-BACKENDS = ("memory",)
+BACKENDS = ("memory", "sqlite:///path/to/file.db", "redis://host:port/db")
+SHARED_SCHEMES = ("sqlite", "redis", "rediss", "unix")
+
+
+def _scheme(url: object) -> str:
+    return urlsplit(url).scheme if isinstance(url, str) else ""
+
+
+def is_shared(url: str) -> bool:
+    """Whether every worker sees the same sessions through `url` (SQLite, Redis), unlike `memory`."""
+    return _scheme(url) in SHARED_SCHEMES
 
 
 def make_store(policy: HistoryPolicy, count_tokens: CountTokens, *, url: str = "memory",
-               clock: Callable[[], float] = time.time,
-               listener: StoreListener | None = None) -> SessionStore:
-    """The SessionStore for `url` ("memory" or "memory://"); ValueError naming the setting otherwise."""
-    scheme = urlsplit(url).scheme if isinstance(url, str) else ""
+               clock: Callable[[], float] = time.time, listener: StoreListener | None = None,
+               lease_s: float = 300.0) -> SessionStore:
+    """The SessionStore for `url`: "memory", "sqlite:///abs/path.db" or "redis://host:port/db".
+
+    ValueError naming the setting for anything else; StoreUnavailable (a ValueError) when the store
+    cannot be opened. lease_s bounds how long a crashed worker's turn can block its session.
+    """
+    scheme = _scheme(url)
+    common = dict(clock=clock, listener=listener, lease_s=lease_s)
     if url == "memory" or scheme == "memory":
-        return MemoryStore(policy, count_tokens, clock=clock, listener=listener)
+        return MemoryStore(policy, count_tokens, **common)
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+        from .sqlite_schema import path_from_url
+        return SQLiteStore(policy, count_tokens, path=path_from_url(url), **common)
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+        return RedisStore(policy, count_tokens, url=url, **common)
     # name only the scheme: the URL itself may carry a password
     found = f"scheme {scheme!r}" if scheme else "a value without a scheme"
     raise ValueError(f"session_store: unsupported {found}; supported: {', '.join(BACKENDS)}")

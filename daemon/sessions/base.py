@@ -11,12 +11,13 @@ turns to drop). Each record caches its token total, so get() and stats() never t
 """
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 import time
 import weakref
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
 Message = dict  # {"role": "user"|"assistant"|"system", "content": str}
@@ -74,6 +75,14 @@ class SessionBusy(RuntimeError):
     """The per-session lock was not acquired within the timeout."""
 
 
+class StoreUnavailable(ValueError):
+    """The configured store cannot be used (corrupt, locked, unwritable, unreachable): a startup error.
+
+    A ValueError so `edgechat serve` reports it like any invalid setting; the message names
+    `session_store` and never contains a URL's password.
+    """
+
+
 class ContextTooLong(ValueError):
     """System prompt + new user message alone (or the untrimmed prompt in leak mode) exceed max_tokens."""
 
@@ -99,6 +108,27 @@ class StoreListener(Protocol):
 
     def on_evict(self, reason: str, sessions: int) -> None: ...     # reason "ttl" | "lru" | "deleted"
 
+    # optional: listeners without it are fine (the store checks); operation is one of STORE_OPERATIONS
+    def on_store_op(self, operation: str, seconds: float) -> None: ...
+
+
+# what store latency is observed as: every public call and each turn primitive
+STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
+
+
+def timed(operation: str):
+    """Decorate a store method so its duration reaches the listener's on_store_op(operation, s)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._observe_op(operation, time.perf_counter() - t0)
+        return run
+    return wrap
+
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -108,6 +138,8 @@ class StoreStats:
     messages_total: int
     messages_max: int
     tokens_max: int
+    # bytes the store occupies on disk (SQLite file + WAL); None where not measured (memory, Redis)
+    store_bytes: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -257,11 +289,17 @@ class SessionStore(ABC):
     """Bounded per-session chat history; backends implement storage, the turn lifecycle is shared."""
 
     def __init__(self, policy: HistoryPolicy, count_tokens: CountTokens, *,
-                 clock: Callable[[], float] = time.time, listener: StoreListener | None = None):
+                 clock: Callable[[], float] = time.time, listener: StoreListener | None = None,
+                 lease_s: float = 300.0):
+        """lease_s: how long a turn may hold a shared store's session lock before another process
+        may take it over (must exceed the longest turn: queue wait + generation timeout)."""
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {lease_s!r}")
         self.policy = policy
         self.count_tokens = count_tokens
         self.clock = clock
         self.listener = listener
+        self.lease_s = float(lease_s)
 
     @abstractmethod
     def create(self, owner: str | None, system: str | None = None) -> SessionSnapshot:
@@ -286,6 +324,10 @@ class SessionStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the backend's resources."""
+
+    def healthy(self) -> bool:
+        """Whether the store answers now (cheap; /readyz asks): False after a run-time store failure."""
+        return True
 
     def turn(self, session_id: str, owner: str | None, user_content: str, *,
              timeout: float | None = None) -> Turn:
@@ -334,6 +376,11 @@ class SessionStore(ABC):
         tokens = _count(self.count_tokens, system, ())  # a system prompt over budget fails at turn()
         now = self.clock()
         return SessionRecord(new_session_id(), owner, now, now, system, (), 0, tokens, 0)
+
+    def _observe_op(self, operation: str, seconds: float) -> None:
+        hook = getattr(self.listener, "on_store_op", None)
+        if hook is not None:
+            hook(operation, seconds)
 
     def _notify_truncate(self, reason: str, messages: int) -> None:
         if messages and self.listener is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from .base import SessionNotFound, SessionBusy, SessionRecord, SessionSnapshot, SessionStore, StoreStats
+from .base import (SessionNotFound, SessionBusy, SessionRecord, SessionSnapshot, SessionStore, StoreStats,
+                   timed)
 
 
 class _Slot:
@@ -34,6 +35,7 @@ class MemoryStore(SessionStore):
         self._messages_total = 0
         self._closed = False
 
+    @timed("create")
     def create(self, owner: str | None, system: str | None = None) -> SessionSnapshot:
         """Start a session; expired sessions go first, then the least recently active beyond max_sessions."""
         record = self._new_record(owner, system)  # tokenizes: outside the map lock
@@ -46,10 +48,12 @@ class MemoryStore(SessionStore):
         self._notify_evict("lru", evicted)
         return record.snapshot()
 
+    @timed("get")
     def get(self, session_id: str, owner: str | None) -> SessionSnapshot:
         """The session as stored; SessionNotFound if unknown, expired or another owner's."""
         return self._lookup(session_id, owner).record.snapshot()
 
+    @timed("delete")
     def delete(self, session_id: str, owner: str | None) -> None:
         """Remove a session; a turn in progress on it then fails to commit with SessionNotFound."""
         slot = self._lookup(session_id, owner)
@@ -59,6 +63,7 @@ class MemoryStore(SessionStore):
             self._remove_locked(slot)
         self._notify_evict("deleted", 1)
 
+    @timed("sweep")
     def sweep(self) -> int:
         """Expire idle sessions now; returns how many were evicted."""
         with self._mu:
@@ -67,6 +72,7 @@ class MemoryStore(SessionStore):
         self._notify_evict("ttl", expired)
         return expired
 
+    @timed("stats")
     def stats(self) -> StoreStats:
         """Gauges over live sessions: O(sessions) over cached lengths and token totals."""
         messages_max = tokens_max = 0
@@ -80,6 +86,10 @@ class MemoryStore(SessionStore):
         self._notify_evict("ttl", expired)
         return stats
 
+    def healthy(self) -> bool:
+        """In-process: healthy until closed."""
+        return not self._closed
+
     def close(self) -> None:
         """Drop every session; later calls raise RuntimeError."""
         with self._mu:
@@ -89,6 +99,7 @@ class MemoryStore(SessionStore):
 
     # -- turn primitives ----------------------------------------------------------------------------
 
+    @timed("acquire")
     def _acquire(self, session_id, owner, timeout):
         slot = self._lookup(session_id, owner, pin=True)
         if not slot.lock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
@@ -101,10 +112,12 @@ class MemoryStore(SessionStore):
             raise SessionNotFound()
         return slot.record, slot
 
+    @timed("release")
     def _release(self, session_id, lease):
         lease.lock.release()
         self._unpin(lease)
 
+    @timed("commit")
     def _commit(self, before, after):
         with self._mu:
             self._check_open()

@@ -1,0 +1,326 @@
+"""SQLite SessionStore, the default: one WAL file that every gunicorn worker shares, durable across restarts.
+
+- One connection per thread (WAL: readers never block the writer). Writes are short IMMEDIATE
+  transactions; `busy_timeout` absorbs other processes' writes. synchronous=FULL: a committed turn
+  survives kill -9 and power loss.
+- The turn lock: a local lock per session, then a row in `leases` (token, pid, host, expiry) polled
+  with backoff until the timeout (SessionBusy). A lease ends at release, at expiry (`lease_s`, longer
+  than any turn), or at once when its pid is gone from this host (a kill -9'd worker).
+- A commit is one UPDATE guarded by the record's version: nothing partial, no lost update.
+- Expired and evicted sessions are DELETEd; sweep() returns freed pages to the file system
+  (auto_vacuum=INCREMENTAL) and the WAL is cut back after checkpoints, so the file stays bounded.
+- stats(): one aggregate over the small leading columns of at most max_sessions rows (≈ 0.1–0.5 ms
+  for 1000 sessions); never parses the JSON histories.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+
+from . import sqlite_schema as schema
+from .base import SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats
+from .leases import LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn, store_call
+
+ERRORS = (sqlite3.Error,)
+COLUMNS = ("id, owner, created, last_active, turns, tokens, truncations, version, n_messages, "
+           "system, messages")
+_LEASED = "SELECT s.id, l.token, l.pid, l.host, l.expires FROM sessions s LEFT JOIN leases l " \
+          "ON l.session_id = s.id "
+_SLACK_S = 1.0  # index range wider than the exact TTL test that follows it (float rounding)
+
+
+def _record(row) -> SessionRecord:
+    sid, owner, created, last_active, turns, tokens, truncations, version, _n, system, messages = row
+    return SessionRecord(sid, owner, created, last_active, system,
+                         tuple((r, c) for r, c in json.loads(messages)), turns, tokens, truncations,
+                         version)
+
+
+def _row(rec: SessionRecord) -> tuple:
+    return (rec.id, rec.owner, rec.created, rec.last_active, rec.turns, rec.tokens, rec.truncations,
+            rec.version, len(rec.messages), rec.system, _dump(rec.messages))
+
+
+def _dump(pairs) -> str:
+    return json.dumps([list(p) for p in pairs], ensure_ascii=False, separators=(",", ":"))
+
+
+class SQLiteStore(SessionStore):
+    """Sessions in one SQLite file; safe for many threads and processes on one host."""
+
+    def __init__(self, policy, count_tokens, *, path: str, busy_timeout_s: float = 5.0, **kwargs):
+        super().__init__(policy, count_tokens, **kwargs)
+        self.path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._tls = threading.local()
+        self._conns_mu = threading.Lock()
+        self._conns: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._locks = LocalLocks()
+        self._reentry = Reentry()
+        self._host = host_identity()
+        self._closed = False
+        self._failure: str | None = None
+        self._register(schema.open_file(path, busy_timeout_s))  # StoreUnavailable if unusable
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    @store_call("create", ERRORS)
+    def create(self, owner, system=None) -> SessionSnapshot:
+        """Start a session; expired sessions go first, then the least recently active beyond max_sessions."""
+        record = self._new_record(owner, system)
+        with self._write(durable=True) as conn:
+            expired = self._expire_all(conn, record.created)
+            conn.execute(f"INSERT INTO sessions ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _row(record))
+            evicted = self._evict_lru(conn, keep=record.id)
+        self._notify_evict("ttl", expired)
+        self._notify_evict("lru", evicted)
+        return record.snapshot()
+
+    @store_call("get", ERRORS)
+    def get(self, session_id, owner) -> SessionSnapshot:
+        """The session as stored; SessionNotFound if unknown, expired or another owner's."""
+        row = self._conn().execute(f"SELECT {COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        if row is None:
+            raise SessionNotFound()
+        record = _record(row)
+        if self.policy.expired(record.last_active, self.clock()) and self._expire_one(session_id):
+            raise SessionNotFound()
+        if record.owner != owner:
+            raise SessionNotFound()
+        return record.snapshot()
+
+    @store_call("delete", ERRORS)
+    def delete(self, session_id, owner) -> None:
+        """Remove a session; a turn in progress on it then fails to commit with SessionNotFound."""
+        with self._write(durable=True) as conn:
+            row = conn.execute("SELECT owner, last_active FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is None:
+                outcome = "missing"
+            else:  # like a read: an idle session expires first, whoever asks
+                outcome = self._expire_if_idle(conn, session_id, row[1]) or \
+                    ("missing" if row[0] != owner else "deleted")
+            if outcome == "deleted":
+                self._remove(conn, [session_id])
+        if outcome == "missing":
+            raise SessionNotFound()
+        self._notify_evict(outcome, 1)
+        if outcome == "ttl":
+            raise SessionNotFound()
+
+    @store_call("sweep", ERRORS)
+    def sweep(self) -> int:
+        """Expire idle sessions now and give freed pages back to the file system."""
+        with self._write() as conn:
+            expired = self._expire_all(conn, self.clock())
+        self._notify_evict("ttl", expired)
+        conn = self._conn()
+        if conn.execute("PRAGMA freelist_count").fetchone()[0]:
+            conn.execute("PRAGMA incremental_vacuum").fetchall()  # each step frees pages: run it out
+        return expired
+
+    @store_call("stats", ERRORS)
+    def stats(self) -> StoreStats:
+        """Gauges from cached per-row counts (no JSON parsed); expires idle sessions first."""
+        conn, now = self._conn(), self.clock()
+        expired = 0
+        if self.policy.ttl_s and self._expired_ids(conn, now):  # a read first: no write lock when idle
+            with self._write() as conn:
+                expired = self._expire_all(conn, now)
+        count, total, longest, tokens = conn.execute(
+            "SELECT count(*), total(n_messages), max(n_messages), max(tokens) FROM sessions").fetchone()
+        self._notify_evict("ttl", expired)
+        return StoreStats(count, int(total), longest or 0, tokens or 0, store_bytes=self.file_bytes())
+
+    def file_bytes(self) -> int:
+        """The session file plus its write-ahead log, in bytes."""
+        size = 0
+        for name in (self.path, self.path + "-wal"):
+            try:
+                size += os.stat(name).st_size
+            except FileNotFoundError:  # no WAL between checkpoint-and-close and the next write
+                pass
+        return size
+
+    def healthy(self) -> bool:
+        """Open, the last store call did not fail, and the tables answer a read."""
+        if self._closed:
+            return False
+        try:
+            conn = self._conn()
+            conn.execute("SELECT version FROM schema_version").fetchone()
+            conn.execute("SELECT 1 FROM sessions LIMIT 1").fetchone()
+            conn.execute("SELECT 1 FROM leases LIMIT 1").fetchone()
+        except sqlite3.Error as exc:  # the probe's failure is the answer
+            self._failure = f"{type(exc).__name__}: {exc}"
+            return False
+        return self._failure is None
+
+    def close(self) -> None:
+        """Close every thread's connection; later calls raise RuntimeError."""
+        self._closed = True
+        with self._conns_mu:
+            conns, self._conns = list(self._conns.values()), {}
+        for _thread, conn in conns:
+            conn.close()
+
+    # -- turn primitives ----------------------------------------------------------------------------
+
+    def _acquire(self, session_id, owner, timeout):
+        return acquire_turn(self, session_id, timeout,
+                            lambda token: self._try_lease(session_id, owner, token), ERRORS)
+
+    def _release(self, session_id, lease):
+        def drop() -> None:
+            if not self._closed:
+                self._sync(self._conn(), False).execute(
+                    "DELETE FROM leases WHERE session_id = ? AND token = ?", (session_id, lease))
+        release_turn(self, session_id, lease, drop, ERRORS)
+
+    @store_call("commit", ERRORS)
+    def _commit(self, before, after):
+        values = (after.last_active, after.turns, after.tokens, after.truncations, after.version,
+                  len(after.messages), _dump(after.messages), before.id, before.version)
+        with self._write(durable=True) as conn:
+            updated = conn.execute(
+                "UPDATE sessions SET last_active = ?, turns = ?, tokens = ?, truncations = ?, version = ?, "
+                "n_messages = ?, messages = ? WHERE id = ? AND version = ?", values).rowcount
+        if updated != 1:
+            raise SessionNotFound("session was deleted or evicted during the turn")
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _try_lease(self, session_id, owner, token) -> SessionRecord | None:
+        """One attempt: the record with our lease taken, None while another turn holds it."""
+        outcome, record = "missing", None
+        with self._write() as conn:
+            row = conn.execute(f"SELECT {COLUMNS} FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is not None:
+                record = _record(row)
+                outcome = self._expire_if_idle(conn, session_id, record.last_active) or \
+                    ("missing" if record.owner != owner else None)
+            if outcome is None:
+                if self._leased(conn, session_id):
+                    outcome = "busy"
+                else:
+                    conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)",
+                                 (session_id, token, os.getpid(), self._host, time.time() + self.lease_s))
+                    outcome = "ok"
+        if outcome == "ttl":
+            self._notify_evict("ttl", 1)
+        if outcome in ("missing", "ttl"):
+            raise SessionNotFound()
+        return record if outcome == "ok" else None
+
+    def _live(self, lease_pid, lease_host, expires, now: float) -> bool:
+        """A lease holds until it expires, or until its process is gone from this host."""
+        if expires <= now:
+            return False
+        return not (self._host and lease_host == self._host and not pid_alive(lease_pid))
+
+    def _leased(self, conn, session_id: str) -> bool:
+        row = conn.execute("SELECT pid, host, expires FROM leases WHERE session_id = ?", (session_id,)).fetchone()
+        return row is not None and self._live(*row, time.time())
+
+    def _expire_if_idle(self, conn, session_id: str, last_active: float) -> str | None:
+        """Inside a write: delete the session if idle past the TTL and not in a turn; "ttl" if so."""
+        if self.policy.expired(last_active, self.clock()) and not self._leased(conn, session_id):
+            self._remove(conn, [session_id])
+            return "ttl"
+        return None
+
+    def _expire_one(self, session_id: str) -> bool:
+        """Expire one session seen idle by a read; True when it is gone (counted if we removed it)."""
+        with self._write() as conn:
+            row = conn.execute("SELECT last_active FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            outcome = "gone" if row is None else self._expire_if_idle(conn, session_id, row[0])
+        if outcome == "ttl":
+            self._notify_evict("ttl", 1)
+        return outcome is not None
+
+    def _expired_ids(self, conn, now: float) -> list[str]:
+        """Idle-past-TTL sessions that no live lease protects."""
+        ttl, wall = self.policy.ttl_s, time.time()
+        rows = conn.execute(_LEASED + "WHERE s.last_active <= ? AND ? - s.last_active >= ?",
+                            (now - ttl + _SLACK_S, now, ttl)).fetchall()
+        return [sid for sid, token, pid, host, expires in rows
+                if token is None or not self._live(pid, host, expires, wall)]
+
+    def _expire_all(self, conn, now: float) -> int:
+        if not self.policy.ttl_s:
+            return 0
+        victims = self._expired_ids(conn, now)
+        self._remove(conn, victims)
+        return len(victims)
+
+    def _evict_lru(self, conn, keep: str) -> int:
+        """Evict the least recently active sessions beyond max_sessions, never `keep` or one in a turn."""
+        limit = self.policy.max_sessions
+        excess = conn.execute("SELECT count(*) FROM sessions").fetchone()[0] - limit if limit else 0
+        victims, wall = [], time.time()
+        if excess > 0:
+            for sid, token, pid, host, expires in conn.execute(
+                    _LEASED + "WHERE s.id != ? ORDER BY s.last_active, s.rowid", (keep,)):
+                if token is None or not self._live(pid, host, expires, wall):
+                    victims.append(sid)
+                    if len(victims) >= excess:
+                        break
+        self._remove(conn, victims)
+        return len(victims)
+
+    @staticmethod
+    def _remove(conn, ids: list[str]) -> None:
+        for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            conn.execute(f"DELETE FROM sessions WHERE id IN ({marks})", chunk)
+            conn.execute(f"DELETE FROM leases WHERE session_id IN ({marks})", chunk)
+
+    @contextmanager
+    def _write(self, durable: bool = False):
+        """One IMMEDIATE transaction (the write lock up front: no deadlock between readers that upgrade).
+
+        durable: fsync at commit (sessions created, turns, deletions). Leases and expiry need not
+        survive power loss (a lost lease frees its session; a lost expiry is redone), so they skip
+        the fsync — in WAL mode that never corrupts the file, and the next durable commit syncs them.
+        """
+        conn = self._sync(self._conn(), durable)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _sync(self, conn: sqlite3.Connection, durable: bool) -> sqlite3.Connection:
+        if self._tls.durable is not durable:
+            conn.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
+            self._tls.durable = durable
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (a new one after fork or for a new thread)."""
+        conn = getattr(self._tls, "conn", None)
+        if conn is not None and self._tls.pid == os.getpid() and not self._closed:
+            return conn
+        if self._closed:
+            raise RuntimeError("session store is closed")
+        return self._register(schema.connect(self.path, self._busy_timeout_s))
+
+    def _register(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        me = threading.current_thread()
+        self._tls.conn, self._tls.pid, self._tls.durable = conn, os.getpid(), True
+        with self._conns_mu:
+            # threads come and go (a dev server's thread per request): close their connections
+            dead = [key for key, (thread, _c) in self._conns.items() if not thread.is_alive()]
+            stale = [self._conns.pop(key)[1] for key in dead]
+            self._conns[me.ident] = (me, conn)
+        for old in stale:
+            old.close()
+        return conn
+

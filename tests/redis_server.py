@@ -1,0 +1,81 @@
+"""A throwaway redis-server for tests: a free loopback port, its own folder, no persistence, always stopped."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from servers import free_port
+
+
+@dataclass
+class RedisServer:
+    """A running redis-server: its URL (database 0) and process."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen
+
+    def client(self):
+        """A redis-py client on database 0."""
+        import redis
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+    def stop(self) -> None:
+        """Terminate (then kill) the server; idempotent."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start(folder) -> RedisServer:
+    """Start redis-server in `folder`; raises if it does not answer PING within 20 s."""
+    import redis
+    port = free_port()
+    log = open(folder / "redis.log", "wb")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(folder)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if server.client().ping():
+                return server
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError("redis-server did not start: " + (folder / "redis.log").read_text())
+        time.sleep(0.05)
+
+
+def available() -> str | None:
+    """Why Redis tests cannot run here, or None when they can."""
+    if shutil.which("redis-server") is None:
+        return "redis-server is not installed (make test-deps installs it)"
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return "redis-py is not installed (pip install -e '.[test]')"
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the test session, stopped at the end even on failure."""
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    server = start(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
