@@ -64,7 +64,12 @@ def init_store(app: Flask, cfg: Config, engine, metrics) -> None:
                            max_tokens=history_token_budget(cfg, engine.context_length),
                            ttl_s=cfg.session_ttl_s, max_sessions=cfg.max_sessions,
                            trim=cfg.leak_mode != "history")
-    store = make_store(policy, engine.count_tokens, listener=metrics)
+    # a turn holds its session from before the queue wait until its commit, so a shared store's
+    # lease must outlast both (+30 s for a slow client draining the stream); it is also the longest
+    # a crashed worker can keep a session locked (SQLite frees a dead local pid's lease at once)
+    lease_s = cfg.queue_timeout_s + cfg.generation_timeout_s + 30.0
+    store = make_store(policy, engine.count_tokens, url=cfg.session_store_url(), listener=metrics,
+                       lease_s=lease_s)
     app.extensions[extensions.STORE] = store
     metrics.set_store_stats(store.stats())
     stop = threading.Event()
