@@ -5,7 +5,7 @@ import os
 
 from flask import Blueprint, jsonify
 
-from ..extensions import get_config, get_engine
+from ..extensions import get_config, get_engine, get_store
 
 bp = Blueprint("health", __name__)
 
@@ -18,10 +18,11 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Ready: model loaded and warmed up, and the wait queue not full."""
+    """Ready: model loaded and warmed up, the wait queue not full, and the session store answering."""
     cfg, engine = get_config(), get_engine()
     waiting = engine.queue_depth()
-    checks = {"model_loaded": bool(engine.ready), "queue_not_full": waiting < cfg.queue_limit}
+    checks = {"model_loaded": bool(engine.ready), "queue_not_full": waiting < cfg.queue_limit,
+              "session_store": bool(get_store().healthy())}
     ready = all(checks.values())
     body = {"ready": ready, "checks": checks, "model": engine.model_id, "dtype": engine.dtype,
             "queue_depth": waiting, "pid": os.getpid()}
