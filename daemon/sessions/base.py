@@ -34,6 +34,10 @@ class HistoryPolicy:
     ttl_s: float        # idle seconds before a session expires; 0 = never
     max_sessions: int   # LRU-evict the least recently active beyond this; 0 = unbounded
     trim: bool = True   # False = leak_mode "history": never trim by turns or tokens; limits still reported
+    # Block trimming: once over a limit, cut to this share of it at once (0.5: a 5-turn history goes
+    # back to 2 turns), so the kept history stays a stable prefix for several turns and KV caches keyed
+    # by it survive. 1.0 drops only what must go (every turn once full: a new prefix every turn).
+    trim_to: float = 1.0
 
     def __post_init__(self):
         for name in ("max_turns", "max_tokens", "max_sessions"):
@@ -43,6 +47,9 @@ class HistoryPolicy:
         if isinstance(self.ttl_s, bool) or not isinstance(self.ttl_s, (int, float)) \
                 or not math.isfinite(self.ttl_s) or self.ttl_s < 0:
             raise ValueError(f"HistoryPolicy.ttl_s must be a finite number >= 0, got {self.ttl_s!r}")
+        if isinstance(self.trim_to, bool) or not isinstance(self.trim_to, (int, float)) \
+                or not 0 < self.trim_to <= 1:
+            raise ValueError(f"HistoryPolicy.trim_to must be in (0, 1], got {self.trim_to!r}")
 
     def expired(self, last_active: float, now: float) -> bool:
         """Whether a session last active at `last_active` has been idle for the TTL at `now`."""
@@ -195,12 +202,13 @@ def trim_history(policy: HistoryPolicy, count_tokens: CountTokens, system: str |
     """Drop the oldest whole turns of `history` (turns first, then tokens); system and `tail` are kept.
 
     If even dropping every turn does not fit max_tokens, everything is dropped and the returned tokens
-    exceed the limit: the caller decides whether that is an error.
+    exceed the limit: the caller decides whether that is an error. With policy.trim_to < 1, a history
+    over a limit is cut to that share of it (block trimming; never below one turn or what must go).
     """
     turns = len(history) // 2
     drop = 0
     if policy.trim and policy.max_turns and turns > policy.max_turns:
-        drop = turns - policy.max_turns
+        drop = turns - min(policy.max_turns, max(1, int(policy.max_turns * policy.trim_to)))
     by_turns = drop
 
     def cost(k: int) -> int:
@@ -213,12 +221,13 @@ def trim_history(policy: HistoryPolicy, count_tokens: CountTokens, system: str |
         if floor > limit:
             drop, tokens = turns, floor
         else:
-            # invariant: dropping `lo` turns does not fit, dropping `hi` does (with `tokens`)
+            goal = max(floor, int(limit * policy.trim_to))  # block trimming aims below the limit
+            # invariant: dropping `lo` turns does not meet the goal, dropping `hi` does (with `tokens`)
             lo, hi, tokens = drop, turns, floor
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 mid_tokens = cost(mid)
-                if mid_tokens <= limit:
+                if mid_tokens <= goal:
                     hi, tokens = mid, mid_tokens
                 else:
                     lo = mid
