@@ -22,6 +22,8 @@ TURN_INDEX_BUCKETS = ("1", "2-5", "6-10", "11-20", "21+")
 OUTCOMES = ("ok", "length", "timeout", "cancelled", "error")
 TRUNCATE_REASONS = ("turns", "tokens")
 EVICT_REASONS = ("ttl", "lru", "deleted")
+# daemon.sessions.STORE_OPERATIONS (a leaf: metrics imports nothing of the daemon)
+STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
 REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy")  # pre-created only
 OTHER = "other"  # any label value outside the known sets, so cardinality stays bounded
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -35,6 +37,8 @@ HTTP_BUCKETS = (0.001, 0.005) + LATENCY_BUCKETS  # health checks and scrapes tak
 TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60)
 GC_PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# memory ~10 us, SQLite 0.05-0.5 ms (a commit's fsync: ms, more on SD cards), Redis ~0.2 ms a round trip
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 HISTORY_MESSAGE_BUCKETS = (1, 2, 3, 5, 7, 11, 13, 21, 41, 81, 161, 321, 641)  # 2n+1: n turns + new one
 PROMPT_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -117,6 +121,12 @@ class Metrics:
                                        "per session turn.", buckets=HISTORY_MESSAGE_BUCKETS)
         self.turn_prompt_tokens = h("turn_prompt_tokens", "Prompt tokens per turn.",
                                     buckets=PROMPT_TOKEN_BUCKETS)
+        # --- session store: a SQLite file is one shared truth every worker measures: freshest wins
+        self.session_store_bytes = g("session_store_bytes", "Session store on disk (SQLite file + "
+                                     "WAL); 0 where not measured (memory, Redis).", mode="livemostrecent")
+        self.session_store_operation_seconds = h("session_store_operation_seconds", "Session store "
+                                                 "call latency by operation.", ("operation",),
+                                                 buckets=STORE_BUCKETS)
         # --- turns
         self.turn_duration_seconds = h("turn_duration_seconds", "Turn latency by position in its "
                                        "conversation.", ("turn_index",), buckets=LATENCY_BUCKETS)
@@ -186,6 +196,8 @@ class Metrics:
             self.history_truncations_total.labels(reason)
         for reason in EVICT_REASONS:
             self.sessions_evicted_total.labels(reason)
+        for operation in STORE_OPERATIONS:
+            self.session_store_operation_seconds.labels(operation)
         for reason in REJECT_REASONS:
             self.requests_rejected_total.labels(reason)
         for gen in map(str, gcstats.GENERATIONS):
@@ -204,6 +216,11 @@ class Metrics:
         """`sessions` sessions left the store (ttl, lru, deleted)."""
         self.sessions_evicted_total.labels(_bounded(reason, EVICT_REASONS)).inc(max(sessions, 0))
 
+    def on_store_op(self, operation: str, seconds: float) -> None:
+        """One session store call took `seconds` (operation in STORE_OPERATIONS)."""
+        self.session_store_operation_seconds.labels(_bounded(operation, STORE_OPERATIONS)).observe(
+            max(seconds, 0.0))
+
     def on_queue(self, waiting: int, running: int) -> None:
         """The model queue changed: requests waiting, generations running."""
         self.queue_depth.set(waiting)
@@ -215,6 +232,9 @@ class Metrics:
         self.history_messages.set(stats.messages_total)
         self.history_messages_max.set(stats.messages_max)
         self.history_tokens_max.set(stats.tokens_max)
+        store_bytes = getattr(stats, "store_bytes", None)
+        if store_bytes is not None:
+            self.session_store_bytes.set(store_bytes)
 
     def set_config(self, cfg) -> None:
         """Export configured limits (history turns, memory budget); start tracemalloc if asked."""
