@@ -65,8 +65,13 @@ def route_label() -> str:
 def init_app(app: Flask, config) -> Metrics:
     """Create the app's Metrics, serve them at config.metrics_path (and metrics_port), time requests."""
     multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+    # Sessions in SQLite (the default, session_store "") or Redis are one store that every worker
+    # reports whole: summing the workers' reports would count each session once per worker, so
+    # the history gauges take the freshest report instead. Only "memory" is per worker (sum them).
+    store_shared = getattr(config, "session_store", "") != "memory"
     # single process: a fresh registry per app, so several apps (tests) never collide
-    metrics = Metrics(None if multiprocess else CollectorRegistry(), multiprocess=multiprocess)
+    metrics = Metrics(None if multiprocess else CollectorRegistry(), multiprocess=multiprocess,
+                      store_shared=store_shared)
     app.extensions[EXTENSION] = metrics
     metrics.set_config(config)
     metrics.start_sampler(config.metrics_refresh_s)
