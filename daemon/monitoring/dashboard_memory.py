@@ -129,6 +129,18 @@ def _history_rows():
                            "truncated: {{reason}}"),
                     target(f"sum by (instance, reason) ({rate('edgechat_sessions_evicted_total')})",
                            "evicted: {{reason}}")], w=8),
+        timeseries("Session store size on disk",
+                   "The SQLite session file plus its write-ahead log (0 for the memory and Redis stores). "
+                   "Healthy: plateaus, since expired sessions are deleted and their pages returned. "
+                   "Leak: climbs with sessions that never expire or histories that are never trimmed.",
+                   "bytes", [target(f"max by (instance) ({sel('edgechat_session_store_bytes')})", "{{instance}}")],
+                   minimum=0),
+        timeseries("Session store latency p99 by operation",
+                   "99th percentile of session store calls (commit, acquire, get, ...). A commit writes the "
+                   "whole history, so a history leak makes it slower; a slow or failing disk shows here "
+                   "before turns fail.", "s",
+                   [target(quantile(0.99, "edgechat_session_store_operation_seconds", by=("operation",)),
+                           "{{operation}}")]),
     ]
 
 
