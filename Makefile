@@ -19,11 +19,12 @@ serve: venv
 	@test -n "$(MODEL)" || { echo "name the model, e.g. make serve MODEL=builtin:tiny"; exit 2; }
 	$(VENV)/bin/edgechat serve --model $(MODEL) $(ARGS)
 
-# Debian packages the tests drive for real: promtool/prometheus, amtool/alertmanager, headless chromium
+# Debian packages the tests drive for real: promtool/prometheus, amtool/alertmanager, headless chromium,
+# redis-server (the tests start their own on a free loopback port)
 test-deps:
 	@command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
-	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager chromium chromium-driver; }
+	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v redis-server >/dev/null \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager chromium chromium-driver redis-server; }
 
 test: venv test-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
