@@ -70,6 +70,9 @@ class Config:
                                            "0 = model context minus max_new_tokens.")
     session_ttl_s: float = _opt(600.0, help="Idle seconds before a session expires; 0 = never.")
     max_sessions: int = _opt(1000, help="Sessions kept; the least recently active is evicted beyond.")
+    history_trim_to: float = _opt(0.5, help="Over a history limit, cut to this share of it at once, so "
+                                            "the kept prefix (and its KV cache) lasts several turns; "
+                                            "1 = drop only what must go. Needs kv_cache_bytes.")
     session_store: str = _opt("", help="Where sessions live, shared by all workers: "
                                        "sqlite:///abs/path.db or redis://host:port/db; empty = the "
                                        "SQLite file sessions.db in state_dir; memory = per worker, "
@@ -128,6 +131,8 @@ class Config:
             _at_least(self, name, 1)
         for name in ("session_ttl_s",):
             _at_least(self, name, 0)
+        if not 0 < self.history_trim_to <= 1:
+            raise ValueError(f"history_trim_to must be in (0, 1], got {self.history_trim_to!r}")
         for name in ("generation_timeout_s", "queue_timeout_s", "graceful_timeout_s",
                      "metrics_refresh_s"):
             if not getattr(self, name) > 0:
