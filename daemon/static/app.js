@@ -279,8 +279,9 @@
     set("pid", `pid ${st.pid}`);
     set("service", fmtBytes(m.service_bytes));
     set("limit", fmtBytes(m.limit_bytes));
-    set("limit-source", `(${m.limit_source} limit)`);
+    set("limit-source", `(${m.limit_source})`);
     const share = Math.min(m.service_bytes / m.limit_bytes, 1);
+    set("service-share", `The service uses ${(share * 100).toFixed(share < 0.1 ? 1 : 0)} % of its memory limit.`);
     const bar = $("service-bar");
     bar.style.width = `${(share * 100).toFixed(1)}%`;
     bar.className = `fill${share > 0.9 ? " bad" : share > 0.75 ? " warn" : ""}`;
@@ -319,7 +320,7 @@
       ? "Over the limit: this history is not being trimmed."
       : `${s.turns} turn${s.turns === 1 ? "" : "s"} so far · ${s.tokens} tokens the model re-reads each turn`);
     marker.hidden = !s.trimmed;
-    marker.textContent = s.trimmed ? `✂ Trimmed ${s.truncations} messages so far (oldest first)` : "";
+    marker.textContent = s.trimmed ? `✂ ${s.truncations} oldest messages trimmed so far` : "";
     renderSpark(s.recent_turns);
   }
 
@@ -386,11 +387,13 @@
   });
   ui.newChat.addEventListener("click", newConversation);
   ui.apiKey.value = sessionStorage.getItem(API_KEY) || "";
-  ui.apiKey.addEventListener("change", () => {
+  const applyKey = () => {
     const key = ui.apiKey.value.trim();
     if (key) sessionStorage.setItem(API_KEY, key); else sessionStorage.removeItem(API_KEY);
     pollNow();
-  });
+  };
+  ui.apiKey.addEventListener("change", applyKey);
+  $("settings-form").addEventListener("submit", (ev) => { ev.preventDefault(); applyKey(); });
   ui.system.value = localStorage.getItem(SYSTEM_KEY) || "";
   ui.system.addEventListener("change", () => localStorage.setItem(SYSTEM_KEY, ui.system.value));
   document.addEventListener("visibilitychange", () => { if (!document.hidden) pollNow(); });
