@@ -299,7 +299,7 @@
     badge.textContent = leaking ? `Leak mode: ${st.leak_mode}` : "";
 
     const h = st.history;
-    set("store-line", `${h.sessions} session${h.sessions === 1 ? "" : "s"} in this worker · `
+    set("store-line", `${h.sessions} session${h.sessions === 1 ? "" : "s"} held · `
       + `longest ${h.messages_max} messages, ${h.tokens_max} tokens`);
     renderSession(st.session, h.limit);
   }
