@@ -1,6 +1,7 @@
 """Simulates an edgechat daemon's scrapes (memory, history, turns, HTTP, GC) as promtool input series."""
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import random
@@ -58,6 +59,24 @@ class Session:
     created: float
     turns: list[Turn]
 
+    @property
+    def ends(self) -> list[float]:
+        return [turn.end for turn in self.turns]
+
+
+class Histogram:
+    """Cumulative bucket counts of turn latency, as prometheus_client keeps them."""
+
+    def __init__(self):
+        self.buckets = [0] * len(BUCKETS)
+        self.count, self.sum = 0, 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, le in enumerate(BUCKETS):
+            self.buckets[i] += seconds <= le
+        self.count += 1
+        self.sum += seconds
+
 
 def _simulate_users(epoch: Epoch, rng: random.Random, horizon: float) -> list[Session]:
     sessions = []
@@ -95,6 +114,8 @@ class Scrapes:
         """Sample one daemon life; counters start from zero, series go stale when it stops."""
         sessions = _simulate_users(epoch, self.rng, self.n * STEP)
         turns = sorted((turn for s in sessions for turn in s.turns), key=lambda turn: turn.end)
+        hist = {label: Histogram() for label, _ in TURN_INDEX}
+        done = 0
         for k in range(self.n):
             t = k * STEP
             if t < epoch.start + STEP:   # the first scrape after a start sees the new process
@@ -104,13 +125,17 @@ class Scrapes:
                     for key in self._keys_of(epoch):
                         self.series[key][k] = STALE
                 continue
-            self._sample(epoch, k, t, sessions, [turn for turn in turns if turn.end <= t])
+            while done < len(turns) and turns[done].end <= t:
+                hist[turn_bucket(turns[done].index)].observe(turns[done].seconds)
+                done += 1
+            self._sample(epoch, k, t, sessions, done, hist)
 
     def _keys_of(self, epoch: Epoch) -> list[str]:
         return [key for key, values in self.series.items() if not key.startswith("up{")
                 and any(v is not None and v != STALE for v in values)]
 
-    def _sample(self, epoch: Epoch, k: int, t: float, sessions: list[Session], done: list[Turn]) -> None:
+    def _sample(self, epoch: Epoch, k: int, t: float, sessions: list[Session], done: int,
+                hist: dict[str, "Histogram"]) -> None:
         put = self._put
         memory = round(epoch.memory(t - epoch.start))
         put("edgechat_service_memory_bytes", {}, k, memory)
@@ -124,15 +149,15 @@ class Scrapes:
         keep = epoch.max_turns if epoch.trims and epoch.max_turns > 0 else math.inf
         alive = [s for s in sessions if s.created <= t
                  and t < (s.turns[-1].end if s.turns else s.created) + TTL]
-        lengths = [1 + 2 * min(sum(turn.end <= t for turn in s.turns), keep) for s in alive]
+        lengths = [1 + 2 * min(bisect.bisect_right(s.ends, t), keep) for s in alive]
         put("edgechat_history_messages_max", {}, k, max(lengths, default=0))
         put("edgechat_history_messages", {}, k, sum(lengths))
         put("edgechat_sessions", {}, k, len(alive))
         put("edgechat_history_max_turns", {}, k, epoch.max_turns)
         # counters
-        put("edgechat_turns_total", {"outcome": "ok"}, k, len(done))
+        put("edgechat_turns_total", {"outcome": "ok"}, k, done)
         created = sum(s.created <= t for s in sessions)
-        http = {("/v1/sessions", "201"): created, ("/v1/sessions/<id>/messages", "200"): len(done),
+        http = {("/v1/sessions", "201"): created, ("/v1/sessions/<id>/messages", "200"): done,
                 ("/metrics", "200"): k - int(epoch.start // STEP)}
         for (route, status), count in http.items():
             put("edgechat_http_requests_total", {"route": route, "method": "POST" if route != "/metrics"
@@ -140,16 +165,14 @@ class Scrapes:
         put("edgechat_requests_rejected_total", {"reason": "queue_full"}, k, 0)
         put("edgechat_gc_uncollectable_objects_total", {"generation": "2"}, k, 0)
         # a few ms of young-generation collection per turn, a full collection every 20 turns
-        put("edgechat_gc_pause_seconds_sum", {"generation": "0"}, k, round(0.004 * len(done), 3))
-        put("edgechat_gc_pause_seconds_sum", {"generation": "2"}, k, round(0.06 * (len(done) // 20), 3))
-        for label, _ in TURN_INDEX:
-            mine = [turn.seconds for turn in done if turn_bucket(turn.index) == label]
-            for le in BUCKETS:
-                put("edgechat_turn_duration_seconds_bucket", {"turn_index": label, "le": f"{le:g}"}, k,
-                    sum(s <= le for s in mine))
-            put("edgechat_turn_duration_seconds_bucket", {"turn_index": label, "le": "+Inf"}, k, len(mine))
-            put("edgechat_turn_duration_seconds_count", {"turn_index": label}, k, len(mine))
-            put("edgechat_turn_duration_seconds_sum", {"turn_index": label}, k, round(sum(mine), 3))
+        put("edgechat_gc_pause_seconds_sum", {"generation": "0"}, k, round(0.004 * done, 3))
+        put("edgechat_gc_pause_seconds_sum", {"generation": "2"}, k, round(0.06 * (done // 20), 3))
+        for label, h in hist.items():
+            for le, count in zip(BUCKETS, h.buckets):
+                put("edgechat_turn_duration_seconds_bucket", {"turn_index": label, "le": f"{le:g}"}, k, count)
+            put("edgechat_turn_duration_seconds_bucket", {"turn_index": label, "le": "+Inf"}, k, h.count)
+            put("edgechat_turn_duration_seconds_count", {"turn_index": label}, k, h.count)
+            put("edgechat_turn_duration_seconds_sum", {"turn_index": label}, k, round(h.sum, 3))
 
     def up(self, down: list[tuple[float, float]]) -> None:
         """The `up` series Prometheus writes itself: 0 while the daemon is between lives."""
