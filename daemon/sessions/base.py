@@ -338,6 +338,12 @@ class SessionStore(ABC):
         """Whether the store answers now (cheap; /readyz asks): False after a run-time store failure."""
         return True
 
+    def evict_idle(self, idle_s: float) -> int:
+        """Memory watchdog: evict sessions with no turn in progress, idle for at least idle_s, from this
+        process's memory (counted as evict "memory_pressure"); returns how many. Shared stores (SQLite,
+        Redis) keep sessions outside the process, so by default there is nothing to free here."""
+        return 0
+
     def turn(self, session_id: str, owner: str | None, user_content: str, *,
              timeout: float | None = None) -> Turn:
         """Lock the session and build the trimmed prompt; use the returned Turn as a context manager.

@@ -90,6 +90,18 @@ class MemoryStore(SessionStore):
         """In-process: healthy until closed."""
         return not self._closed
 
+    def evict_idle(self, idle_s: float) -> int:
+        """Evict sessions without a turn in progress, idle for at least idle_s (memory pressure)."""
+        with self._mu:
+            self._check_open()
+            cutoff = self.clock() - idle_s
+            victims = [slot for slot in self._slots.values()  # least recently active first
+                       if not slot.pending and slot.record.last_active <= cutoff]
+            for slot in victims:
+                self._remove_locked(slot)
+        self._notify_evict("memory_pressure", len(victims))
+        return len(victims)
+
     def close(self) -> None:
         """Drop every session; later calls raise RuntimeError."""
         with self._mu:

@@ -1,8 +1,8 @@
 """Redis SessionStore: sessions shared by several daemons (hosts), each operation one atomic Lua script.
 
-- Turn lock: `edgechat:lease:<id>` taken with SET NX PX (expires by itself after `lease_s`, so a
-  crashed worker frees its sessions), polled with backoff until the timeout, released only by the
-  token that took it.
+- Turn lock: `edgechat:lease:<id>` = "token pid host", taken with SET NX PX (expires by itself
+  after `lease_s`, so a crashed worker frees its sessions), polled with backoff until the timeout,
+  released only by its holder; a holder whose pid is gone from this very host is taken over at once.
 - Commit: a script that writes the turn only if the stored version is still the one read at
   acquire (compare-and-swap): nothing partial, no lost update.
 - TTL: the policy's idle TTL is applied by the scripts against a sorted-set index by last_active
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 from urllib.parse import urlsplit
 
 import redis
@@ -21,7 +22,7 @@ import redis
 from . import redis_scripts as lua
 from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats,
                    StoreUnavailable)
-from .leases import LocalLocks, Reentry, acquire_turn, release_turn, store_call
+from .leases import LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn, store_call
 
 PREFIX = "edgechat:"
 SCHEMA_VERSION = 1
@@ -69,6 +70,7 @@ class RedisStore(SessionStore):
         self._reentry = Reentry()
         self._failure: str | None = None
         self._closed = False
+        self._host = host_identity()
         try:
             self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
                                                socket_connect_timeout=2, health_check_interval=30)
@@ -168,11 +170,18 @@ class RedisStore(SessionStore):
         return acquire_turn(self, session_id, timeout,
                             lambda token: self._try_lease(session_id, owner, token), ERRORS)
 
+    def _lease_value(self, token: str) -> str:
+        return f"{token} {os.getpid()} {self._host}"
+
     def _try_lease(self, session_id: str, owner: str | None, token: str) -> SessionRecord | None:
         reply = self._run("ACQUIRE", session_id, repr(self.clock()), repr(self.policy.ttl_s), _owner(owner),
-                          token, int(self.lease_s * 1000), self._expire_ms())
+                          self._lease_value(token), int(self.lease_s * 1000), self._expire_ms())
         self._notify_evict("ttl", int(reply[0] == "ttl"))
         if reply[0] == "busy":
+            _token, _sep, rest = reply[1].partition(" ")
+            pid, _sep, host = rest.partition(" ")
+            if self._host and host == self._host and pid.isdigit() and not pid_alive(int(pid)):
+                self._run("RELEASE", session_id, reply[1])  # a crashed worker's: free it, retry soon
             return None
         if reply[0] != "ok":
             raise SessionNotFound()
@@ -181,7 +190,7 @@ class RedisStore(SessionStore):
     def _release(self, session_id, lease):
         def drop() -> None:
             if not self._closed:
-                self._run("RELEASE", session_id, lease)
+                self._run("RELEASE", session_id, self._lease_value(lease))
         release_turn(self, session_id, lease, drop, ERRORS)
 
     @store_call("commit", ERRORS)

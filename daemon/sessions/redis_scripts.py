@@ -86,20 +86,23 @@ table.insert(out, 1, 'live')
 return out
 """
 
-# ARGV: prefix, id, now, ttl, owner, token, lease_ms, expire_ms -> {state, field, value, ...}
+# ARGV: prefix, id, now, ttl, owner, lease value, lease_ms, expire_ms -> {state, field, value, ...}
+# ('busy', holder's lease value) when another turn holds the session
 ACQUIRE = PRELUDE + """
 local id = ARGV[2]
 local state = lookup(id, tonumber(ARGV[3]), tonumber(ARGV[4]))
 if state ~= 'live' then return {state} end
 if redis.call('HGET', skey(id), 'owner') ~= ARGV[5] then return {'missing'} end
-if not redis.call('SET', lkey(id), ARGV[6], 'NX', 'PX', ARGV[7]) then return {'busy'} end
+if not redis.call('SET', lkey(id), ARGV[6], 'NX', 'PX', ARGV[7]) then
+  return {'busy', redis.call('GET', lkey(id)) or ''}
+end
 if tonumber(ARGV[8]) > 0 then redis.call('PEXPIRE', skey(id), ARGV[8]) end
 local out = redis.call('HGETALL', skey(id))
 table.insert(out, 1, 'ok')
 return out
 """
 
-# ARGV: prefix, id, token
+# ARGV: prefix, id, lease value: deletes the lease only if it is still that one (ours, or a dead holder's)
 RELEASE = PRELUDE + """
 if redis.call('GET', lkey(ARGV[2])) == ARGV[3] then redis.call('DEL', lkey(ARGV[2])) end
 return 0

@@ -117,9 +117,12 @@ class SQLiteStore(SessionStore):
         with self._write() as conn:
             expired = self._expire_all(conn, self.clock())
         self._notify_evict("ttl", expired)
-        conn = self._conn()
+        conn = self._sync(self._conn(), False)
         if conn.execute("PRAGMA freelist_count").fetchone()[0]:
-            conn.execute("PRAGMA incremental_vacuum").fetchall()  # each step frees pages: run it out
+            # each step of the pragma frees one page; executescript steps it to the end (execute
+            # would stop after the first), then the checkpoint moves the shrunken file out of the
+            # WAL and truncates the WAL itself
+            conn.executescript("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
         return expired
 
     @store_call("stats", ERRORS)

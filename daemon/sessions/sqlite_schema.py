@@ -128,7 +128,7 @@ def _create(path: str) -> None:
 
 
 def _unavailable(path: str, exc: BaseException) -> StoreUnavailable:
-    reason = getattr(exc, "strerror", None) or str(exc)
+    reason = " ".join((getattr(exc, "strerror", None) or str(exc)).split())  # one line
     text = str(exc).lower()
     if "not a database" in text or "malformed" in text or "integrity" in text:
         hint = "the file is corrupt or not SQLite: move it aside (sessions are lost) or"
