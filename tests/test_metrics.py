@@ -530,6 +530,45 @@ def test_twenty_recycled_workers_keep_the_folder_bounded(mpdir):
     assert pids_of(text, "edgechat_process_cpu_seconds_total") == {live_pid}
 
 
+def test_a_kept_folder_collector_reads_what_prometheus_client_reads(mpdir):
+    """One collector kept across scrapes (it caches key parses) returns exactly what
+    prometheus_client's own collector returns, sees values written in place, and forgets a dead
+    worker's pid-labelled keys."""
+    from prometheus_client.mmap_dict import MmapedDict
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from daemon.multiproc import LockedMultiProcessCollector, worker_exited
+    path, workers = mpdir
+    (a, pid_a), (b, pid_b) = start_worker(path), start_worker(path, turn=8)
+    workers += [a, b]
+    collector = LockedMultiProcessCollector(str(path))
+    kept = CollectorRegistry()
+    kept.register(collector)
+
+    def stock() -> bytes:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(path))
+        return generate_latest(registry)
+
+    first = generate_latest(kept)
+    assert first == stock()
+    assert any(f'"pid": "{pid_a}"' in key for key in collector._keys)
+    # a worker's increment: a value rewritten in place in its mmap'd file, mtime/size may stay
+    counter = MmapedDict(str(path / f"counter_{pid_b}.db"))
+    try:
+        key = next(k for k, _v, _t in counter.read_all_values() if '"edgechat_turns_total"' in k
+                   and '"ok"' in k)
+        counter.write_value(key, 41.0, 0.0)
+    finally:
+        counter.close()
+    second = generate_latest(kept)
+    assert second == stock() != first
+    assert value(second.decode(), "edgechat_turns_total", outcome="ok") == 42
+    stop_worker(a)
+    worker_exited(int(pid_a), str(path))
+    assert generate_latest(kept) == stock()
+    assert not any(f'"pid": "{pid_a}"' in key for key in collector._keys)
+
+
 PREPARE = r"""
 import os, sys
 path = sys.argv[1]

@@ -18,6 +18,7 @@ from ..multiproc import scrape_registry
 log = logging.getLogger("edgechat.metrics")
 EXTENSION = "edgechat.metrics"
 SERVER_EXTENSION = "edgechat.metrics_server"
+REGISTRY_EXTENSION = "edgechat.metrics_registry"
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 UNMATCHED = "unmatched"
 # A scrape refreshes the scraping worker's gauges, at most this often (cheap readings only).
@@ -46,10 +47,13 @@ class _Refresher:
 
 
 def exposition_registry(metrics: Metrics, max_age_s: float = SCRAPE_REFRESH_MAX_AGE_S):
-    """What one scrape collects: a refresh, then this registry (single process) or the folder (multi)."""
+    """What scrapes collect: a refresh, then this registry (single process) or the folder (multi).
+
+    Build once per endpoint and reuse: the folder collector keeps its parsed keys between scrapes.
+    """
     refresher = _Refresher(metrics, max_age_s)
     if metrics.multiprocess:
-        return scrape_registry(metrics.multiprocess_dir, refresher)  # fresh per scrape
+        return scrape_registry(metrics.multiprocess_dir, refresher)
     registry = CollectorRegistry()
     registry.register(refresher)
     registry.register(metrics.registry)  # a registry is a collector too
@@ -76,10 +80,11 @@ def init_app(app: Flask, config) -> Metrics:
     metrics.set_config(config)
     metrics.start_sampler(config.metrics_refresh_s)
     _instrument(app, metrics)
+    registry = app.extensions[REGISTRY_EXTENSION] = exposition_registry(metrics)
     bp = Blueprint("edgechat_metrics", __name__)
     bp.add_url_rule(config.metrics_path, "scrape", _scrape, methods=["GET"])
     app.register_blueprint(bp)
-    server = _serve_port(metrics, config) if config.metrics_port > 0 else None
+    server = _serve_port(registry, config) if config.metrics_port > 0 else None
     app.extensions[SERVER_EXTENSION] = server
     if server is not None:
         metrics.on_close(lambda: (server.shutdown(), server.server_close()))
@@ -91,7 +96,8 @@ def init_app(app: Flask, config) -> Metrics:
 
 def _scrape() -> Response:
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return Response(encoder(exposition_registry(get_metrics())), headers={"Content-Type": content_type})
+    registry = current_app.extensions[REGISTRY_EXTENSION]
+    return Response(encoder(registry), headers={"Content-Type": content_type})
 
 
 def _instrument(app: Flask, metrics: Metrics) -> None:
@@ -122,7 +128,7 @@ def _instrument(app: Flask, metrics: Metrics) -> None:
         return response
 
 
-def _serve_port(metrics: Metrics, config):
+def _serve_port(registry, config):
     """Serve metrics on config.metrics_port too; under several workers the first to bind serves all.
 
     Any worker's scrape reads every worker's files, so one server is enough; the others log and
@@ -130,7 +136,7 @@ def _serve_port(metrics: Metrics, config):
     """
     try:
         server, _thread = start_http_server(config.metrics_port, addr=config.host,
-                                            registry=exposition_registry(metrics))
+                                            registry=registry)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
