@@ -257,3 +257,27 @@ def test_cli_render_rules(runner, tmp_path):
         assert str(tmp_path / name) in out
     code, out, err = runner("render-rules", "--time-scale", "0", "--out", str(tmp_path / "x"))
     assert code == 2 and "time_scale" in err
+
+
+def test_rules_use_only_metrics_the_daemon_exports(client):
+    """Contract check against a real scrape: every edgechat_ series a rule reads exists, with its labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from daemon.metrics import REJECT_REASONS, TURN_INDEX_BUCKETS
+    client.get("/healthz")
+    text = client.get("/metrics").get_data(as_text=True)
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    exported = {s.name: set(s.labels) for s in samples}
+    for s in samples:
+        exported[s.name] |= set(s.labels)
+    exprs = " ".join(body["expr"] for body in _recordings() + _alerts())
+    used = set(re.findall(r"(?<![:\w])(edgechat_[a-z_]+)(?![:\w])", exprs))
+    assert used and used <= set(exported), f"rules read series the daemon does not export: {used - set(exported)}"
+    for name, label in [("edgechat_turn_duration_seconds_bucket", "turn_index"),
+                        ("edgechat_http_requests_total", "route"), ("edgechat_http_requests_total", "status"),
+                        ("edgechat_requests_rejected_total", "reason"),
+                        ("edgechat_gc_pause_seconds_sum", "generation")]:
+        assert label in exported[name], (name, label)
+    # the label values the rules spell out are the daemon's own
+    from daemon.monitoring.recording import EARLY_TURNS, NOT_LATE_TURNS
+    assert set(NOT_LATE_TURNS.split("|")) < set(TURN_INDEX_BUCKETS) and set(EARLY_TURNS.split("|")) < set(TURN_INDEX_BUCKETS)
+    assert set(Thresholds().saturation_reasons_regex.split("|")) <= set(REJECT_REASONS)

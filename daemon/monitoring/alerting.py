@@ -166,7 +166,8 @@ def availability_alerts(t: Thresholds, n: Names) -> Group:
         _alert(t, "EdgechatSaturated",
                f"Detects more than {t.saturation_ratio:.0%} of API requests rejected (queue full, queue "
                "timeout, memory pressure).",
-               f"{n.rejected_ratio} > {number(t.saturation_ratio)}", t.saturation_for, "warning",
+               f'{n.rejected_ratio}{{reason=~"{t.saturation_reasons_regex}"}} > {number(t.saturation_ratio)}',
+               t.saturation_for, "warning",
                "edgechat rejects requests: it cannot keep up or is short of memory.",
                f"{{{{ $value | humanizePercentage }}}} of API requests to {INSTANCE} were rejected with "
                f"reason {{{{ $labels.reason }}}} over the last {duration(t.saturation_window)}."),

@@ -120,7 +120,9 @@ class Thresholds:
     error_window: float = _window(10 * MINUTE, "rate window of HTTP errors")
     error_ratio: float = 0.05
     error_for: float = _window(10 * MINUTE, "for of HighErrorRate (one failed turn never lasts that long)")
-    # Rejections by reason (queue_full, queue_timeout, memory_pressure) over all requests.
+    # Rejections over all API requests, for the reasons that mean "no capacity" (the daemon also
+    # counts unauthorized and session_busy rejections: client mistakes, not saturation).
+    saturation_reasons_regex: str = "queue_full|queue_timeout|memory_pressure"
     saturation_window: float = _window(10 * MINUTE, "rate window of rejections")
     saturation_ratio: float = 0.05
     saturation_for: float = _window(10 * MINUTE, "for of Saturated")
