@@ -21,10 +21,16 @@ from . import gcstats, procstats
 TURN_INDEX_BUCKETS = ("1", "2-5", "6-10", "11-20", "21+")
 OUTCOMES = ("ok", "length", "timeout", "cancelled", "error")
 TRUNCATE_REASONS = ("turns", "tokens")
-EVICT_REASONS = ("ttl", "lru", "deleted")
+EVICT_REASONS = ("ttl", "lru", "deleted", "memory_pressure")
 # daemon.sessions.STORE_OPERATIONS (a leaf: metrics imports nothing of the daemon)
 STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
-REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy")  # pre-created only
+REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy",
+                  "memory_pressure")  # pre-created only
+# What the memory watchdog (daemon/watchdog.py) does; level 0 = ok, 1 = above soft, 2 = above hard.
+PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_trim", "refuse_turns",
+                    "resume_turns")
+# The object census (daemon/census.py) exports these types; every other type is summed into "other".
+LIVE_OBJECT_TYPES = ("torch.Tensor", "dict", "list", "tuple", "set", "function", "cell", "other")
 OTHER = "other"  # any label value outside the known sets, so cardinality stays bounded
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # gc.get_objects(2) holds the GIL ~3-25 ms per 200 k objects (torch + transformers, loaded box):
@@ -161,6 +167,15 @@ class Metrics:
                             mode="livemax")
         self.tracemalloc_traced_bytes: Gauge | None = None
         self.tracemalloc_peak_bytes: Gauge | None = None
+        # --- memory self-protection and diagnostics (daemon/watchdog.py, daemon/census.py)
+        self.memory_pressure_level = g("memory_pressure_level", "Memory watchdog state: 0 ok, 1 above "
+                                       "the soft limit (freeing), 2 above the hard limit (refusing turns).")
+        self.memory_pressure_actions_total = c("memory_pressure_actions_total", "Memory watchdog "
+                                               "actions taken.", ("action",))
+        self.live_objects = g("live_objects", "GC-tracked live objects by type (object census, "
+                              "at most every minute).", ("type",))
+        self.torch_tensor_bytes = g("torch_tensor_bytes", "Bytes of the distinct storages of live "
+                                    "torch tensors (object census).")
         self._preinit()
         self._proc = psutil.Process()
         self._cgroup = procstats.CgroupMemory.detect()
@@ -200,6 +215,8 @@ class Metrics:
             self.session_store_operation_seconds.labels(operation)
         for reason in REJECT_REASONS:
             self.requests_rejected_total.labels(reason)
+        for action in PRESSURE_ACTIONS:
+            self.memory_pressure_actions_total.labels(action)
         for gen in map(str, gcstats.GENERATIONS):
             for metric in (self.gc_collections_total, self.gc_collected_objects_total,
                            self.gc_uncollectable_objects_total, self.gc_pause_seconds):
@@ -236,15 +253,34 @@ class Metrics:
         if store_bytes is not None:
             self.session_store_bytes.set(store_bytes)
 
+    def on_memory_pressure(self, action: str) -> None:
+        """The memory watchdog took `action` (one of PRESSURE_ACTIONS)."""
+        self.memory_pressure_actions_total.labels(_bounded(action, PRESSURE_ACTIONS)).inc()
+
+    def set_memory_pressure_level(self, level: int) -> None:
+        """The memory watchdog's state: 0 ok, 1 above the soft limit, 2 above the hard limit."""
+        self.memory_pressure_level.set(level)
+
+    def set_census(self, counts, tensor_bytes: int) -> None:
+        """Export an object census: {type: live objects} over LIVE_OBJECT_TYPES, tensor storage bytes."""
+        for name, count in counts.items():
+            self.live_objects.labels(_bounded(name, LIVE_OBJECT_TYPES)).set(count)
+        self.torch_tensor_bytes.set(tensor_bytes)
+
+    def track_tracemalloc(self) -> None:
+        """Export the tracemalloc gauges from now on (tracing started by config or at run time)."""
+        if self.tracemalloc_traced_bytes is None:
+            self.tracemalloc_traced_bytes = self._gauge("tracemalloc_traced_bytes", "Python heap traced.")
+            self.tracemalloc_peak_bytes = self._gauge("tracemalloc_peak_bytes", "Peak Python heap traced.")
+
     def set_config(self, cfg) -> None:
         """Export configured limits (history turns, memory budget); start tracemalloc if asked."""
         self.history_max_turns.set(cfg.max_history_turns)
         self._config_limit = int(getattr(cfg, "memory_limit_bytes", 0) or 0)
         if getattr(cfg, "tracemalloc", False) and self.tracemalloc_traced_bytes is None:
             if not tracemalloc.is_tracing():
-                tracemalloc.start()
-            self.tracemalloc_traced_bytes = self._gauge("tracemalloc_traced_bytes", "Python heap traced.")
-            self.tracemalloc_peak_bytes = self._gauge("tracemalloc_peak_bytes", "Peak Python heap traced.")
+                tracemalloc.start(getattr(cfg, "tracemalloc_frames", 1))
+            self.track_tracemalloc()
         self.refresh()
 
     def set_model_info(self, model: str, dtype: str, leak_mode: str, load_seconds: float) -> None:
@@ -289,7 +325,7 @@ class Metrics:
             self._refresh_process()
             self._refresh_memory_budget()
             self._refresh_gc()
-            if self.tracemalloc_traced_bytes is not None and tracemalloc.is_tracing():
+            if self.tracemalloc_traced_bytes is not None:  # (0, 0) once tracing is stopped
                 traced, peak = tracemalloc.get_traced_memory()
                 self.tracemalloc_traced_bytes.set(traced)
                 self.tracemalloc_peak_bytes.set(peak)
