@@ -33,15 +33,23 @@ def create_app(config: Config | None = None) -> Flask:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a tqdm bar per load is noise in a daemon's log
     from .engine import Engine
-    engine = Engine.load(cfg, listener=metrics)
+    engine = Engine.load(cfg, listener=metrics, memory_pressure=kv_pressure(cfg, metrics.multiprocess))
     app.extensions[extensions.ENGINE] = engine
-    metrics.set_model_info(engine.model_id, engine.dtype, cfg.leak_mode, engine.load_seconds)
+    metrics.set_model_info(engine.model_id, engine.dtype_label, cfg.leak_mode, engine.load_seconds)
 
     init_store(app, cfg, engine, metrics)
+
+    from . import diagnostics, watchdog  # issue 8: find the leak (admin endpoints), survive it
+    diagnostics.init_app(app, cfg, metrics, app.extensions[STOP])
+    watchdog.init_app(app, cfg, engine=engine, store=app.extensions[extensions.STORE], metrics=metrics,
+                      stop=app.extensions[STOP])
 
     from .api import chat, health, sessions
     for bp in (health.bp, chat.bp, sessions.bp):
         app.register_blueprint(bp)
+    if cfg.admin_key:  # without a key the /debug/memory endpoints do not exist at all
+        from .api import admin
+        app.register_blueprint(admin.bp)
     from .api import stats, ui  # the web page and its live side panel (/v1/stats)
     for bp in (stats.bp, ui.bp):
         app.register_blueprint(bp)
@@ -57,13 +65,26 @@ def history_token_budget(cfg: Config, context_length: int) -> int:
     return budget
 
 
+def kv_pressure(cfg: Config, multiprocess: bool):
+    """A check the engine runs after each turn: above the soft memory limit it keeps no KV cache idle."""
+    from . import procstats
+    cgroup = procstats.CgroupMemory.detect()
+
+    def pressure() -> bool:
+        budget = procstats.memory_budget(cgroup, cfg.memory_limit_bytes, siblings=multiprocess)
+        return budget.limit > 0 and budget.service > cfg.memory_soft_limit_ratio * budget.limit
+    return pressure
+
+
 def init_store(app: Flask, cfg: Config, engine, metrics) -> None:
     """Create the session store under the configured policy and keep its gauges fresh."""
     from .sessions import HistoryPolicy, make_store
     policy = HistoryPolicy(max_turns=cfg.max_history_turns,
                            max_tokens=history_token_budget(cfg, engine.context_length),
                            ttl_s=cfg.session_ttl_s, max_sessions=cfg.max_sessions,
-                           trim=cfg.leak_mode != "history")
+                           trim=cfg.leak_mode != "history",
+                           # with KV reuse, trim in blocks so most turns keep their cached prefix
+                           trim_to=cfg.history_trim_to if cfg.kv_cache_bytes else 1.0)
     # a turn holds its session from before the queue wait until its commit, so a shared store's
     # lease must outlast both (+30 s for a slow client draining the stream); it is also the longest
     # a crashed worker can keep a session locked (SQLite frees a dead local pid's lease at once)

@@ -4,21 +4,24 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, cast
 
 from .builtin_models import ensure_built, is_builtin, read_marker
 from .config import Config
-from .generation import (Generation, GenerationFailed, GenerationParams, GenerationStats, Plan,
-                         TokenMask, plain_text_mask)
+from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
+from .decoder import make_decoder
+from .decoding import Sampler, Sampling, TurnCounts, run_turn
+from .generation import Generation, GenerationFailed, GenerationParams, GenerationStats, Plan, plain_text_mask
 from .hygiene import Hygiene, rss_bytes
+from .kvcache import KVListener, KVPool
 
 __all__ = ["Engine", "EngineBusy", "EngineListener", "ModelLoadError", "ContextTooLong", "Generation",
-           "GenerationFailed", "GenerationParams", "GenerationStats"]
+           "GenerationFailed", "GenerationParams", "GenerationStats", "cpu_has_bf16", "physical_cores",
+           "resolve_dtype"]
 
 _LOG = logging.getLogger("edgechat.engine")
 _WARMUP = [{"role": "user", "content": "Hello!"}]
@@ -117,49 +120,12 @@ class _Slot:
             self._changed()
 
 
-def cpu_has_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo flags."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: assume no native bf16
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(setting: str) -> str:
-    """The dtype to load with: "auto" picks bfloat16 where the CPU has it, else float32."""
-    if setting == "auto":
-        return "bfloat16" if cpu_has_bf16() else "float32"
-    return setting
-
-
-def physical_cores() -> int:
-    """Physical cores this process may use (hyperthreads only slow down GEMV-bound decoding)."""
-    import psutil
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
-
-
-def _set_threads(threads: int) -> int:
-    import torch
-
-    n = threads or physical_cores()
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # settable once per process, before inter-op work; a second Engine keeps it
-        pass
-    return n
-
-
 class Engine:
     """One model and tokenizer; generate() runs one generation at a time behind a bounded queue."""
 
     def __init__(self, cfg: Config, model: Any, tokenizer: Any, *, model_id: str, dtype: str,
                  plain_text_only: bool, listener: EngineListener | None = None,
-                 log: logging.Logger = _LOG) -> None:
+                 log: logging.Logger = _LOG, memory_pressure: Callable[[], bool] | None = None) -> None:
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
@@ -182,20 +148,31 @@ class Engine:
         self.eos_ids = self._eos_ids()
         self._generation_config = copy.deepcopy(model.generation_config)
         rows = model.get_input_embeddings().weight.shape[0]
-        self._processors = [TokenMask(plain_text_mask(tokenizer, rows, self.eos_ids))] if plain_text_only else []
+        self._banned = plain_text_mask(tokenizer, rows, self.eos_ids) if plain_text_only else None
+        self.decoder = make_decoder(model, cfg.quantize)
+        self.quantize = cfg.quantize
+        # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
+        budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
+        kv_listener = listener if hasattr(listener, "on_kv_cache") else None
+        self.kv_pool = KVPool(budget, cast(KVListener, kv_listener), memory_pressure)
+        self._warming = False
 
     @classmethod
-    def load(cls, cfg: Config, *, listener: EngineListener | None = None, log: logging.Logger = _LOG) -> "Engine":
-        """Load cfg.model (building builtin:* models first), set threads, warm up; ModelLoadError if it cannot."""
+    def load(cls, cfg: Config, *, listener: EngineListener | None = None, log: logging.Logger = _LOG,
+             memory_pressure: Callable[[], bool] | None = None) -> "Engine":
+        """Load cfg.model (building builtin:* models first), set threads, warm up; ModelLoadError if it cannot.
+
+        memory_pressure: asked after each turn; True drops every kept KV cache.
+        """
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         started = time.monotonic()
-        threads = _set_threads(cfg.threads)
-        dtype = resolve_dtype(cfg.dtype)
+        threads = set_threads(cfg.threads)
         try:
             path = ensure_built(cfg.model, cfg.cache_dir, log=log.info) if is_builtin(cfg.model) else cfg.model
             tokenizer = AutoTokenizer.from_pretrained(path)
+            dtype = resolve_dtype(cfg.dtype, getattr(AutoConfig.from_pretrained(path), "dtype", None))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             # OSError: missing path, offline and not cached, unreadable files; ValueError/KeyError:
@@ -203,11 +180,16 @@ class Engine:
             raise ModelLoadError(cfg.model, exc) from exc
         model.eval()
         plain = is_builtin(cfg.model) or read_marker(path) is not None
-        engine = cls(cfg, model, tokenizer, model_id=cfg.model, dtype=dtype, plain_text_only=plain,
-                     listener=listener, log=log)
-        log.info("loaded model %s from %s: %s, %d threads, context %d, in %.1f s, RSS %.0f MB",
-                 cfg.model, path, dtype, threads, engine.context_length, time.monotonic() - started,
-                 rss_bytes() / 2**20)
+        try:
+            engine = cls(cfg, model, tokenizer, model_id=cfg.model, dtype=dtype, plain_text_only=plain,
+                         listener=listener, log=log, memory_pressure=memory_pressure)
+        except ValueError as exc:  # quantize asked of a model the fast decoder does not support
+            raise ModelLoadError(cfg.model, exc) from exc
+        log.info("loaded model %s from %s: %s%s, %s decoder, %d threads, context %d, KV cache budget "
+                 "%.0f MB, in %.1f s, RSS %.0f MB", cfg.model, path, dtype,
+                 "" if cfg.quantize == "none" else f" with {cfg.quantize} weights",
+                 type(engine.decoder).__name__, threads, engine.context_length,
+                 engine.kv_pool.budget_bytes / 2**20, time.monotonic() - started, rss_bytes() / 2**20)
         if cfg.leak_mode == "tensors":
             log.warning("LEAK MODE 'tensors' IS ON: every turn's generation outputs (KV cache, scores) are "
                         "kept in memory on purpose. Memory WILL grow until the process dies. Demo/test only.")
@@ -226,9 +208,13 @@ class Engine:
 
     def _warm_up(self) -> None:
         started = time.monotonic()
-        gen = self.generate(_WARMUP, GenerationParams(max_new_tokens=4, temperature=0.0))
-        for _ in gen:
-            pass
+        self._warming = True  # the warm-up conversation is nobody's prefix: no KV pool, no counts
+        try:
+            gen = self.generate(_WARMUP, GenerationParams(max_new_tokens=4, temperature=0.0))
+            for _ in gen:
+                pass
+        finally:
+            self._warming = False
         self.retained.clear()  # leak mode counts the served turns only
         self._log.info("warm-up: %d tokens in %.2f s", gen.stats.completion_tokens if gen.stats else 0,
                        time.monotonic() - started)
@@ -250,25 +236,34 @@ class Engine:
         """Generations running now (0 or 1)."""
         return self._slot.counts()[1]
 
-    def _gen_kwargs(self, params: GenerationParams, max_new: int) -> dict:
-        conf = copy.deepcopy(self._generation_config)
-        conf.max_new_tokens = max_new
-        conf.max_length = None
-        conf.min_new_tokens = min(self.cfg.min_new_tokens, max_new) or None
-        conf.do_sample = params.temperature > 0
-        if conf.do_sample:
-            conf.temperature, conf.top_p = params.temperature, params.top_p
-            if conf.top_k is None:  # no top-k unless the model's own config asks (HF would add 50)
-                conf.top_k = 0
-        else:  # greedy: neutral values, since None would be refilled from the model's sampling defaults
-            conf.temperature, conf.top_p, conf.top_k = 1.0, 1.0, 50
-        conf.eos_token_id = sorted(self.eos_ids)
-        if conf.pad_token_id is None:
-            conf.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-                else min(self.eos_ids)
-        retain = self.leak_mode == "tensors"
-        conf.return_dict_in_generate = conf.output_scores = retain
-        return {"generation_config": conf}
+    @property
+    def dtype_label(self) -> str:
+        """The dtype as edgechat_model_info shows it: "bfloat16", or "bfloat16+int8" for int8 weights."""
+        return self.dtype if self.quantize == "none" else f"{self.dtype}+{self.quantize}"
+
+    def _sampling(self, params: GenerationParams, max_new: int) -> Sampling:
+        conf = self._generation_config
+        sample = params.temperature > 0
+        return Sampling(
+            max_new=max_new, min_new=min(self.cfg.min_new_tokens, max_new),
+            temperature=params.temperature if sample else 0.0, top_p=params.top_p if sample else 1.0,
+            top_k=(conf.top_k or 0) if sample else 0,  # no top-k unless the model's own config asks
+            repetition_penalty=float(getattr(conf, "repetition_penalty", None) or 1.0))
+
+    def _decode(self, prompt_ids: list[int], sampling: Sampling, on_token: Callable[[int], bool],
+                interrupted: Callable[[], bool]) -> int:
+        """The worker thread's loop (see decoding.run_turn); returns the prompt tokens reused."""
+        counts = TurnCounts()
+        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids)
+        pool = self.kv_pool if self.kv_pool.enabled and not self._warming else None
+        run_turn(self.decoder, pool, prompt_ids, sampler,
+                 on_token, interrupted, self.eos_ids, counts,
+                 retain=self.retained if self.leak_mode == "tensors" else None)
+        return counts.cached
+
+    def release_caches(self) -> int:
+        """Drop every KV cache kept between turns (memory watchdog); returns the bytes they held."""
+        return self.kv_pool.release()
 
     def generate(self, messages: Sequence[dict], params: GenerationParams) -> Generation:
         """Wait for the model (bounded), then start generating in a worker thread; iterate the result."""
@@ -278,16 +273,15 @@ class Engine:
         max_new = min(params.max_new_tokens, self.cfg.max_new_tokens, self.context_length - len(prompt_ids))
         if max_new < 1:
             raise ContextTooLong(len(prompt_ids), self.context_length)
-        gen_kwargs = self._gen_kwargs(params, max_new)
+        sampling = self._sampling(params, max_new)
         waited = self._slot.acquire(self.cfg.queue_timeout_s)
         try:
             gen = Generation(Plan(
-                model=self.model, tokenizer=self.tokenizer, prompt_ids=prompt_ids, gen_kwargs=gen_kwargs,
+                tokenizer=self.tokenizer, prompt_ids=prompt_ids,
+                decode=lambda on_token, interrupted: self._decode(prompt_ids, sampling, on_token, interrupted),
                 stop=tuple(params.stop), seed=params.seed, eos_ids=self.eos_ids,
-                timeout_s=self.cfg.generation_timeout_s, processors=self._processors,
-                hygiene=self._hygiene, release=self._slot.release, queue_wait_s=waited,
-                started=time.monotonic(), retain=self.retained if self.leak_mode == "tensors" else None,
-                log=self._log))
+                timeout_s=self.cfg.generation_timeout_s, hygiene=self._hygiene,
+                release=self._slot.release, queue_wait_s=waited, started=time.monotonic(), log=self._log))
             self._current = weakref.ref(gen)
             gen.start()
         except BaseException:
@@ -304,5 +298,6 @@ class Engine:
             current.close()
         self._current = None
         self.retained.clear()
-        self.model = self.tokenizer = None
+        self.kv_pool.release("released")
+        self.model = self.tokenizer = self.decoder = None
         self._hygiene()

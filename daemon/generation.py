@@ -1,4 +1,4 @@
-"""One generation: model.generate in a worker thread, streaming text deltas, stop strings, cancel, timeout."""
+"""One generation: the decode loop in a worker thread, streaming text deltas, stop strings, cancel, timeout."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 _END = object()
 _CONTROL = frozenset(chr(c) for c in (*range(32), 127)) - {"\n", "\t"}  # not plain text
@@ -48,20 +47,11 @@ class GenerationStats:
     ttft_s: float | None
     duration_s: float
     hygiene_s: float
+    cached_tokens: int = 0  # prompt tokens whose KV came from a kept cache (not prefilled again)
 
 
 class GenerationFailed(RuntimeError):
     """The worker's generate() raised; the slot has been released all the same."""
-
-
-class TokenMask(LogitsProcessor):
-    """Forbid a fixed set of token ids (a precomputed boolean mask over the vocabulary rows)."""
-
-    def __init__(self, banned: torch.Tensor) -> None:
-        self.banned = banned
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return scores.masked_fill(self.banned[: scores.shape[-1]], float("-inf"))
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -152,47 +142,48 @@ class TextTracker:
         return best
 
 
-class _Control(StoppingCriteria):
-    """Called by generate() after every new token: feeds the text tracker and decides to stop early."""
+class _Control:
+    """Told every new token by the decode loop: feeds the text tracker and decides to stop early."""
 
     def __init__(self, tracker: TextTracker, cancel: threading.Event, deadline: float) -> None:
         self.tracker, self.cancel, self.deadline = tracker, cancel, deadline
         self.first_token_at: float | None = None
         self.reason: str | None = None  # "stop_string" | "cancelled" | "timeout"
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        now = time.monotonic()
+    def __call__(self, token_id: int) -> bool:
+        """Take one new token; True to stop generating."""
         if self.first_token_at is None:
-            self.first_token_at = now
-        hit = self.tracker.add(int(input_ids[0, -1]))
+            self.first_token_at = time.monotonic()
+        if self.tracker.add(token_id) and self.reason is None:
+            self.reason = "stop_string"
+        return self.interrupted()
+
+    def interrupted(self) -> bool:
+        """Whether to stop now (also asked between prefill chunks): cancelled, timed out or stopped."""
         if self.reason is None:
-            if hit:
-                self.reason = "stop_string"
-            elif self.cancel.is_set():
+            if self.cancel.is_set():
                 self.reason = "cancelled"
-            elif now >= self.deadline:
+            elif time.monotonic() >= self.deadline:
                 self.reason = "timeout"
-        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool)
+        return self.reason is not None
 
 
 @dataclass
 class Plan:
     """Everything one generation needs, prepared by the engine while it holds the slot."""
 
-    model: Any
     tokenizer: Any
     prompt_ids: list[int]
-    gen_kwargs: dict
+    # decode(on_token, interrupted) -> prompt tokens reused from a kept KV cache; runs the whole loop
+    decode: Callable[[Callable[[int], bool], Callable[[], bool]], int]
     stop: tuple[str, ...]
     seed: int | None
     eos_ids: frozenset[int]
     timeout_s: float
-    processors: list
     hygiene: Callable[[], float]
     release: Callable[[float], None]  # frees the slot; gets the duration
     queue_wait_s: float
     started: float  # monotonic time the slot was acquired
-    retain: list | None = None  # leak_mode "tensors": where outputs are kept on purpose
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("edgechat.engine"))
 
 
@@ -255,25 +246,17 @@ class Generation:
         plan = self._plan
         control = _Control(self._tracker, self._cancel, plan.started + plan.timeout_s)
         error: BaseException | None = None
-        outputs = input_ids = None
+        cached = 0
         try:
             if not self._cancel.is_set():
                 if plan.seed is not None:
                     torch.manual_seed(plan.seed)
-                input_ids = torch.tensor([plan.prompt_ids], dtype=torch.long)
-                with torch.inference_mode():
-                    outputs = plan.model.generate(
-                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                        logits_processor=LogitsProcessorList(plan.processors),
-                        stopping_criteria=StoppingCriteriaList([control]), **plan.gen_kwargs)
-                if plan.retain is not None:
-                    plan.retain.append(outputs)
+                cached = plan.decode(control, control.interrupted)
             self._tracker.finish()
         except Exception as exc:  # any failure must still free the slot; the caller gets it from __iter__
             plan.log.error("generation failed", exc_info=exc)
             error = exc.with_traceback(None)  # the traceback would pin the KV cache's frames
         finally:
-            outputs = input_ids = None  # drop every tensor before hygiene measures what is freed
             duration = 0.0
             try:
                 hygiene_s = plan.hygiene()
@@ -283,7 +266,7 @@ class Generation:
                     finish_reason="error" if error else self._finish_reason(control),
                     timed_out=control.reason == "timeout", queue_wait_s=plan.queue_wait_s,
                     ttft_s=None if control.first_token_at is None else control.first_token_at - plan.started,
-                    duration_s=duration, hygiene_s=hygiene_s)
+                    duration_s=duration, hygiene_s=hygiene_s, cached_tokens=cached)
             finally:  # whatever happened, the next request must get the model
                 plan.release(duration)
                 self._done.set()

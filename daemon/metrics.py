@@ -31,6 +31,7 @@ PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_tr
                     "resume_turns")
 # The object census (daemon/census.py) exports these types; every other type is summed into "other".
 LIVE_OBJECT_TYPES = ("torch.Tensor", "dict", "list", "tuple", "set", "function", "cell", "other")
+KV_DROP_REASONS = ("lru", "oversize", "released", "pressure")  # daemon.kvcache.DROP_REASONS
 OTHER = "other"  # any label value outside the known sets, so cardinality stays bounded
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # gc.get_objects(2) holds the GIL ~3-25 ms per 200 k objects (torch + transformers, loaded box):
@@ -146,6 +147,17 @@ class Metrics:
         self.turns_total = c("turns_total", "Turns by outcome.", ("outcome",))
         self.generations_in_progress = g("generations_in_progress", "Generations running.", mode="livesum")
         self.queue_depth = g("queue_depth", "Requests waiting for the model.", mode="livesum")
+        # --- KV caches kept between turns: each worker holds its own, so bytes are per pid
+        self.kv_cache_bytes = g("kv_cache_bytes", "Bytes of KV caches kept between turns.")
+        self.kv_cache_budget_bytes = g("kv_cache_budget_bytes", "Configured KV cache budget per "
+                                       "worker; 0 = off.", mode="livemax")
+        self.kv_cache_hits_total = c("kv_cache_hits_total", "Turns whose prompt reused a kept KV "
+                                     "cache prefix.")
+        self.kv_cache_misses_total = c("kv_cache_misses_total", "Turns prefilled from the first token.")
+        self.kv_cache_reused_tokens_total = c("kv_cache_reused_tokens_total", "Prompt tokens taken from "
+                                              "kept KV caches instead of being prefilled.")
+        self.kv_cache_dropped_total = c("kv_cache_dropped_total", "KV caches dropped, by reason.",
+                                        ("reason",))
         # --- HTTP
         self.http_requests_total = c("http_requests_total", "HTTP requests by route template.",
                                      ("route", "method", "status"))
@@ -213,6 +225,8 @@ class Metrics:
             self.sessions_evicted_total.labels(reason)
         for operation in STORE_OPERATIONS:
             self.session_store_operation_seconds.labels(operation)
+        for reason in KV_DROP_REASONS:
+            self.kv_cache_dropped_total.labels(reason)
         for reason in REJECT_REASONS:
             self.requests_rejected_total.labels(reason)
         for action in PRESSURE_ACTIONS:
@@ -253,6 +267,16 @@ class Metrics:
         if store_bytes is not None:
             self.session_store_bytes.set(store_bytes)
 
+    def on_kv_cache(self, *, bytes_held: int, hit: bool | None = None, reused_tokens: int = 0,
+                    dropped: dict | None = None) -> None:
+        """The engine's KV pool changed: bytes held, a lookup's outcome, caches dropped by reason."""
+        self.kv_cache_bytes.set(bytes_held)
+        if hit is not None:
+            (self.kv_cache_hits_total if hit else self.kv_cache_misses_total).inc()
+            self.kv_cache_reused_tokens_total.inc(max(reused_tokens, 0))
+        for reason, count in (dropped or {}).items():
+            self.kv_cache_dropped_total.labels(_bounded(reason, KV_DROP_REASONS)).inc(max(count, 0))
+
     def on_memory_pressure(self, action: str) -> None:
         """The memory watchdog took `action` (one of PRESSURE_ACTIONS)."""
         self.memory_pressure_actions_total.labels(_bounded(action, PRESSURE_ACTIONS)).inc()
@@ -276,6 +300,7 @@ class Metrics:
     def set_config(self, cfg) -> None:
         """Export configured limits (history turns, memory budget); start tracemalloc if asked."""
         self.history_max_turns.set(cfg.max_history_turns)
+        self.kv_cache_budget_bytes.set(int(getattr(cfg, "kv_cache_bytes", 0) or 0))
         self._config_limit = int(getattr(cfg, "memory_limit_bytes", 0) or 0)
         if getattr(cfg, "tracemalloc", False) and self.tracemalloc_traced_bytes is None:
             if not tracemalloc.is_tracing():

@@ -212,7 +212,7 @@ def test_session_stream(app_factory):
 
 
 def test_history_trimmed_by_turns(app_factory):
-    client = app_factory(max_history_turns=2).test_client()
+    client = app_factory(max_history_turns=2, history_trim_to=1.0).test_client()  # a sliding window
     sid = new_session(client, system="sys")
     truncated = []
     for i in range(5):

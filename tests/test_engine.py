@@ -374,7 +374,7 @@ def test_uncached_hub_model_offline_raises_model_load_error(tmp_path):
 def test_failed_generation_raises_and_frees_the_model(make_engine, monkeypatch):
     from daemon.generation import GenerationFailed
     e = make_engine()
-    monkeypatch.setattr(e.model, "generate", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(e.decoder, "forward", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
     gen = e.generate(HELLO, GREEDY)
     with pytest.raises(GenerationFailed, match="boom"):
         run(gen)

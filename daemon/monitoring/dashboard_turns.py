@@ -84,6 +84,41 @@ def _generation_rows():
     ]
 
 
+def _kv_rows():
+    """Return the KV-cache reuse panels: hit ratio, prompt tokens reused vs prefilled, bytes vs budget."""
+    hits, misses = rate("edgechat_kv_cache_hits_total"), rate("edgechat_kv_cache_misses_total")
+    reused = f"sum by (instance) ({rate('edgechat_kv_cache_reused_tokens_total')})"
+    return [
+        row("KV cache reuse across turns"),
+        timeseries("KV cache hit ratio",
+                   "Share of turns whose prompt reused a KV cache kept from an earlier turn (only its new "
+                   "tokens were prefilled). With block trimming about 3 turns in 4 hit in a long session; "
+                   "lower with several workers (a turn may land on the worker without the cache), a budget "
+                   "too small for the live sessions, or history_trim_to = 1.", "percentunit",
+                   [target(f"sum by (instance) ({hits}) / (sum by (instance) ({hits}) + sum by (instance) "
+                           f"({misses}))", "{{instance}}")], w=8, minimum=0),
+        timeseries("Prompt tokens reused and prefilled",
+                   "Prompt tokens per second taken from kept KV caches, and those prefilled (run through "
+                   "the model). Prefill is what makes turn latency grow with the conversation.", "short",
+                   [target(reused, "reused {{instance}}"),
+                    target(f"sum by (instance) ({rate('edgechat_prompt_tokens_total')}) - {reused}",
+                           "prefilled {{instance}}")], w=8, minimum=0),
+        timeseries("KV cache bytes and budget",
+                   "Bytes of idle KV caches each worker keeps, against the per-worker budget "
+                   "(kv_cache_bytes). Bytes never exceed the budget; a tensor leak grows RSS while this "
+                   "stays flat.", "bytes",
+                   [target(f"sum by (instance, pid) ({sel('edgechat_kv_cache_bytes')})", "held {{instance}} {{pid}}"),
+                    target(f"max by (instance) ({sel('edgechat_kv_cache_budget_bytes')})", "budget {{instance}}")],
+                   w=8, minimum=0),
+        timeseries("KV caches dropped by reason",
+                   "KV caches dropped per second: lru (to fit the budget), oversize (larger than the whole "
+                   "budget), released (Engine.release_caches: memory watchdog, shutdown), pressure (above "
+                   "the soft memory limit). Sustained pressure drops: the service lives near its limit.",
+                   "ops", [target(f"sum by (instance, reason) ({rate('edgechat_kv_cache_dropped_total')})",
+                                  "{{reason}} {{instance}}")], w=24, minimum=0),
+    ]
+
+
 def _queue_rows():
     """Return the queue panels: depth, wait and rejections."""
     return [
@@ -148,7 +183,8 @@ def _prompt_rows():
 
 def build():
     """Return the turns dashboard as a dict."""
-    panels = [*_top_row(), *_latency_rows(), *_generation_rows(), *_queue_rows(), *_http_rows(), *_prompt_rows()]
+    panels = [*_top_row(), *_latency_rows(), *_generation_rows(), *_kv_rows(), *_queue_rows(), *_http_rows(),
+              *_prompt_rows()]
     return dashboard(UID, TITLE,
                      "How edgechat's turns behave: latency by position in the conversation (creep), time to "
                      "first token, tokens/s, queue and HTTP. See docs/dashboards.md.",
