@@ -281,3 +281,34 @@ def test_rules_use_only_metrics_the_daemon_exports(client):
     from daemon.monitoring.recording import EARLY_TURNS, NOT_LATE_TURNS
     assert set(NOT_LATE_TURNS.split("|")) < set(TURN_INDEX_BUCKETS) and set(EARLY_TURNS.split("|")) < set(TURN_INDEX_BUCKETS)
     assert set(Thresholds().saturation_reasons_regex.split("|")) <= set(REJECT_REASONS)
+
+
+def _runbook_sections() -> dict[str, str]:
+    with open(os.path.join(ROOT, "docs", "runbooks.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_runbooks_have_a_section_per_alert():
+    sections = _runbook_sections()
+    for alert in _alerts():
+        anchor = alert["annotations"]["runbook_url"].split("#", 1)[1]
+        # GitHub's heading anchor: lower case, spaces to dashes, punctuation dropped
+        [title] = [t for t in sections if re.sub(r"[^\w\- ]", "", t.lower()).replace(" ", "-") == anchor]
+        body = sections[title]
+        for part in ("**What it means.**", "**Confirm.**", "**Fix.**"):
+            assert part in body, f"runbook {title}: missing {part}"
+
+
+def test_runbooks_name_real_dashboard_panels():
+    """A runbook that sends people to a panel must name one that exists on edgechat-memory/-turns."""
+    titles = set()
+    for path in glob.glob(os.path.join(ROOT, "grafana", "dashboards", "*.json")):
+        with open(path, encoding="utf-8") as handle:
+            titles |= {panel["title"] for panel in yaml.safe_load(handle)["panels"]}
+    assert titles, "no dashboards in grafana/dashboards"
+    named = {bold for name, body in _runbook_sections().items() if name in ALERT_NAMES
+             for bold in (" ".join(b.split()) for b in re.findall(r"\*\*([^*]+)\*\*", body))}
+    named -= {"What it means.", "Confirm.", "Fix.", "critical", "warning", "info"}
+    assert named and named <= titles, f"panels not on any dashboard: {sorted(named - titles)}"
