@@ -1,0 +1,167 @@
+"""tracemalloc on demand: top allocation sites, a baseline snapshot and the sites that grew since, per worker.
+
+tracemalloc sees what Python's allocator hands out (objects, strings, lists): the history bug's
+`history.append` lines, caches of Python objects. Tensor storage comes from torch's own allocator and is
+invisible here (the object census in daemon/census.py counts it). Tracing costs CPU on every allocation
+and memory per live allocation (more with more `tracemalloc_frames`), so it is off unless asked for;
+a snapshot walks every trace while holding the GIL (~1-2 s with a model loaded, on a busy 2-core box).
+"""
+from __future__ import annotations
+
+import linecache
+import threading
+import time
+import tracemalloc
+from dataclasses import dataclass
+
+GROUP_BY = ("lineno", "traceback")
+# Frames that say nothing about the program, dropped as the seed's display_top drops them (matched on
+# the allocating frame, like tracemalloc.Filter(False, name)), plus this machinery's own files
+# (the baseline census's type names would otherwise top every diff).
+DROPPED_FILES = frozenset({"<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>",
+                           "<unknown>", tracemalloc.__file__, linecache.__file__, __file__,
+                           __file__.replace("diagnostics.py", "census.py")})
+EXTENSION = "edgechat.diagnostics"
+
+
+class TracingOff(RuntimeError):
+    """tracemalloc is not tracing in this process, so there is nothing to report."""
+
+
+class NoBaseline(RuntimeError):
+    """diff() was asked for before any baseline snapshot (or tracing restarted since)."""
+
+
+def _frame(frame: tracemalloc.Frame) -> dict:
+    return {"file": frame.filename, "line": frame.lineno,
+            "source": linecache.getline(frame.filename, frame.lineno).strip()}
+
+
+def _entry(stat: tracemalloc.Statistic, group_by: str, base: tracemalloc.Statistic | None = None,
+           diff: bool = False) -> dict:
+    """One allocation site: the allocating frame's file, line and source; the whole stack for traceback."""
+    frames = list(stat.traceback)  # oldest first, the allocating frame last
+    entry = {**_frame(frames[-1]), "size_bytes": stat.size, "count": stat.count}
+    if diff:
+        entry["size_diff_bytes"] = stat.size - (base.size if base else 0)
+        entry["count_diff"] = stat.count - (base.count if base else 0)
+    if group_by == "traceback":
+        entry["traceback"] = [_frame(f) for f in frames]
+    return entry
+
+
+def _grouped(snapshot: tracemalloc.Snapshot, group_by: str) -> dict:
+    """{traceback: Statistic} for the sites worth showing. Statistics() walks every trace in Python
+    (seconds for a million traces), so the filters apply to its result rather than to the traces."""
+    return {s.traceback: s for s in snapshot.statistics(_key(group_by))
+            if s.traceback[-1].filename not in DROPPED_FILES}
+
+
+@dataclass
+class _Baseline:
+    taken_at: float
+    groups: dict  # group_by -> {traceback: Statistic}
+
+
+class Tracer:
+    """This worker's tracemalloc: start/stop at run time, top sites, one baseline and the growth since.
+
+    The baseline keeps grouped statistics, not the snapshot: one entry per allocation site rather
+    than per live allocation, and each later diff groups only the new snapshot.
+    """
+
+    def __init__(self, frames: int = 1):
+        self.frames = frames
+        self._lock = threading.Lock()  # one snapshot at a time: each costs memory and GIL time
+        self._baseline: _Baseline | None = None
+
+    @property
+    def tracing(self) -> bool:
+        """Whether tracemalloc traces allocations in this process now."""
+        return tracemalloc.is_tracing()
+
+    def start(self) -> bool:
+        """Start tracing with `frames` frames per trace; False when it already traced."""
+        if tracemalloc.is_tracing():
+            return False
+        tracemalloc.start(self.frames)
+        return True
+
+    def stop(self) -> bool:
+        """Stop tracing and forget the baseline (its traces no longer match); False when it was off."""
+        with self._lock:
+            self._baseline = None
+            if not tracemalloc.is_tracing():
+                return False
+            tracemalloc.stop()
+            return True
+
+    def status(self) -> dict:
+        """Tracing state, traced and peak bytes, frames per trace and the baseline's time."""
+        traced, peak = tracemalloc.get_traced_memory()
+        base = self._baseline
+        return {"tracing": self.tracing, "frames": tracemalloc.get_traceback_limit() if self.tracing
+                else self.frames, "traced_bytes": traced, "peak_bytes": peak,
+                "baseline_at": None if base is None else base.taken_at}
+
+    def _snapshot(self) -> tracemalloc.Snapshot:
+        if not tracemalloc.is_tracing():
+            raise TracingOff("tracemalloc is off")
+        return tracemalloc.take_snapshot()
+
+    def top(self, limit: int, group_by: str = "lineno") -> list[dict]:
+        """The `limit` sites holding the most traced memory now."""
+        _key(group_by)
+        with self._lock:
+            stats = _grouped(self._snapshot(), group_by)
+        ranked = sorted(stats.values(), key=lambda s: s.size, reverse=True)[:limit]
+        return [_entry(s, group_by) for s in ranked]
+
+    def mark(self) -> float:
+        """Take the baseline that diff() compares against; returns its time (Unix s)."""
+        with self._lock:
+            snapshot = self._snapshot()
+            lineno = _grouped(snapshot, "lineno")
+            # with one frame per trace, grouping by traceback is grouping by line
+            traceback = lineno if tracemalloc.get_traceback_limit() == 1 else _grouped(snapshot, "traceback")
+            del snapshot
+            self._baseline = _Baseline(time.time(), {"lineno": lineno, "traceback": traceback})
+            return self._baseline.taken_at
+
+    def diff(self, limit: int, group_by: str = "lineno") -> list[dict]:
+        """The `limit` sites that grew most since the baseline, biggest growth first (growth only)."""
+        _key(group_by)
+        with self._lock:
+            if not tracemalloc.is_tracing():
+                raise TracingOff("tracemalloc is off")
+            base = self._baseline
+            if base is None:
+                raise NoBaseline("no baseline")
+            now = _grouped(self._snapshot(), group_by)
+        before = base.groups[group_by]
+        grown = [(s.size - (before[tb].size if tb in before else 0), s) for tb, s in now.items()]
+        grown = sorted((g for g in grown if g[0] > 0), key=lambda g: g[0], reverse=True)[:limit]
+        return [_entry(s, group_by, before.get(s.traceback), diff=True) for _, s in grown]
+
+
+def _key(group_by: str) -> str:
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by must be one of {', '.join(GROUP_BY)}, got {group_by!r}")
+    return group_by
+
+
+@dataclass
+class Diagnostics:
+    """What the admin endpoints work with in this worker: its tracer and its census keeper."""
+
+    tracer: Tracer
+    census: object  # daemon.census.CensusKeeper
+
+
+def init_app(app, cfg, metrics, stop: threading.Event) -> Diagnostics:
+    """Attach this worker's tracer and census keeper; refresh the census gauges at a low rate."""
+    from .census import CENSUS_EVERY_S, CensusKeeper
+    diag = Diagnostics(Tracer(cfg.tracemalloc_frames), CensusKeeper(metrics))
+    app.extensions[EXTENSION] = diag
+    diag.census.start_sampler(max(CENSUS_EVERY_S, cfg.metrics_refresh_s), stop)
+    return diag
