@@ -1,0 +1,169 @@
+"""Admin endpoints under /debug/memory: tracemalloc top/diff, baseline snapshot, object census, tracing switch.
+
+Registered only when the `admin_key` setting is set (404 otherwise) and guarded by
+`Authorization: Bearer <admin key>`. Each answer comes from one worker and names it (`pid` in the body,
+X-Edgechat-Pid header); `edgechat diagnose` repeats requests until every worker has answered.
+Snapshots and censuses hold the GIL while they walk the heap (a second or two with tracing on):
+turns in this worker pause meanwhile.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+
+from flask import Blueprint, current_app, jsonify, request
+
+from .. import census as census_mod
+from .. import diagnostics
+from ..extensions import get_config, get_metrics
+from .errors import ApiError, error_body, invalid
+
+bp = Blueprint("admin", __name__, url_prefix="/debug/memory")
+DEFAULT_LIMIT = 10
+MAX_LIMIT = 100
+PID_HEADER = "X-Edgechat-Pid"
+
+
+def _diag() -> diagnostics.Diagnostics:
+    return current_app.extensions[diagnostics.EXTENSION]
+
+
+@bp.before_request
+def _authorize() -> None:
+    key = get_config().admin_key
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        raise ApiError(401, "missing admin key: send 'Authorization: Bearer <admin key>'",
+                       code="missing_admin_key")
+    # bytes: compare_digest on str accepts ASCII only, and a key is compared in constant time
+    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        raise ApiError(401, "invalid admin key", code="invalid_admin_key")
+
+
+@bp.errorhandler(ApiError)
+def _error(err: ApiError):
+    body = error_body(err.status, err.message, err.code, err.param)
+    body["pid"] = os.getpid()  # which worker refused: the client counts it as having answered
+    resp = jsonify(body)
+    resp.status_code = err.status
+    if err.retry_after is not None:
+        resp.headers["Retry-After"] = str(err.retry_after)
+    return resp
+
+
+@bp.after_request
+def _name_the_worker(resp):
+    resp.headers[PID_HEADER] = str(os.getpid())
+    return resp
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", str(DEFAULT_LIMIT))
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise invalid(f"limit must be an integer 1..{MAX_LIMIT}, got {raw!r}", "limit") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise invalid(f"limit must be an integer 1..{MAX_LIMIT}, got {limit}", "limit")
+    return limit
+
+
+def _group_by() -> str:
+    value = request.args.get("group_by", "lineno")
+    if value not in diagnostics.GROUP_BY:
+        raise invalid(f"group_by must be one of {', '.join(diagnostics.GROUP_BY)}, got {value!r}",
+                      "group_by")
+    return value
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes"):
+        return True
+    if raw.lower() in ("0", "false", "no"):
+        return False
+    raise invalid(f"{name} must be true or false, got {raw!r}", name)
+
+
+def _tracing_off() -> ApiError:
+    return ApiError(409, f"tracemalloc is off in worker {os.getpid()}: turn it on with POST "
+                         "/debug/memory/tracemalloc {\"enabled\": true} (one worker per request; "
+                         "`edgechat diagnose URL --tracemalloc on` reaches every worker) or start the "
+                         "daemon with EDGECHAT_TRACEMALLOC=1", code="tracemalloc_off")
+
+
+@bp.get("/top")
+def top():
+    """The allocation sites holding the most traced memory now."""
+    limit, group_by = _limit(), _group_by()
+    tracer = _diag().tracer
+    try:
+        entries = tracer.top(limit, group_by)
+    except diagnostics.TracingOff:
+        raise _tracing_off() from None
+    return jsonify({"pid": os.getpid(), "group_by": group_by, "limit": limit, **tracer.status(),
+                    "entries": entries})
+
+
+@bp.get("/diff")
+def diff():
+    """The allocation sites that grew most since the baseline snapshot."""
+    limit, group_by = _limit(), _group_by()
+    tracer = _diag().tracer
+    try:
+        entries = tracer.diff(limit, group_by)
+    except diagnostics.TracingOff:
+        raise _tracing_off() from None
+    except diagnostics.NoBaseline:
+        raise ApiError(409, f"worker {os.getpid()} has no baseline: POST /debug/memory/snapshot first "
+                            "(`edgechat diagnose URL --snapshot`)", code="no_baseline") from None
+    return jsonify({"pid": os.getpid(), "group_by": group_by, "limit": limit, **tracer.status(),
+                    "entries": entries})
+
+
+@bp.post("/snapshot")
+def snapshot():
+    """Store the baseline: a tracemalloc snapshot (when tracing) and an object census."""
+    diag = _diag()
+    traced = diag.tracer.tracing
+    if traced:
+        diag.tracer.mark()
+    base = diag.census.mark()
+    return jsonify({"pid": os.getpid(), "tracemalloc_baseline": traced, **diag.tracer.status(),
+                    "census": {"taken_at": base.taken_at, "seconds": round(base.seconds, 4),
+                               "objects": base.objects,
+                               "torch": {"tensors": base.tensors, "bytes": base.tensor_bytes}}})
+
+
+@bp.get("/census")
+def census():
+    """Live objects by type, torch tensor bytes, growth since the baseline and what holds new tensors."""
+    limit, want_holders = _limit(), _flag("holders", True)
+    keeper = _diag().census
+    now = keeper.take(collect=True)
+    out = census_mod.growth(now, keeper.baseline, limit)
+    out["holders"] = []
+    if want_holders and keeper.baseline is not None and now.tensors > keeper.baseline.tensors:
+        sample = census_mod.new_tensors(keeper.baseline)
+        out["holders"] = census_mod.holders(sample, keeper.baseline)
+        del sample
+    return jsonify({"pid": os.getpid(), "limit": limit, **out})
+
+
+@bp.post("/tracemalloc")
+def switch():
+    """Start or stop tracing in this worker: {"enabled": true|false}."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
+        raise invalid('send a JSON object {"enabled": true} or {"enabled": false}', "enabled")
+    tracer = _diag().tracer
+    if body["enabled"]:
+        changed = tracer.start()
+        get_metrics().track_tracemalloc()
+    else:
+        changed = tracer.stop()
+    return jsonify({"pid": os.getpid(), "changed": changed, **tracer.status()})
