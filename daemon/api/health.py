@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 
+from .. import watchdog as memory_watchdog
 from ..extensions import get_config, get_engine, get_store
 
 bp = Blueprint("health", __name__)
@@ -23,9 +24,14 @@ def readyz():
     waiting = engine.queue_depth()
     checks = {"model_loaded": bool(engine.ready), "queue_not_full": waiting < cfg.queue_limit,
               "session_store": bool(get_store().healthy())}
+    pressure = memory_watchdog.of(current_app)
+    if pressure is not None:  # above the hard memory limit turns get 503: take the worker out of rotation
+        checks["memory_below_hard_limit"] = not pressure.refusing
     ready = all(checks.values())
     body = {"ready": ready, "checks": checks, "model": engine.model_id, "dtype": engine.dtype,
             "queue_depth": waiting, "pid": os.getpid()}
     if cfg.leak_mode != "off":
         body["leak_mode"] = cfg.leak_mode
+    if pressure is not None:
+        body["memory_pressure_level"] = pressure.level
     return jsonify(body), 200 if ready else 503

@@ -7,9 +7,10 @@ import time
 from contextlib import ExitStack
 from typing import Callable, Iterator
 
-from flask import Response
+from flask import Response, current_app
 
 from ..engine import ContextTooLong, EngineBusy, GenerationParams
+from .. import watchdog as memory_watchdog
 from ..extensions import get_config, get_engine, get_metrics
 from .errors import ApiError, error_body, invalid
 from . import validate
@@ -49,7 +50,14 @@ def check_context(prompt_tokens: int, params: GenerationParams) -> None:
 
 
 def start(messages: list[dict], params: GenerationParams):
-    """Take the model (bounded queue) and start generating; 503 + Retry-After when saturated."""
+    """Take the model (bounded queue) and start generating; 503 + Retry-After when saturated or
+    when the memory watchdog refuses turns (above the hard memory limit)."""
+    pressure = memory_watchdog.of(current_app)
+    if pressure is not None and pressure.refusing:
+        get_metrics().requests_rejected_total.labels(reason="memory_pressure").inc()
+        raise ApiError(503, f"short of memory ({pressure.describe()}); new turns are refused until "
+                            "memory falls back; retry later", code="memory_pressure",
+                       retry_after=pressure.retry_after_s)
     try:
         return get_engine().generate(messages, params)
     except EngineBusy as busy:
