@@ -39,9 +39,17 @@ def create_app(config: Config | None = None) -> Flask:
 
     init_store(app, cfg, engine, metrics)
 
+    from . import diagnostics, watchdog  # issue 8: find the leak (admin endpoints), survive it
+    diagnostics.init_app(app, cfg, metrics, app.extensions[STOP])
+    watchdog.init_app(app, cfg, engine=engine, store=app.extensions[extensions.STORE], metrics=metrics,
+                      stop=app.extensions[STOP])
+
     from .api import chat, health, sessions
     for bp in (health.bp, chat.bp, sessions.bp):
         app.register_blueprint(bp)
+    if cfg.admin_key:  # without a key the /debug/memory endpoints do not exist at all
+        from .api import admin
+        app.register_blueprint(admin.bp)
     from .api import stats, ui  # the web page and its live side panel (/v1/stats)
     for bp in (stats.bp, ui.bp):
         app.register_blueprint(bp)
