@@ -79,10 +79,10 @@ def _verify(text: str, url: str, watchdog_url: str | None) -> None:
     for name in WEBHOOK_RECEIVERS:
         urls = [c["url"] for c in receivers[name].get("webhook_configs", [])]
         if urls != [url]:
-            raise AssertionError(f"template rendered receiver {name} with URLs {urls}, expected [{url!r}]")
+            raise RuntimeError(f"template rendered receiver {name} with URLs {urls}, expected [{url!r}]")
     heartbeat = [c["url"] for c in receivers["watchdog"].get("webhook_configs") or []]
     if heartbeat != ([watchdog_url.strip()] if watchdog_url else []):
-        raise AssertionError(f"template rendered the watchdog receiver with URLs {heartbeat}")
+        raise RuntimeError(f"template rendered the watchdog receiver with URLs {heartbeat}")
 
 
 def write(path: str, text: str) -> None:
@@ -94,6 +94,6 @@ def write(path: str, text: str) -> None:
             handle.write(text)
         os.chmod(tmp, 0o640)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # whatever went wrong (even Ctrl-C), leave no partial file behind
         os.unlink(tmp)
         raise

@@ -49,6 +49,8 @@ class Epoch:
 
 @dataclasses.dataclass
 class Turn:
+    """One finished turn: when it ended, its position in the conversation, how long it took."""
+
     end: float
     index: int
     seconds: float
@@ -56,11 +58,14 @@ class Turn:
 
 @dataclasses.dataclass
 class Session:
+    """One conversation: created at `created`, its turns in order."""
+
     created: float
     turns: list[Turn]
 
     @property
     def ends(self) -> list[float]:
+        """End times of the turns, for counting those finished by a scrape."""
         return [turn.end for turn in self.turns]
 
 
