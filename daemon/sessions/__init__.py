@@ -12,20 +12,14 @@ from .memory import MemoryStore
 
 __all__ = ["STORE_OPERATIONS", "ContextTooLong", "CountTokens", "HistoryPolicy", "MemoryStore", "Message",
            "SessionBusy", "SessionNotFound", "SessionRecord", "SessionSnapshot", "SessionStore",
-           "StoreListener", "StoreStats", "StoreUnavailable", "Trimmed", "Turn", "TurnResult", "is_shared",
-           "make_store", "trim_history"]
+           "StoreListener", "StoreStats", "StoreUnavailable", "Trimmed", "Turn", "TurnResult", "make_store",
+           "trim_history"]
 
 BACKENDS = ("memory", "sqlite:///path/to/file.db", "redis://host:port/db")
-SHARED_SCHEMES = ("sqlite", "redis", "rediss", "unix")
 
 
 def _scheme(url: object) -> str:
     return urlsplit(url).scheme if isinstance(url, str) else ""
-
-
-def is_shared(url: str) -> bool:
-    """Whether every worker sees the same sessions through `url` (SQLite, Redis), unlike `memory`."""
-    return _scheme(url) in SHARED_SCHEMES
 
 
 def make_store(policy: HistoryPolicy, count_tokens: CountTokens, *, url: str = "memory",

@@ -294,11 +294,11 @@ class SQLiteStore(SessionStore):
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            if conn.in_transaction:
+            if conn.in_transaction:  # also after a failed COMMIT (disk full, I/O error)
                 conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
     def _sync(self, conn: sqlite3.Connection, durable: bool) -> sqlite3.Connection:
         if self._tls.durable is not durable:
