@@ -329,6 +329,36 @@ def test_redis_counters_stay_right_when_redis_drops_a_hash_itself(redis_server):
     store.close()
 
 
+# -- metrics and startup through the daemon ---------------------------------------------------------
+
+def test_store_size_and_latency_are_exported(app_factory):
+    from prometheus_client.parser import text_string_to_metric_families
+    client = app_factory().test_client()  # default store: SQLite in state_dir
+    sid = client.post("/v1/sessions", json={}).get_json()["id"]
+    assert client.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "max_tokens": 2}).status_code == 200
+    samples = {(s.name, s.labels.get("operation")): s.value
+               for fam in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+               for s in fam.samples}
+    assert samples[("edgechat_session_store_bytes", None)] > 4096
+    for op in ("create", "acquire", "commit", "release", "stats"):
+        assert samples[("edgechat_session_store_operation_seconds_count", op)] >= 1, op
+    assert samples[("edgechat_session_store_operation_seconds_count", "delete")] == 0
+    assert samples[("edgechat_sessions", None)] == 1
+
+
+@pytest.mark.e2e
+def test_serve_stops_with_one_message_on_a_corrupt_store(tmp_path, cache_dir):
+    _garbage(tmp_path / "s.db")
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "serve", "--model", "builtin:tiny", "--cache-dir", cache_dir,
+         "--port", "0", "--warmup", "false", "--metrics-dir", str(tmp_path / "m"),
+         "--session-store", f"sqlite://{tmp_path}/s.db"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("edgechat: session_store:")]
+    assert len(lines) == 1 and "corrupt" in lines[0], proc.stderr[-2000:]
+
+
 # -- /readyz when the store fails at run time -------------------------------------------------------
 
 def test_readyz_false_when_the_sqlite_store_breaks(app_factory, tmp_path):
