@@ -39,7 +39,11 @@ def make_store(policy: HistoryPolicy, count_tokens: CountTokens, *, url: str = "
         from .sqlite_schema import path_from_url
         return SQLiteStore(policy, count_tokens, path=path_from_url(url), **common)
     if scheme in ("redis", "rediss", "unix"):
-        from .redis import RedisStore
+        try:
+            from .redis import RedisStore
+        except ImportError as exc:  # redis-py is optional: only Redis stores need it
+            raise StoreUnavailable(f"session_store: a Redis store needs redis-py ({exc}); "
+                                   f"pip install 'redis>=5'") from None
         return RedisStore(policy, count_tokens, url=url, **common)
     # name only the scheme: the URL itself may carry a password
     found = f"scheme {scheme!r}" if scheme else "a value without a scheme"
