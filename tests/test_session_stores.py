@@ -21,7 +21,7 @@ from daemon.sessions import HistoryPolicy, SessionBusy, StoreUnavailable, make_s
 from daemon.sessions import sqlite_schema
 from daemon.sessions.sqlite import SQLiteStore
 from redis_server import redis_server  # noqa: F401 - a fixture
-from redis_server import available as redis_missing, start as start_redis
+from redis_server import require as require_redis, start as start_redis
 from servers import Daemon, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,8 +372,7 @@ def test_readyz_false_when_the_sqlite_store_breaks(app_factory, tmp_path):
 
 
 def test_readyz_false_when_redis_goes_away(app_factory, tmp_path):
-    if redis_missing():
-        pytest.skip(redis_missing())
+    require_redis()
     server = start_redis(tmp_path)
     try:
         client = app_factory(session_store=server.url).test_client()
