@@ -114,7 +114,9 @@ def growth(now: Census, base: Census | None, limit: int) -> dict:
            "top": [{"type": name, "count": n} for name, n in top], "baseline_at": None, "growth": []}
     if base is None:
         return out
-    diffs = {name: n - base.counts.get(name, 0) for name, n in now.counts.items()}
+    # tracemalloc.* objects are the tracer's own baseline, taken with this one: not the program's growth
+    diffs = {name: n - base.counts.get(name, 0) for name, n in now.counts.items()
+             if not name.startswith("tracemalloc.")}
     if now.tensors - base.tensors > 0:  # all tensor classes together, with their bytes
         diffs[TENSOR] = now.tensors - base.tensors
     grown = sorted(((k, v) for k, v in diffs.items() if v > 0), key=lambda kv: kv[1], reverse=True)
@@ -133,12 +135,13 @@ def new_tensors(base: Census, sample: int = 2) -> list:
     tensor_cls = _tensor_class()
     if tensor_cls is None:
         return []
-    found = []
-    for obj in gc.get_objects():
-        if isinstance(obj, tensor_cls) and id(obj) not in base.tensor_ids:
-            found.append(obj)
-            if len(found) >= sample:
-                break
+    objs = gc.get_objects()
+    try:
+        # exact types, not isinstance(): that would run every object's __class__ and ABC machinery
+        kinds = {t for t in set(map(type, objs)) if issubclass(t, tensor_cls)}
+        found = [o for o in objs if type(o) in kinds and id(o) not in base.tensor_ids][:sample]
+    finally:
+        del objs
     return found
 
 

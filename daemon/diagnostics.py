@@ -37,14 +37,14 @@ def _frame(frame: tracemalloc.Frame) -> dict:
             "source": linecache.getline(frame.filename, frame.lineno).strip()}
 
 
-def _entry(stat: tracemalloc.Statistic, group_by: str, base: tracemalloc.Statistic | None = None,
+def _entry(stat: tracemalloc.Statistic, group_by: str, base: tuple[int, int] | None = None,
            diff: bool = False) -> dict:
     """One allocation site: the allocating frame's file, line and source; the whole stack for traceback."""
     frames = list(stat.traceback)  # oldest first, the allocating frame last
     entry = {**_frame(frames[-1]), "size_bytes": stat.size, "count": stat.count}
     if diff:
-        entry["size_diff_bytes"] = stat.size - (base.size if base else 0)
-        entry["count_diff"] = stat.count - (base.count if base else 0)
+        entry["size_diff_bytes"] = stat.size - (base[0] if base else 0)
+        entry["count_diff"] = stat.count - (base[1] if base else 0)
     if group_by == "traceback":
         entry["traceback"] = [_frame(f) for f in frames]
     return entry
@@ -57,17 +57,23 @@ def _grouped(snapshot: tracemalloc.Snapshot, group_by: str) -> dict:
             if s.traceback[-1].filename not in DROPPED_FILES}
 
 
+def _sizes(grouped: dict) -> dict:
+    """{traceback: (size, count)}: what a baseline keeps of each site (a Statistic object less per site)."""
+    return {tb: (s.size, s.count) for tb, s in grouped.items()}
+
+
 @dataclass
 class _Baseline:
     taken_at: float
-    groups: dict  # group_by -> {traceback: Statistic}
+    groups: dict  # group_by -> {traceback: (size, count)}
 
 
 class Tracer:
     """This worker's tracemalloc: start/stop at run time, top sites, one baseline and the growth since.
 
-    The baseline keeps grouped statistics, not the snapshot: one entry per allocation site rather
-    than per live allocation, and each later diff groups only the new snapshot.
+    The baseline keeps grouped sizes, not the snapshot: one entry per allocation site rather than
+    per live allocation (tens of thousands of sites, a few MB, when tracing started with the process),
+    and each later diff groups only the new snapshot.
     """
 
     def __init__(self, frames: int = 1):
@@ -121,9 +127,9 @@ class Tracer:
         """Take the baseline that diff() compares against; returns its time (Unix s)."""
         with self._lock:
             snapshot = self._snapshot()
-            lineno = _grouped(snapshot, "lineno")
+            lineno = _sizes(_grouped(snapshot, "lineno"))
             # with one frame per trace, grouping by traceback is grouping by line
-            traceback = lineno if tracemalloc.get_traceback_limit() == 1 else _grouped(snapshot, "traceback")
+            traceback = lineno if tracemalloc.get_traceback_limit() == 1 else _sizes(_grouped(snapshot, "traceback"))
             del snapshot
             self._baseline = _Baseline(time.time(), {"lineno": lineno, "traceback": traceback})
             return self._baseline.taken_at
@@ -139,7 +145,7 @@ class Tracer:
                 raise NoBaseline("no baseline")
             now = _grouped(self._snapshot(), group_by)
         before = base.groups[group_by]
-        grown = [(s.size - (before[tb].size if tb in before else 0), s) for tb, s in now.items()]
+        grown = [(s.size - (before[tb][0] if tb in before else 0), s) for tb, s in now.items()]
         grown = sorted((g for g in grown if g[0] > 0), key=lambda g: g[0], reverse=True)[:limit]
         return [_entry(s, group_by, before.get(s.traceback), diff=True) for _, s in grown]
 

@@ -129,10 +129,10 @@ def diff():
 def snapshot():
     """Store the baseline: a tracemalloc snapshot (when tracing) and an object census."""
     diag = _diag()
+    base = diag.census.mark()  # first: what the census itself allocates must not count as growth
     traced = diag.tracer.tracing
     if traced:
         diag.tracer.mark()
-    base = diag.census.mark()
     return jsonify({"pid": os.getpid(), "tracemalloc_baseline": traced, **diag.tracer.status(),
                     "census": {"taken_at": base.taken_at, "seconds": round(base.seconds, 4),
                                "objects": base.objects,
