@@ -6,7 +6,8 @@ import importlib
 import sys
 
 # each module exposes add_parsers(subparsers); subparsers set func(namespace) -> exit code
-COMMANDS = ("serve", "chat", "build_model", "monitoring", "stack", "soak", "memwatch", "alertsink")
+COMMANDS = ("serve", "chat", "build_model", "monitoring", "stack", "soak", "memwatch", "alertsink",
+            "diagnose")
 
 
 def build_parser() -> argparse.ArgumentParser:
