@@ -1,0 +1,221 @@
+"""Memory watchdog: soft limit frees (idle sessions, caches, gc, trim), hard limit refuses turns and fails /readyz."""
+from __future__ import annotations
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from daemon import watchdog as wd
+from daemon.config import Config
+from daemon.metrics import PRESSURE_ACTIONS, Metrics
+from daemon.sessions import HistoryPolicy, MemoryStore
+
+torch.set_num_threads(1)
+LIMIT = 1000
+
+
+class Memory:
+    """An injected memory reader: (service, limit) from a list of readings, the last one repeating."""
+
+    def __init__(self, *ratios: float):
+        self.readings = list(ratios)
+        self.calls = 0
+
+    def set(self, *ratios: float) -> None:
+        self.readings = list(ratios)
+
+    def __call__(self) -> tuple[int, int]:
+        self.calls += 1
+        ratio = self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
+        if isinstance(ratio, Exception):
+            raise ratio
+        return int(ratio * LIMIT), LIMIT
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Engine:
+    """Stands in for daemon.engine.Engine: counts release_caches() calls."""
+
+    def __init__(self):
+        self.released = 0
+
+    def release_caches(self) -> int:
+        self.released += 1
+        return 4 << 20
+
+
+def sample(metrics: Metrics, name: str, **labels) -> float:
+    value = metrics.registry.get_sample_value(name, labels or None)
+    return 0.0 if value is None else value
+
+
+def actions(metrics: Metrics) -> dict[str, float]:
+    return {a: sample(metrics, "edgechat_memory_pressure_actions_total", action=a) for a in PRESSURE_ACTIONS}
+
+
+@pytest.fixture
+def rig():
+    """A watchdog over a real MemoryStore and Metrics, with injected memory, clock and trim."""
+    clock, memory, engine = Clock(), Memory(0.5), Engine()
+    metrics = Metrics(CollectorRegistry(), multiprocess=False)
+    store = MemoryStore(HistoryPolicy(max_turns=5, max_tokens=0, ttl_s=0, max_sessions=100),
+                        lambda messages: sum(len(m["content"]) for m in messages), clock=clock,
+                        listener=metrics)
+    trims = []
+    dog = wd.MemoryWatchdog(soft_ratio=0.85, hard_ratio=0.95, read=memory, store=store, engine=engine,
+                            metrics=metrics, clock=clock, trim=trims.append)
+    yield dog, clock, memory, store, engine, metrics, trims
+    store.close()
+    metrics.close()
+
+
+def test_below_the_soft_limit_nothing_happens(rig):
+    dog, clock, memory, store, engine, metrics, trims = rig
+    store.create(None)
+    assert dog.check() == wd.OK and not dog.refusing
+    assert actions(metrics) == dict.fromkeys(PRESSURE_ACTIONS, 0.0)
+    assert engine.released == 0 and trims == [] and store.stats().sessions == 1
+    assert sample(metrics, "edgechat_memory_pressure_level") == 0
+
+
+def test_soft_limit_evicts_idle_sessions_releases_caches_and_counts_it(rig):
+    dog, clock, memory, store, engine, metrics, trims = rig
+    old = [store.create(None).id for _ in range(3)]
+    clock.t += wd.IDLE_EVICT_S          # these three are idle for a minute now
+    recent = store.create(None).id      # this one was just used
+    memory.set(0.90)
+    assert dog.check() == wd.SOFT and not dog.refusing
+    assert store.stats().sessions == 1 and store.get(recent, None).id == recent
+    assert sample(metrics, "edgechat_sessions_evicted_total", reason="memory_pressure") == 3
+    assert actions(metrics) == {"evict_sessions": 1, "release_caches": 1, "gc_collect": 1, "malloc_trim": 1,
+                                "refuse_turns": 0, "resume_turns": 0}
+    assert engine.released == 1 and trims == [0]
+    assert sample(metrics, "edgechat_memory_pressure_level") == 1
+    assert old  # noqa: the evicted ids are gone
+    # still high a moment later: no second pass before RELEASE_EVERY_S (each costs a full collection)
+    clock.t += 1
+    dog.check()
+    assert actions(metrics)["gc_collect"] == 1
+    clock.t += wd.RELEASE_EVERY_S
+    dog.check()
+    assert actions(metrics)["gc_collect"] == 2 and engine.released == 2
+
+
+def test_hard_limit_refuses_until_below_the_soft_limit(rig):
+    dog, clock, memory, store, engine, metrics, trims = rig
+    store.create(None)                  # active a moment ago: survives the soft pass, not the hard one
+    memory.set(0.97)
+    assert dog.check() == wd.HARD and dog.refusing
+    assert store.stats().sessions == 0
+    assert actions(metrics)["refuse_turns"] == 1
+    assert sample(metrics, "edgechat_memory_pressure_level") == 2
+    memory.set(0.90)                    # below hard but above soft: hysteresis keeps refusing
+    assert dog.check() == wd.HARD
+    memory.set(0.50)
+    assert dog.check() == wd.OK and not dog.refusing
+    assert actions(metrics)["resume_turns"] == 1 and actions(metrics)["refuse_turns"] == 1
+    assert sample(metrics, "edgechat_memory_pressure_level") == 0
+
+
+def test_memory_freed_by_the_release_avoids_refusing(rig):
+    dog, clock, memory, store, engine, metrics, trims = rig
+    memory.set(0.97, 0.60)              # the release brings memory back down before the verdict
+    assert dog.check() == wd.OK and not dog.refusing
+    assert actions(metrics)["gc_collect"] == 1 and actions(metrics)["refuse_turns"] == 0
+
+
+def test_unreadable_memory_keeps_the_last_verdict(rig):
+    dog, clock, memory, store, engine, metrics, trims = rig
+    memory.set(0.97)
+    dog.check()
+    memory.set(OSError("no /proc"))
+    assert dog.check() == wd.HARD
+
+
+@pytest.mark.parametrize("soft,hard", [(0.0, 0.9), (0.9, 0.9), (0.95, 0.9), (0.5, 1.5)])
+def test_watchdog_rejects_bad_ratios(soft, hard):
+    with pytest.raises(ValueError):
+        wd.MemoryWatchdog(soft_ratio=soft, hard_ratio=hard, read=Memory(0.1))
+
+
+@pytest.mark.parametrize("env,setting", [
+    ({"EDGECHAT_MEMORY_SOFT_LIMIT_RATIO": "0.96"}, "memory_soft_limit_ratio"),
+    ({"EDGECHAT_MEMORY_SOFT_LIMIT_RATIO": "0"}, "memory_soft_limit_ratio"),
+    ({"EDGECHAT_MEMORY_HARD_LIMIT_RATIO": "1.2"}, "memory_hard_limit_ratio"),
+    ({"EDGECHAT_MEMORY_HARD_LIMIT_RATIO": "lots"}, "memory_hard_limit_ratio"),
+    ({"EDGECHAT_MEMORY_WATCHDOG": "maybe"}, "memory_watchdog"),
+    ({"EDGECHAT_TRACEMALLOC_FRAMES": "0"}, "tracemalloc_frames"),
+    ({"EDGECHAT_ADMIN_KEY": "two words"}, "admin_key"),
+])
+def test_invalid_settings_name_themselves(env, setting):
+    with pytest.raises(ValueError, match=setting):
+        Config.from_env(env)
+
+
+def test_defaults():
+    cfg = Config.from_env({})
+    assert (cfg.memory_watchdog, cfg.memory_soft_limit_ratio, cfg.memory_hard_limit_ratio) == (True, 0.85, 0.95)
+    assert (cfg.admin_key, cfg.tracemalloc, cfg.tracemalloc_frames) == ("", False, 1)
+
+
+# --- through the app: the real wiring, with the memory reader swapped for a fake -----------------------
+def _turn(client):
+    return client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 2})
+
+
+def test_hard_limit_turns_get_503_and_readyz_fails_until_memory_drops(app_factory):
+    app = app_factory(session_store="memory")
+    client, dog = app.test_client(), wd.of(app)
+    assert dog is not None and client.get("/readyz").status_code == 200
+    dog.read = memory = Memory(0.97)
+    assert dog.check() == wd.HARD
+    session = client.post("/v1/sessions", json={}).get_json()["id"]  # sessions may start; turns may not
+
+    resp = _turn(client)
+    assert resp.status_code == 503 and int(resp.headers["Retry-After"]) >= 1
+    assert resp.get_json()["error"]["code"] == "memory_pressure"
+    resp = client.post(f"/v1/sessions/{session}/messages", json={"content": "hi", "max_tokens": 2})
+    assert resp.status_code == 503 and resp.get_json()["error"]["code"] == "memory_pressure"
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"]["memory_below_hard_limit"] is False
+    assert ready.get_json()["memory_pressure_level"] == 2
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'edgechat_requests_rejected_total{reason="memory_pressure"} 2.0' in text
+    assert "edgechat_memory_pressure_level 2.0" in text
+    assert 'edgechat_memory_pressure_actions_total{action="refuse_turns"} 1.0' in text
+
+    memory.set(0.40)
+    assert dog.check() == wd.OK
+    assert _turn(client).status_code == 200
+    assert client.get("/readyz").status_code == 200
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'edgechat_memory_pressure_actions_total{action="resume_turns"} 1.0' in text
+
+
+def test_soft_limit_in_the_app_evicts_idle_sessions(app_factory):
+    app = app_factory(session_store="memory")
+    client, dog = app.test_client(), wd.of(app)
+    ids = [client.post("/v1/sessions", json={}).get_json()["id"] for _ in range(2)]
+    dog.idle_evict_s = 0.0  # sessions just created count as idle
+    dog.read = Memory(0.90)
+    assert dog.check() == wd.SOFT
+    assert all(client.get(f"/v1/sessions/{i}").status_code == 404 for i in ids)
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'edgechat_sessions_evicted_total{reason="memory_pressure"} 2.0' in text
+    assert 'edgechat_memory_pressure_actions_total{action="evict_sessions"} 1.0' in text
+    assert _turn(client).status_code == 200  # soft pressure frees, it does not refuse
+
+
+def test_off_switch(app_factory):
+    app = app_factory(memory_watchdog=False)
+    assert wd.of(app) is None
+    assert "memory_below_hard_limit" not in app.test_client().get("/readyz").get_json()["checks"]
