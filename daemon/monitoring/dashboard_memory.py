@@ -12,6 +12,7 @@ _SLOPE = "max by (instance) (deriv({}[{}]))"
 # 2 x max_turns + 1 messages (system prompt + max_turns user/assistant pairs); hidden when the limit is 0
 _HISTORY_LIMIT = (f"max by (instance) (2 * {sel('edgechat_history_max_turns')} + 1"
                   f" and {sel('edgechat_history_max_turns')} > 0)")
+_REFUSED = rate("edgechat_requests_rejected_total", 'reason="memory_pressure"')
 FIRING = sel("ALERTS", 'alertstate="firing", alertname=~"Edgechat.*"')
 _ALERT_COLUMNS = ("Time", "Value", "__name__", "alertstate", "job")
 
@@ -89,6 +90,42 @@ def _memory_rows():
                    "Memory only this worker holds (not shared with the master or other workers). Model "
                    "weights shared after fork do not count; memory a worker leaks does.", "bytes",
                    [target(sel("edgechat_process_unique_memory_bytes"), "{{pid}}")], minimum=0),
+    ]
+
+
+def _protection_rows():
+    """Return the self-protection and census row: the memory watchdog's state and actions, live objects."""
+    return [
+        row("Memory self-protection and object census"),
+        timeseries("Memory watchdog level",
+                   "Each worker's memory watchdog: 0 ok, 1 above the soft limit (it frees idle sessions, "
+                   "caches, runs gc and malloc_trim), 2 above the hard limit (new turns get 503 and /readyz "
+                   "fails until memory is back under the soft limit). A leak walks it up 0, 1, 2 instead of "
+                   "ending in an OOM kill.", "none",
+                   [target(f"max by (instance) ({sel('edgechat_memory_pressure_level')})", "{{instance}}")],
+                   w=8, minimum=0, steps=[(None, "green"), (1, "orange"), (2, "red")]),
+        timeseries("Memory watchdog actions",
+                   "What the watchdogs did, per second, by action: evict_sessions, release_caches, gc_collect, "
+                   "malloc_trim (each pass above the soft limit), refuse_turns and resume_turns (crossing the "
+                   "hard limit and back). Zero when memory is healthy.", "ops",
+                   [target(f"sum by (instance, action) ({rate('edgechat_memory_pressure_actions_total')})",
+                           "{{action}}")], w=8),
+        timeseries("Turns refused for memory",
+                   "Requests answered 503 memory_pressure because the service is above its hard memory limit "
+                   "(edgechat_requests_rejected_total{reason=\"memory_pressure\"}). The daemon degrades "
+                   "here instead of being OOM-killed; see the EdgechatMemoryLeakSuspected runbook.", "reqps",
+                   [target(f"sum by (instance) ({_REFUSED})", "{{instance}}")], w=8),
+        timeseries("Torch tensor bytes per worker",
+                   "Bytes of the distinct storages of live torch tensors in each worker (object census, at "
+                   "most every 2 min). Weights and a bounded KV cache keep it flat; a tensor leak (outputs or "
+                   "caches kept alive) makes it climb. tracemalloc does not see this memory.", "bytes",
+                   [target(sel("edgechat_torch_tensor_bytes"), "{{pid}}")], minimum=0),
+        timeseries("Live objects by type",
+                   "GC-tracked live objects by type (torch.Tensor, dict, list, tuple, set, function, cell, "
+                   "other), summed over workers; object census at most every 2 min. The type that climbs "
+                   "is what leaks; `edgechat diagnose URL --snapshot` shows its growth and what holds it.",
+                   "short", [target(f"sum by (instance, type) ({sel('edgechat_live_objects')})", "{{type}}")],
+                   minimum=0),
     ]
 
 
@@ -216,7 +253,8 @@ def _process_rows():
 
 def build():
     """Return the memory dashboard as a dict."""
-    panels = [*_top_row(), *_memory_rows(), *_history_rows(), *_gc_rows(), *_process_rows()]
+    panels = [*_top_row(), *_memory_rows(), *_protection_rows(), *_history_rows(), *_gc_rows(),
+              *_process_rows()]
     return dashboard(UID, TITLE,
                      "Is edgechat leaking? Memory against its limit, conversation history against its limit, "
                      "GC, restarts and firing alerts. See docs/dashboards.md.",
