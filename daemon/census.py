@@ -10,6 +10,7 @@ process that has not loaded it simply has no tensors.
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from .metrics import LIVE_OBJECT_TYPES, OTHER
 
 CENSUS_EVERY_S = 120.0  # background census for the gauges: well under 1 % of one core
 TENSOR = "torch.Tensor"  # every tensor subclass (Parameter included) is counted under this name too
+log = logging.getLogger("edgechat.census")
 HOLDER_SCANS = 16  # gc.get_referrers calls per holders() (each one walks the whole heap)
 
 
@@ -214,15 +216,18 @@ class CensusKeeper:
         self.baseline = self.take(collect=True)
         return self.baseline
 
-    def start_sampler(self, interval_s: float, stop: threading.Event) -> threading.Thread:
-        """Refresh the census gauges every interval_s (no gc.collect: the GC runs on its own schedule)."""
+    def start_sampler(self, interval_s: float, stop: threading.Event,
+                      first_after_s: float | None = None) -> threading.Thread:
+        """Refresh the census gauges every interval_s, the first time after first_after_s (so the
+        gauges exist soon after start); no gc.collect: the GC runs on its own schedule."""
         def loop() -> None:
-            while not stop.wait(interval_s):
+            delay = interval_s if first_after_s is None else first_after_s
+            while not stop.wait(delay):
+                delay = interval_s
                 try:
                     self.take(collect=False, ids=False)
                 except Exception:  # noqa: BLE001 - a failed census must not end the sampling for good
-                    import logging
-                    logging.getLogger("edgechat.census").exception("object census failed")
+                    log.exception("object census failed")
         thread = threading.Thread(target=loop, name="edgechat-census", daemon=True)
         thread.start()
         return thread

@@ -169,5 +169,6 @@ def init_app(app, cfg, metrics, stop: threading.Event) -> Diagnostics:
     from .census import CENSUS_EVERY_S, CensusKeeper
     diag = Diagnostics(Tracer(cfg.tracemalloc_frames), CensusKeeper(metrics))
     app.extensions[EXTENSION] = diag
-    diag.census.start_sampler(max(CENSUS_EVERY_S, cfg.metrics_refresh_s), stop)
+    diag.census.start_sampler(max(CENSUS_EVERY_S, cfg.metrics_refresh_s), stop,
+                              first_after_s=cfg.metrics_refresh_s)
     return diag
