@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import requests
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -9,6 +10,7 @@ from daemon import watchdog as wd
 from daemon.config import Config
 from daemon.metrics import PRESSURE_ACTIONS, Metrics
 from daemon.sessions import HistoryPolicy, MemoryStore
+from servers import Daemon
 
 torch.set_num_threads(1)
 LIMIT = 1000
@@ -219,3 +221,46 @@ def test_off_switch(app_factory):
     app = app_factory(memory_watchdog=False)
     assert wd.of(app) is None
     assert "memory_below_hard_limit" not in app.test_client().get("/readyz").get_json()["checks"]
+
+
+# --- a real leaking daemon under gunicorn, with the real memory reader ----------------------------------
+def _metric(url: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    text = requests.get(url + "/metrics", timeout=10).text
+    return max((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())), default=0.0)
+
+
+@pytest.mark.e2e
+def test_a_leaking_daemon_refuses_turns_instead_of_outgrowing_its_limit(tmp_path, cache_dir):
+    # leak_mode tensors keeps every turn's scores and KV cache: ~2 MB a turn at 256 tokens on builtin:tiny
+    args = ("--leak-mode", "tensors", "--max-new-tokens", "256", "--min-new-tokens", "256",
+            "--kv-cache-bytes", "0")
+    for name in ("probe", "leak"):
+        (tmp_path / name).mkdir()
+    body = {"messages": [{"role": "user", "content": "tell me more"}], "max_tokens": 256}
+    with Daemon(tmp_path / "probe", cache_dir, *args) as probe:
+        for _ in range(3):  # the first turn alone adds ~50 MB (allocator arenas, torch buffers)
+            requests.post(probe.url + "/v1/chat/completions", json=body, timeout=120).raise_for_status()
+        warm = _metric(probe.url, "edgechat_service_memory_bytes")
+    limit = int(warm / 0.90)  # a warm daemon sits near 90 %: above the soft limit, below the hard one
+    with Daemon(tmp_path / "leak", cache_dir, *args, "--memory-limit-bytes", str(limit)) as d:
+        for served in range(300):
+            resp = requests.post(d.url + "/v1/chat/completions", json=body, timeout=120)
+            if resp.status_code != 200:
+                break
+        else:
+            pytest.fail(f"300 leaking turns and never refused; memory {_metric(d.url, 'edgechat_service_memory_bytes')}"
+                        f" of {limit}")
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "memory_pressure", resp.text
+        assert int(resp.headers["Retry-After"]) >= 1 and served >= 1
+        ready = requests.get(d.url + "/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["checks"]["memory_below_hard_limit"] is False
+        assert _metric(d.url, "edgechat_memory_pressure_level") == 2
+        for action in ("gc_collect", "release_caches", "refuse_turns"):
+            assert _metric(d.url, "edgechat_memory_pressure_actions_total", action=action) >= 1, action
+        assert _metric(d.url, "edgechat_requests_rejected_total", reason="memory_pressure") >= 1
+        # refusing stops the leak: memory holds below the limit and the worker lives on
+        assert _metric(d.url, "edgechat_service_memory_bytes") < limit
+        assert requests.post(d.url + "/v1/chat/completions", json=body, timeout=60).status_code == 503
+        assert d.proc.poll() is None and "memory pressure" in d.log()
