@@ -3,6 +3,7 @@ trim; the pool's byte budget holds; dropped or released caches fall back to a fu
 timeout and errors free everything. Also the lean decoder against transformers, int8, block trimming."""
 from __future__ import annotations
 
+import copy
 import gc
 import threading
 import time
@@ -13,7 +14,7 @@ import torch
 
 from daemon import cpu, engine as engine_mod
 from daemon.config import Config
-from daemon.decoder import FastDecoder, HFDecoder
+from daemon.decoder import FastDecoder, HFDecoder, can_pack
 from daemon.engine import Engine, GenerationParams
 from daemon.generation import THREAD_PREFIX
 from daemon.kvcache import KVPool, KVState
@@ -72,10 +73,18 @@ def reply(e: Engine, messages: list[dict], params: GenerationParams = GREEDY):
     return gen
 
 
-def full_logits(e: Engine, ids: list[int]) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def reference(cache_dir):
+    """builtin:tiny as transformers runs it (the engine's decoder takes its own model's weights over)."""
+    from transformers import AutoModelForCausalLM
+    from daemon.builtin_models import builtin_dir
+    return AutoModelForCausalLM.from_pretrained(builtin_dir("builtin:tiny", cache_dir), dtype=torch.float32).eval()
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
     """Next-token logits of a full prefill through the transformers model itself."""
     with torch.inference_mode():
-        return e.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
 
 
 def chat(e: Engine, store: MemoryStore, turns: int) -> list:
@@ -91,9 +100,15 @@ def chat(e: Engine, store: MemoryStore, turns: int) -> list:
     return out
 
 
-def test_fast_decoder_matches_transformers(make_engine):
+@pytest.mark.parametrize("pack", [None, False], ids=["default", "plain"])
+def test_fast_decoder_matches_transformers(make_engine, reference, pack):
     e = make_engine(kv_cache_bytes=0)
+    if pack is False:
+        e.decoder = FastDecoder(copy.deepcopy(reference), pack=False)
     assert isinstance(e.decoder, FastDecoder)
+    assert e.decoder.mode == ("packed" if can_pack() and pack is None else "plain")
+    if e.decoder.mode == "packed":  # the float copies were freed, all but the embedding rows
+        assert e.model.lm_head.weight.numel() and not e.model.model.layers[0].mlp.down_proj.weight.numel()
     ids = e.encode([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello, how are you?"}])
     state = e.decoder.new_state()
     with torch.inference_mode():
@@ -102,10 +117,10 @@ def test_fast_decoder_matches_transformers(make_engine):
         for token in ids[15:]:
             logits = e.decoder.forward([token], state)
     assert state.ids == ids
-    torch.testing.assert_close(logits, full_logits(e, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, full_logits(reference, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_reuse_matches_full_prefill_across_a_trim(make_engine):
+def test_reuse_matches_full_prefill_across_a_trim(make_engine, reference):
     policy = HistoryPolicy(max_turns=3, max_tokens=0, ttl_s=0, max_sessions=0, trim_to=0.5)
     reuse = make_engine()
     fresh = make_engine(kv_cache_bytes=0)
@@ -130,7 +145,7 @@ def test_reuse_matches_full_prefill_across_a_trim(make_engine):
     with torch.inference_mode():
         state.crop(cached)
         logits = reuse.decoder.forward(nxt[cached:], state)
-    torch.testing.assert_close(logits, full_logits(reuse, nxt), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, full_logits(reference, nxt), atol=1e-4, rtol=1e-4)
 
 
 def test_dropped_cache_falls_back_to_full_prefill(make_engine):
@@ -248,10 +263,10 @@ def test_memory_pressure_keeps_nothing_idle(cache_dir):
         e.close()
 
 
-def test_hf_decoder_fallback_reuses_too(make_engine):
+def test_hf_decoder_fallback_reuses_too(make_engine, reference):
     e = make_engine()
     fast = reply(e, [{"role": "user", "content": "Tell me about the sea."}])
-    e.decoder = HFDecoder(e.model)  # what a model outside the Qwen2/Llama family gets
+    e.decoder = HFDecoder(reference)  # what a model outside the Qwen2/Llama family gets
     e.release_caches()
     slow = reply(e, [{"role": "user", "content": "Tell me about the sea."}])
     assert slow.token_ids == fast.token_ids
