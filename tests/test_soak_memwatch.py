@@ -97,16 +97,24 @@ def _rows(path) -> list[dict]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
-def test_soak_against_a_real_daemon_writes_csv_and_table(tmp_path, cache_dir, runner):
+def test_soak_against_real_daemons_writes_csv_table_and_plot(tmp_path, cache_dir, runner):
+    serve = ("--max-new-tokens", "16", "--warmup", "false")
     (tmp_path / "default").mkdir()
     (tmp_path / "leak").mkdir()
-    with Daemon(tmp_path / "default", cache_dir, "--max-new-tokens", "16", "--warmup", "false") as d:
+    with Daemon(tmp_path / "default", cache_dir, *serve) as d, \
+            Daemon(tmp_path / "leak", cache_dir, *serve, "--leak-mode", "history") as leak:
         code, out, err = runner("soak", "--url", d.url, "--turns", "6", "--sessions", "2", "--max-tokens", "8",
                                 "--csv", str(tmp_path / "default.csv"), "--table", str(tmp_path / "t.md"))
         assert code == 0, err
         # by pid: the gunicorn master and its worker, sampled with psutil
         code, _, err = runner("soak", "--url", d.url, "--turns", "2", "--pid", str(d.proc.pid),
                               "--csv", str(tmp_path / "pid.csv"))
+        assert code == 0, err
+        # two daemons interleaved turn by turn, next to the earlier run
+        png = ["--png", str(tmp_path / "soak.png")] if _has_matplotlib() else []
+        code, both, err = runner("soak", "--url", d.url, "--url", leak.url, "--turns", "8", "--max-tokens", "8",
+                                 "--csv", str(tmp_path / "pair.csv"), "--compare", str(tmp_path / "default.csv"),
+                                 *png)
         assert code == 0, err
     rows = _rows(tmp_path / "default.csv")
     assert [int(r["turn"]) for r in rows] == list(range(7))
@@ -122,17 +130,13 @@ def test_soak_against_a_real_daemon_writes_csv_and_table(tmp_path, cache_dir, ru
     pid_rows = _rows(tmp_path / "pid.csv")
     assert len(pid_rows[0]["pids"].split(";")) == 2  # master + one worker
 
-    with Daemon(tmp_path / "leak", cache_dir, "--max-new-tokens", "16", "--warmup", "false",
-                "--leak-mode", "history") as d:
-        png = ["--png", str(tmp_path / "soak.png")] if _has_matplotlib() else []
-        code, out, err = runner("soak", "--url", d.url, "--turns", "8", "--max-tokens", "8", *png,
-                                "--csv", str(tmp_path / "leak.csv"), "--compare", str(tmp_path / "default.csv"))
-        assert code == 0, err
-    assert out.startswith("| measure | default | leak_mode=history |")
+    assert both.startswith("| measure | default | default | leak_mode=history |")
+    bounded, leaking = _rows(tmp_path / "pair-1.csv"), _rows(tmp_path / "pair-2.csv")
+    kept = [int(r["history_messages"]) for r in bounded[1:]]
+    assert kept[:5] == [2, 4, 6, 8, 10] and max(kept) <= 10  # trimmed to at most 5 turns
+    assert [int(r["history_messages"]) for r in leaking[1:]] == [2 * t for t in range(1, 9)]
     if png:
         assert (tmp_path / "soak.png").read_bytes()[:4] == b"\x89PNG"
-    leak = _rows(tmp_path / "leak.csv")
-    assert [int(r["history_messages"]) for r in leak[1:]] == [2 * t for t in range(1, 9)]
 
 
 def _write(path, rows: list[dict]) -> str:

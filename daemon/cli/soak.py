@@ -85,7 +85,9 @@ def add_parsers(sub) -> None:
                                    "prompts against a running daemon; sample the workers' memory after "
                                    "each turn (by --pid with psutil, else from /metrics). Writes a CSV, "
                                    "prints a markdown table, optionally a PNG (needs matplotlib).")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="daemon base URL (default: %(default)s)")
+    p.add_argument("--url", action="append", metavar="URL",
+                   help="daemon base URL (default: http://127.0.0.1:8000); repeat it to soak several daemons "
+                        "(e.g. default and leak mode) interleaved turn by turn, so machine load hits them alike")
     p.add_argument("--api-key", help="bearer key, when the daemon has api_keys")
     p.add_argument("--turns", type=int, default=30, help="turns in all (default: %(default)s)")
     p.add_argument("--sessions", type=int, default=1, help="conversations, turns go round-robin (default: %(default)s)")
@@ -93,7 +95,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed sent with each turn (default: %(default)s)")
     p.add_argument("--pid", type=int, help="sample this process tree with psutil instead of /metrics")
     p.add_argument("--label", help="name of this run in the table and plot (default: from /readyz leak_mode)")
-    p.add_argument("--csv", default="soak.csv", help="per-turn CSV to write (default: %(default)s)")
+    p.add_argument("--csv", action="append", metavar="PATH",
+                   help="per-turn CSV to write, one per --url (default: soak.csv; soak-1.csv, soak-2.csv, ... "
+                        "for several URLs)")
     p.add_argument("--table", help="also write the markdown table here")
     p.add_argument("--png", help="also write a plot here (needs matplotlib: pip install 'edgechat[soak]')")
     p.add_argument("--compare", nargs="+", default=[], metavar="CSV",
@@ -111,14 +115,6 @@ def add_parsers(sub) -> None:
     r.set_defaults(func=run_report)
 
 
-def _sample(ns: argparse.Namespace):
-    try:
-        return sample_pid(ns.pid) if ns.pid else sample_metrics(ns.url)
-    except SampleError as exc:
-        print(f"\nedgechat soak: memory sample failed: {exc}", file=sys.stderr)
-        return None
-
-
 def _row(label: str, turn: int, session: int, session_turn: int, outcome: str, sample, start: float,
          answer: dict | None = None, latency: float | None = None) -> dict:
     usage, history = (answer or {}).get("usage", {}), (answer or {}).get("history", {})
@@ -132,14 +128,14 @@ def _row(label: str, turn: int, session: int, session_turn: int, outcome: str, s
             "pids": ";".join(sample.pids) if sample else "", "elapsed_s": f"{time.monotonic() - start:.2f}"}
 
 
-def _progress(done: int, total: int, row: dict) -> None:
+def _progress(done: int, total: int, row: dict, label: str = "") -> None:
     width = 24
     filled = width * done // max(total, 1)
     rss = f"{int(row['rss_bytes']) / MB:.0f} MB" if row["rss_bytes"] != "" else "?"
     lat = f"{float(row['latency_s']):.2f} s" if row["latency_s"] else row["outcome"]
-    line = (f"soak [{'#' * filled}{'.' * (width - filled)}] {done}/{total}  turn {lat}  "
+    line = (f"soak {label + ' ' if label else ''}[{'#' * filled}{'.' * (width - filled)}] {done}/{total}  turn {lat}  "
             f"prompt {row['prompt_tokens'] or '?'} tok  rss {rss}")
-    end = "\r" if sys.stderr.isatty() and done < total else "\n"
+    end = "\r" if sys.stderr.isatty() and done < total and not label else "\n"
     print(line.ljust(78), end=end, file=sys.stderr, flush=True)
 
 
@@ -158,55 +154,110 @@ def _turn(api: Api, session_id: str, prompt: str, ns: argparse.Namespace) -> tup
         return "down", None, time.monotonic() - t0
 
 
+class Target:
+    """One daemon under soak: its API, sessions, label and CSV; turns go round-robin over its sessions."""
+
+    def __init__(self, url: str, csv_path: str, ns: argparse.Namespace, start: float):
+        self.api, self.csv_path, self.ns, self.start = Api(url, ns.api_key, ns.timeout), csv_path, ns, start
+        self.url, self.down, self.label = url, False, ""
+        self.sessions: list[str] = []
+        self.counts = [0] * ns.sessions
+        self._handle = self._writer = None
+
+    def open(self, label: str | None) -> str | None:
+        """Check readiness, create the sessions, write the header and the initial sample; error text or None."""
+        info = self.api.wait_ready(30.0)
+        if info is None:
+            return f"{self.url}/readyz does not answer ready"
+        self.label = label or (f"leak_mode={info['leak_mode']}" if info.get("leak_mode") else "default")
+        try:
+            self.sessions = [self.api.new_session() for _ in range(self.ns.sessions)]
+        except OSError as exc:  # e.g. 401 without --api-key
+            return f"cannot create a session on {self.url}: {exc}"
+        self._handle = open(self.csv_path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - close()
+        self._writer = csv.DictWriter(self._handle, fieldnames=soak_report.FIELDS)
+        self._writer.writeheader()
+        self._writer.writerow(_row(self.label, 0, 0, 0, "initial", self._sample(), self.start))
+        return None
+
+    def _sample(self):
+        try:
+            return sample_pid(self.ns.pid) if self.ns.pid else sample_metrics(self.url)
+        except SampleError as exc:
+            print(f"\nedgechat soak: memory sample failed: {exc}", file=sys.stderr)
+            return None
+
+    def turn(self, turn: int) -> dict:
+        """Take turn number `turn`, sample memory, write and return its row."""
+        slot = (turn - 1) % self.ns.sessions
+        self.counts[slot] += 1
+        outcome, answer, seconds = _turn(self.api, self.sessions[slot], PROMPTS[(turn - 1) % len(PROMPTS)], self.ns)
+        row = _row(self.label, turn, slot + 1, self.counts[slot], outcome, self._sample(), self.start, answer,
+                   seconds if outcome == "ok" else None)
+        self._writer.writerow(row)
+        self._handle.flush()
+        if outcome == "down" and self.api.wait_ready(self.ns.recover_timeout) is None:
+            print(f"\nedgechat soak: {self.url} down since turn {turn}; stopping it", file=sys.stderr)
+            self.down = True
+        elif outcome in ("lost", "down"):
+            try:  # a restarted worker has an empty store: go on in a new conversation
+                self.sessions[slot], self.counts[slot] = self.api.new_session(), 0
+            except OSError:  # still coming up: the next turn will say
+                pass
+        return row
+
+    def close(self) -> None:
+        """Close the CSV."""
+        if self._handle is not None:
+            self._handle.close()
+
+
+def _csv_paths(ns: argparse.Namespace, urls: list[str]) -> list[str] | None:
+    paths = ns.csv or ["soak.csv"]
+    if len(paths) == len(urls):
+        return paths
+    if len(paths) == 1:  # soak.csv -> soak-1.csv, soak-2.csv, ...
+        stem = paths[0][:-4] if paths[0].endswith(".csv") else paths[0]
+        return [f"{stem}-{i}.csv" for i in range(1, len(urls) + 1)]
+    return None
+
+
 def run(ns: argparse.Namespace) -> int:
-    """Drive the turns, write the CSV, print the table; exit 1 when the daemon went down for good."""
-    if ns.turns < 1 or ns.sessions < 1:
-        print("edgechat soak: --turns and --sessions must be >= 1", file=sys.stderr)
-        return 2
-    if ns.png:
+    """Drive the turns, write the CSVs, print the table; exit 1 when a daemon went down for good."""
+    urls = ns.url or ["http://127.0.0.1:8000"]
+    paths = _csv_paths(ns, urls)
+    problem = ("--turns and --sessions must be >= 1" if ns.turns < 1 or ns.sessions < 1 else
+               "give one --csv, or one per --url" if paths is None else
+               "--pid and --label need a single --url" if len(urls) > 1 and (ns.pid or ns.label) else None)
+    if problem is None and ns.png:
         try:
             soak_report.require_matplotlib()
         except soak_report.MissingMatplotlib as exc:
-            print(f"edgechat soak: {exc}", file=sys.stderr)
-            return 2
-    api = Api(ns.url, ns.api_key, ns.timeout)
-    info = api.wait_ready(30.0)
-    if info is None:
-        print(f"edgechat soak: {ns.url}/readyz does not answer ready", file=sys.stderr)
+            problem = str(exc)
+    if problem:
+        print(f"edgechat soak: {problem}", file=sys.stderr)
         return 2
-    label = ns.label or (f"leak_mode={info['leak_mode']}" if info.get("leak_mode") else "default")
     start = time.monotonic()
+    targets = [Target(url, path, ns, start) for url, path in zip(urls, paths)]
     try:
-        sessions = [api.new_session() for _ in range(ns.sessions)]
-    except OSError as exc:  # e.g. 401 without --api-key
-        print(f"edgechat soak: cannot create a session: {exc}", file=sys.stderr)
-        return 2
-    counts = [0] * ns.sessions
-    code = 0
-    with open(ns.csv, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=soak_report.FIELDS)
-        writer.writeheader()
-        writer.writerow(_row(label, 0, 0, 0, "initial", _sample(ns), start))
+        for target in targets:
+            problem = target.open(ns.label)
+            if problem:
+                print(f"edgechat soak: {problem}", file=sys.stderr)
+                return 2
         for turn in range(1, ns.turns + 1):
-            slot = (turn - 1) % ns.sessions
-            counts[slot] += 1
-            outcome, answer, seconds = _turn(api, sessions[slot], PROMPTS[(turn - 1) % len(PROMPTS)], ns)
-            row = _row(label, turn, slot + 1, counts[slot], outcome, _sample(ns), start, answer,
-                       seconds if outcome == "ok" else None)
-            writer.writerow(row)
-            handle.flush()
-            _progress(turn, ns.turns, row)
-            if outcome == "down" and api.wait_ready(ns.recover_timeout) is None:
-                print(f"\nedgechat soak: daemon down since turn {turn}; stopping", file=sys.stderr)
-                code = 1
+            # interleaved turn by turn, so the machine's load hits every daemon alike
+            for target in targets:
+                if not target.down:
+                    row = target.turn(turn)
+                    _progress(turn, ns.turns, row, target.label if len(targets) > 1 else "")
+            if all(t.down for t in targets):
                 break
-            if outcome in ("lost", "down"):
-                try:  # a restarted worker has an empty store: go on in a new conversation
-                    sessions[slot], counts[slot] = api.new_session(), 0
-                except OSError:
-                    pass
-    runs = [soak_report.read_csv(path) for path in ns.compare] + [soak_report.read_csv(ns.csv)]
-    return _report(runs, ns.table, ns.png) or code
+    finally:
+        for target in targets:
+            target.close()
+    runs = [soak_report.read_csv(path) for path in ns.compare + paths]
+    return _report(runs, ns.table, ns.png) or int(any(t.down for t in targets))
 
 
 def _report(runs: list, table_path: str | None, png_path: str | None) -> int:
