@@ -81,7 +81,7 @@ def observe(gen, m, *, turn: int, history_messages: int | None) -> None:
                    ttft_s=stats.ttft_s, completion_tokens=stats.completion_tokens,
                    prompt_tokens=stats.prompt_tokens, queue_wait_s=stats.queue_wait_s,
                    history_messages=history_messages)
-    m.refresh()
+    m.refresh(max_age_s=1.0)  # sub-second turns share one refresh; the sampler and scrapes keep gauges fresh
 
 
 def drain(gen) -> str:
