@@ -6,7 +6,7 @@ rotating order (turn i starts with variant i mod 4): every variant sees the same
 same drift in the machine's load, and no variant always follows the same neighbour. One generation
 runs at a time, so they never compete for the cores with each other.
 
-    .venv/bin/python -m bench.hygiene [--turns 60] [--new-tokens 16] [--out CSV]
+    .venv/bin/python -m bench.hygiene [--turns 40] [--new-tokens 16] [--out CSV]
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ VARIANTS = {"none": (False, False), "gc": (True, False), "trim": (False, True), 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The bench's flags (--child is internal: the coordinator starts its variants with it)."""
     p = argparse.ArgumentParser(prog="python -m bench.hygiene", description=__doc__.split("\n")[0])
-    p.add_argument("--turns", type=int, default=60, help="turns per variant")
+    p.add_argument("--turns", type=int, default=40,
+                   help="turns per variant (40 x 4 variants fit ~15 min on 2 idle cores)")
     p.add_argument("--model", default=common.MODEL)
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated every turn (min = max)")
     p.add_argument("--min-prompt", type=int, default=500, help="shortest prompt, tokens")
@@ -45,10 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prompt_lengths(args: argparse.Namespace) -> list[int]:
-    """Log-uniform prompt lengths: more short turns than long ones, as chat goes, up to --max-prompt."""
-    rng = random.Random(args.seed)
-    lo, hi = math.log(args.min_prompt), math.log(args.max_prompt)
-    return [round(math.exp(rng.uniform(lo, hi))) for _ in range(args.turns)]
+    """Prompt lengths spaced evenly on a log scale from --min-prompt to --max-prompt, shuffled.
+
+    More short turns than long ones, as chat goes, and the whole range covered whatever --turns is.
+    """
+    lo, hi, n = math.log(args.min_prompt), math.log(args.max_prompt), args.turns
+    lengths = [round(math.exp(lo + (hi - lo) * k / max(1, n - 1))) for k in range(n)]
+    random.Random(args.seed).shuffle(lengths)
+    return lengths
 
 
 def build_prompt(engine, tokens: int, rng: random.Random) -> str:
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     common.exit_on_sigterm()
     started = time.monotonic()
     print(f"{common.today()}: {args.turns} turns x {len(VARIANTS)} variants on {args.model}, prompts "
-          f"{args.min_prompt}-{args.max_prompt} tokens (log-uniform), {args.new_tokens} new tokens, "
+          f"{args.min_prompt}-{args.max_prompt} tokens (log-spaced, shuffled), {args.new_tokens} new tokens, "
           f"dtype {args.dtype}, {args.threads} threads; {common.machine_note()}\n{common.code_note()}",
           flush=True)
     rows, info = run(args)
