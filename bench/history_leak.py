@@ -16,7 +16,7 @@ import tempfile
 import time
 
 from . import common
-from .common import markdown_table, ratio
+from .common import markdown_table, median, ratio
 
 DAEMONS = (("default", ()), ("leak", ("--leak-mode", "history")))
 
@@ -108,9 +108,20 @@ def summary(rows: list[dict], info: dict, turns: int, threads: int) -> str:
                     f"{a['latency_s']:.2f} ({a['prompt_tokens']})",
                     f"{b['latency_s']:.2f} ({b['prompt_tokens']})",
                     ratio(b["latency_s"], a["latency_s"])))
+    # single turns shake with the machine's load; medians over the 5 turns up to a mark do less
+    for t in (t for t in marks if t >= 5):
+        a, b = (median(by[(n, k)]["latency_s"] for k in range(t - 4, t + 1)) for n in ("default", "leak"))
+        out.append((f"median latency of turns {t - 4}–{t}, s", f"{a:.2f}", f"{b:.2f}", ratio(b, a)))
     for name in ("default", "leak"):
         first, end = by[(name, 1)], by[(name, last)]
         info[f"{name}_growth"] = ratio(end["latency_s"], first["latency_s"])
+    # CPU seconds the worker burnt per turn: the work itself, less shaken by other processes' load
+    if last >= 5:
+        cpu = {n: (by[(n, 1)]["worker_cpu_s"], median(by[(n, k)]["worker_cpu_s"] for k in range(last - 4, last + 1)))
+               for n in ("default", "leak")}
+        out.append((f"worker CPU s per turn: turn 1 → median of turns {last - 4}–{last}",
+                     *(f"{c[0]:.1f} → {c[1]:.1f} ({ratio(c[1], c[0])})" for c in cpu.values()),
+                     ratio(cpu["leak"][1], cpu["default"][1])))
     out.append((f"turn {last} / turn 1 latency", info["default_growth"], info["leak_growth"], ""))
     out.append((f"history messages after turn {last}", by[("default", last)]["history_messages"],
                 by[("leak", last)]["history_messages"], ""))
