@@ -23,7 +23,7 @@ from .metrics import LIVE_OBJECT_TYPES, OTHER
 CENSUS_EVERY_S = 120.0  # background census for the gauges: well under 1 % of one core
 TENSOR = "torch.Tensor"  # every tensor subclass (Parameter included) is counted under this name too
 log = logging.getLogger("edgechat.census")
-HOLDER_SCANS = 16  # gc.get_referrers calls per holders() (each one walks the whole heap)
+HOLDER_SCANS = 20  # gc.get_referrers calls per holders() (each one walks the whole heap)
 
 
 def _module(cls: type) -> str:
@@ -132,8 +132,9 @@ def growth(now: Census, base: Census | None, limit: int) -> dict:
     return out
 
 
-def new_tensors(base: Census, sample: int = 2) -> list:
-    """Up to `sample` live tensors that did not exist at the baseline (by id)."""
+def new_tensors(base: Census, sample: int = 6) -> list:
+    """Up to `sample` tensors that did not exist at the baseline (by id), spread evenly over all new
+    ones: a leak makes hundreds, a turn running meanwhile only its few temporaries."""
     tensor_cls = _tensor_class()
     if tensor_cls is None:
         return []
@@ -141,26 +142,46 @@ def new_tensors(base: Census, sample: int = 2) -> list:
     try:
         # exact types, not isinstance(): that would run every object's __class__ and ABC machinery
         kinds = {t for t in set(map(type, objs)) if issubclass(t, tensor_cls)}
-        found = [o for o in objs if type(o) in kinds and id(o) not in base.tensor_ids][:sample]
+        found = [o for o in objs if type(o) in kinds and id(o) not in base.tensor_ids]
     finally:
         del objs
-    return found
+    picked = found[:: max(1, len(found) // sample)][:sample]
+    del found  # it refers to every new tensor: it must not be around when holders() looks
+    return picked
 
 
 def holders(targets: list, base: Census, max_scans: int = HOLDER_SCANS) -> list[str]:
     """Name what keeps `targets` alive: walk referrers up to a module, or to an object of the daemon's
     own classes that already lived at the baseline (what grew is payload; the old owner is the leak).
 
-    Returns one chain per target, holder first, e.g. "daemon.engine.Engine.retained -> list ->
+    Returns up to two chains that reach an owner (else what was found), holder first, e.g. "daemon.engine.Engine.retained -> list ->
     types.SimpleNamespace -> tuple -> torch.Tensor". Each step is a gc.get_referrers() walk over the
     whole heap, so at most `max_scans` run in all; a chain cut short starts with "?".
     """
     budget = [max_scans]
     ignore = {id(targets)}
-    return [_chain(target, budget, ignore, base.daemon_ids) for target in targets]
+    chains: list[_Chain] = []
+    for target in targets:  # until two chains reach an owner: temporaries end fast, without one
+        if budget[0] <= 0 or sum(c.rooted for c in chains) >= 2:
+            break
+        chains.append(_chain(target, budget, ignore, base.daemon_ids))
+    rooted = [c for c in chains if c.rooted]
+    return [str(c) for c in (rooted or chains)]  # a chain that found no owner only when none did
 
 
-def _chain(target, budget: list[int], ignore: set[int], old: frozenset) -> str:
+class _Chain(str):
+    """A holder chain; `rooted` when it ends at a module or an old daemon object."""
+
+    rooted = False
+
+
+def _done(names: list[str], root: str | None = None, cut: bool = False) -> _Chain:
+    chain = _Chain(" -> ".join(([root] if root else ["?"] if cut else []) + names[::-1]))
+    chain.rooted = root is not None
+    return chain
+
+
+def _chain(target, budget: list[int], ignore: set[int], old: frozenset) -> _Chain:
     names = [type_name(type(target))]
     prev, current = None, target
     seen = {id(target)}
@@ -173,15 +194,15 @@ def _chain(target, budget: list[int], ignore: set[int], old: frozenset) -> str:
         if root is not None:
             if getattr(root, "__dict__", None) is current:  # held through root's own __dict__
                 names.pop()
-            return " -> ".join([_attribute_of(root, current, prev)] + names[::-1])
-        if not refs:
-            return " -> ".join(names[::-1])
+            return _done(names, _attribute_of(root, current, prev))
+        if not refs:  # held only by running code (frames): a temporary, not a leak
+            return _done(names)
         nxt = next((r for r in refs if type(r) is not dict), refs[0])  # an object over its __dict__
         del refs
         seen.add(id(nxt))
         names.append(type_name(type(nxt)))
         prev, current = current, nxt
-    return " -> ".join(["?"] + names[::-1])
+    return _done(names, cut=True)
 
 
 def _attribute_of(root, child, grandchild) -> str:
@@ -196,11 +217,15 @@ def _attribute_of(root, child, grandchild) -> str:
 
 
 class CensusKeeper:
-    """This worker's baseline census and the low-rate sampler that keeps the census gauges current."""
+    """This worker's baseline census and the low-rate sampler that keeps the census gauges current.
+
+    One census at a time per worker: a second one running meanwhile would hold lists of every tensor,
+    which the first one's holders() would then report as the holders.
+    """
 
     def __init__(self, metrics=None):
         self._metrics = metrics
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.baseline: Census | None = None
 
     def take(self, collect: bool = True, ids: bool = True) -> Census:
@@ -213,8 +238,19 @@ class CensusKeeper:
 
     def mark(self) -> Census:
         """Take the baseline census (after a full collection)."""
-        self.baseline = self.take(collect=True)
-        return self.baseline
+        with self._lock:
+            self.baseline = self.take(collect=True)
+            return self.baseline
+
+    def report(self, limit: int, with_holders: bool = True) -> dict:
+        """A census now as JSON (see growth()), with what holds new tensors when they grew."""
+        with self._lock:
+            now, base = self.take(collect=True), self.baseline
+            out = growth(now, base, limit)
+            out["holders"] = []
+            if with_holders and base is not None and now.tensors > base.tensors:
+                out["holders"] = holders(new_tensors(base), base)
+            return out
 
     def start_sampler(self, interval_s: float, stop: threading.Event,
                       first_after_s: float | None = None) -> threading.Thread:

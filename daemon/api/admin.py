@@ -13,7 +13,6 @@ import os
 
 from flask import Blueprint, current_app, jsonify, request
 
-from .. import census as census_mod
 from .. import diagnostics
 from ..extensions import get_config, get_metrics
 from .errors import ApiError, error_body, invalid
@@ -143,15 +142,7 @@ def snapshot():
 def census():
     """Live objects by type, torch tensor bytes, growth since the baseline and what holds new tensors."""
     limit, want_holders = _limit(), _flag("holders", True)
-    keeper = _diag().census
-    now = keeper.take(collect=True)
-    out = census_mod.growth(now, keeper.baseline, limit)
-    out["holders"] = []
-    if want_holders and keeper.baseline is not None and now.tensors > keeper.baseline.tensors:
-        sample = census_mod.new_tensors(keeper.baseline)
-        out["holders"] = census_mod.holders(sample, keeper.baseline)
-        del sample
-    return jsonify({"pid": os.getpid(), "limit": limit, **out})
+    return jsonify({"pid": os.getpid(), "limit": limit, **_diag().census.report(limit, want_holders)})
 
 
 @bp.post("/tracemalloc")
