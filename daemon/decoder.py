@@ -124,6 +124,8 @@ class FastDecoder:
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         self._inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
         self._cos = self._sin = torch.empty(0)
+        if mode != "plain":
+            _own_small_weights(model)
         self.layers: list[_Layer] = []
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -138,6 +140,7 @@ class FastDecoder:
             self.layers.append(layer)
             if mode != "plain":  # free this layer's float weights now: the peak stays one layer
                 _drop_float_weights(block, self.dtype)
+                release_file_pages(inner.embed_tokens.weight)  # and the file pages they came from
         self.norm = inner.norm.weight.detach()
         head = model.get_output_embeddings().weight.detach()
         embed = inner.embed_tokens.weight.detach()
@@ -152,6 +155,8 @@ class FastDecoder:
         del head, embed
         if mode != "plain":
             _drop_float_weights(model, self.dtype, keep=self.embed)
+            if self.embed is not None:
+                release_file_pages(self.embed)
 
     def new_state(self) -> KVState:
         """An empty cache for this model."""
@@ -211,6 +216,57 @@ class FastDecoder:
         state.ids.extend(ids)
         x = F.rms_norm(x[:, -1:], (self.hidden,), self.norm, self.eps)
         return self.lm_head(x).view(-1).float()
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _own_small_weights(model: nn.Module) -> None:
+    """Copy the norms and biases the decoder keeps out of the checkpoint file's mapping.
+
+    transformers maps the safetensors file and hands out views of it; the projections are fused and
+    packed into new memory, the small weights are copied here, and the embedding rows stay a view
+    (release_file_pages() then gives back the pages the packed weights were read from).
+    """
+    for name, param in model.named_parameters():
+        if param.numel() and name.rsplit(".", 2)[-2] not in _PROJECTIONS and param.dim() == 1:
+            param.data = param.data.clone()
+
+
+def release_file_pages(t: torch.Tensor) -> bool:
+    """Drop the resident pages of the read-only file mapping `t` lives in; True if done.
+
+    Once the projections are packed, the mapped checkpoint's pages are dead weight in RSS (about the
+    model's size) until the kernel reclaims them. MADV_DONTNEED gives them back now; a page touched
+    later (an embedding row) is read again from the file (or the page cache), unchanged. Skipped when
+    the mapping holds anonymous pages (copies written by this process, which DONTNEED would lose) or
+    is not a file.
+    """
+    import ctypes
+
+    ptr = t.data_ptr()
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:  # not Linux: nothing to give back
+        return False
+    start = end = copied = None
+    for line in lines:
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            found = lo <= ptr < hi and len(head) >= 6 and head[5].startswith("/")
+            if start is not None:
+                break  # past our mapping's block
+            if found:
+                start, end = lo, hi
+        elif start is not None and head[0] == "Anonymous:":
+            copied = int(head[1])
+    if start is None or copied != 0:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, end - start, 4) == 0  # 4 = MADV_DONTNEED
 
 
 def _drop_float_weights(module: nn.Module, dtype: torch.dtype, keep: torch.Tensor | None = None) -> None:

@@ -387,3 +387,17 @@ def test_metrics_show_the_pool(app_factory):
     assert 0 < got[("edgechat_kv_cache_bytes", ())] == engine.kv_pool.bytes_held <= 8 << 20
     assert got[("edgechat_kv_cache_budget_bytes", ())] == 8 << 20
     assert got[("edgechat_kv_cache_dropped_total", (("reason", "lru"),))] == 0
+
+
+def test_release_file_pages_keeps_values_and_spares_written_pages(tmp_path):
+    from daemon.decoder import release_file_pages
+    data = torch.arange(300_000, dtype=torch.float32)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.numpy().tobytes())
+    mapped = torch.from_file(str(path), shared=False, size=data.numel(), dtype=torch.float32)
+    assert float(mapped.sum()) == float(data.sum())  # pages resident now
+    assert release_file_pages(mapped) is True
+    assert torch.equal(mapped, data)  # read back from the file, unchanged
+    mapped[5] = -1.0  # a private written copy: giving its page back would lose the write
+    assert release_file_pages(mapped) is False and mapped[5] == -1.0
+    assert release_file_pages(torch.zeros(10)) is False  # anonymous memory: nothing to give back
