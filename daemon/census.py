@@ -4,13 +4,13 @@ Catches what tracemalloc cannot see: tensor storage is allocated by torch, outsi
 It walks every object the GC tracks (gc.get_objects), so it is O(objects) and holds the GIL throughout:
 0.15-0.5 s per ~375 k objects (torch + transformers + Flask loaded) on the 2-core dev box at load
 average ~10, plus a full gc.collect() (0.7 s there) when asked to collect first. The daemon runs it
-on demand (admin endpoints) and, without the collection, for the gauges at a low rate (CENSUS_EVERY_S). Never imports torch: a
+on demand (admin endpoints) and, without the collection, for the gauges at a low rate (CENSUS_EVERY_S,
+from daemon/diagnostics.py's thread). Never imports torch: a
 process that has not loaded it simply has no tensors.
 """
 from __future__ import annotations
 
 import gc
-import logging
 import sys
 import threading
 import time
@@ -22,7 +22,6 @@ from .metrics import LIVE_OBJECT_TYPES, OTHER
 
 CENSUS_EVERY_S = 120.0  # background census for the gauges: well under 1 % of one core
 TENSOR = "torch.Tensor"  # every tensor subclass (Parameter included) is counted under this name too
-log = logging.getLogger("edgechat.census")
 HOLDER_SCANS = 20  # gc.get_referrers calls per holders() (each one walks the whole heap)
 
 
@@ -217,7 +216,7 @@ def _attribute_of(root, child, grandchild) -> str:
 
 
 class CensusKeeper:
-    """This worker's baseline census and the low-rate sampler that keeps the census gauges current.
+    """This worker's baseline census; take() also refreshes the census gauges.
 
     One census at a time per worker: a second one running meanwhile would hold lists of every tensor,
     which the first one's holders() would then report as the holders.
@@ -251,19 +250,3 @@ class CensusKeeper:
             if with_holders and base is not None and now.tensors > base.tensors:
                 out["holders"] = holders(new_tensors(base), base)
             return out
-
-    def start_sampler(self, interval_s: float, stop: threading.Event,
-                      first_after_s: float | None = None) -> threading.Thread:
-        """Refresh the census gauges every interval_s, the first time after first_after_s (so the
-        gauges exist soon after start); no gc.collect: the GC runs on its own schedule."""
-        def loop() -> None:
-            delay = interval_s if first_after_s is None else first_after_s
-            while not stop.wait(delay):
-                delay = interval_s
-                try:
-                    self.take(collect=False, ids=False)
-                except Exception:  # noqa: BLE001 - a failed census must not end the sampling for good
-                    log.exception("object census failed")
-        thread = threading.Thread(target=loop, name="edgechat-census", daemon=True)
-        thread.start()
-        return thread

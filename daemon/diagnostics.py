@@ -8,7 +8,10 @@ a snapshot walks every trace while holding the GIL (~1-2 s with a model loaded, 
 """
 from __future__ import annotations
 
+import json
 import linecache
+import logging
+import os
 import threading
 import time
 import tracemalloc
@@ -22,6 +25,11 @@ DROPPED_FILES = frozenset({"<frozen importlib._bootstrap>", "<frozen importlib._
                            "<unknown>", tracemalloc.__file__, linecache.__file__, __file__,
                            __file__.replace("diagnostics.py", "census.py")})
 EXTENSION = "edgechat.diagnostics"
+# The tracing switch every worker of one server follows, in the shared multiprocess folder (not *.db:
+# invisible to the metrics collectors): a request reaches one worker, the others pick it up within
+# metrics_refresh_s. Quick requests land on one worker almost every time, so asking each does not work.
+SHARED_SWITCH = ".edgechat-tracemalloc.json"
+log = logging.getLogger("edgechat.diagnostics")
 
 
 class TracingOff(RuntimeError):
@@ -76,10 +84,13 @@ class Tracer:
     and each later diff groups only the new snapshot.
     """
 
-    def __init__(self, frames: int = 1):
+    def __init__(self, frames: int = 1, shared_dir: str | None = None):
+        """shared_dir: the folder all workers of this server share (multiprocess metrics), if any."""
         self.frames = frames
         self._lock = threading.Lock()  # one snapshot at a time: each costs memory and GIL time
         self._baseline: _Baseline | None = None
+        self._switch = os.path.join(shared_dir, SHARED_SWITCH) if shared_dir else None
+        self._applied: dict | None = None  # the shared switch state last published or followed
 
     @property
     def tracing(self) -> bool:
@@ -87,14 +98,51 @@ class Tracer:
         return tracemalloc.is_tracing()
 
     def start(self) -> bool:
-        """Start tracing with `frames` frames per trace; False when it already traced."""
+        """Start tracing with `frames` frames per trace, here and in the other workers; False when it
+        already traced here."""
+        self._publish(True)
+        return self._start()
+
+    def stop(self) -> bool:
+        """Stop tracing here and in the other workers; False when it was off here."""
+        self._publish(False)
+        return self._stop()
+
+    def follow(self) -> bool:
+        """Apply a switch another worker of this server published; True when tracing changed here."""
+        if self._switch is None:
+            return False
+        try:
+            with open(self._switch, encoding="utf-8") as fh:
+                state = json.load(fh)
+        except (OSError, ValueError):  # nothing published yet (writes are atomic renames)
+            return False
+        if state == self._applied or state.get("server") != os.getppid():  # a previous server's file
+            return False
+        self._applied = state
+        return self._start() if state.get("enabled") else self._stop()
+
+    def _publish(self, enabled: bool) -> None:
+        if self._switch is None:
+            return
+        state = {"server": os.getppid(), "enabled": enabled}
+        tmp = f"{self._switch}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(state, fh)
+            os.replace(tmp, self._switch)
+            self._applied = state
+        except OSError as exc:  # a read-only folder: this worker still switches, the others do not
+            log.warning("cannot share the tracemalloc switch with the other workers: %s", exc)
+
+    def _start(self) -> bool:
         if tracemalloc.is_tracing():
             return False
         tracemalloc.start(self.frames)
         return True
 
-    def stop(self) -> bool:
-        """Stop tracing and forget the baseline (its traces no longer match); False when it was off."""
+    def _stop(self) -> bool:
+        """Stop tracing and forget the baseline (its traces no longer match)."""
         with self._lock:
             self._baseline = None
             if not tracemalloc.is_tracing():
@@ -165,10 +213,23 @@ class Diagnostics:
 
 
 def init_app(app, cfg, metrics, stop: threading.Event) -> Diagnostics:
-    """Attach this worker's tracer and census keeper; refresh the census gauges at a low rate."""
+    """Attach this worker's tracer and census keeper; a thread follows the shared tracing switch every
+    metrics_refresh_s and refreshes the census gauges at a low rate (first one tick after start)."""
     from .census import CENSUS_EVERY_S, CensusKeeper
-    diag = Diagnostics(Tracer(cfg.tracemalloc_frames), CensusKeeper(metrics))
+    diag = Diagnostics(Tracer(cfg.tracemalloc_frames, metrics.multiprocess_dir), CensusKeeper(metrics))
     app.extensions[EXTENSION] = diag
-    diag.census.start_sampler(max(CENSUS_EVERY_S, cfg.metrics_refresh_s), stop,
-                              first_after_s=cfg.metrics_refresh_s)
+    tick = cfg.metrics_refresh_s
+
+    def loop() -> None:
+        census_due = 0.0
+        while not stop.wait(tick):
+            try:
+                if diag.tracer.follow() and diag.tracer.tracing:
+                    metrics.track_tracemalloc()
+                if time.monotonic() >= census_due:
+                    census_due = time.monotonic() + max(CENSUS_EVERY_S, tick)
+                    diag.census.take(collect=False, ids=False)  # the GC runs on its own schedule
+            except Exception:  # noqa: BLE001 - one failed tick must not end the thread for good
+                log.exception("diagnostics tick failed")
+    threading.Thread(target=loop, name="edgechat-diagnostics", daemon=True).start()
     return diag

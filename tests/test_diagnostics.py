@@ -1,6 +1,7 @@
 """Finding the leak: admin endpoints, tracemalloc diff and object census on a leaking daemon, `edgechat diagnose`."""
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import subprocess
@@ -13,7 +14,7 @@ import torch
 
 from daemon import census as census_mod
 from daemon.cli import diagnose
-from daemon.diagnostics import DROPPED_FILES, NoBaseline, TracingOff, Tracer
+from daemon.diagnostics import DROPPED_FILES, SHARED_SWITCH, NoBaseline, TracingOff, Tracer
 from servers import Daemon, free_port
 
 torch.set_num_threads(1)
@@ -178,6 +179,21 @@ def test_tracer_without_tracing_or_baseline():
     finally:
         assert tracer.stop()
     assert tracer.status()["baseline_at"] is None
+
+
+def test_tracing_switch_is_shared_through_the_folder(tmp_path):
+    here, there = Tracer(shared_dir=str(tmp_path)), Tracer(shared_dir=str(tmp_path))
+    assert here.start() and tracemalloc.is_tracing()
+    tracemalloc.stop()  # as if `there` were another worker, not tracing yet
+    assert there.follow() and tracemalloc.is_tracing()
+    assert not there.follow()  # a switch is followed once
+    assert here.stop() and not tracemalloc.is_tracing()
+    tracemalloc.start()  # `there` still traces
+    assert there.follow() and not tracemalloc.is_tracing()
+    # a switch left by a previous server (another master pid) is ignored
+    (tmp_path / SHARED_SWITCH).write_text(json.dumps({"server": -1, "enabled": True}))
+    assert not there.follow() and not tracemalloc.is_tracing()
+    assert not Tracer().follow()  # single process: nothing shared
 
 
 def test_storage_bytes_counts_shared_storage_once():

@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 EXIT_PARTIAL = 1  # some worker never answered
 EXIT_ERROR = 2    # unreachable, admin endpoints off, wrong key, bad parameters
 _PID = re.compile(r'^edgechat_process_start_time_seconds\{[^}]*\bpid="(\d+)"', re.M)
+_TRACED = re.compile(r'^edgechat_tracemalloc_traced_bytes\{[^}]*\bpid="(\d+)"[^}]*\} (\S+)', re.M)
+SWITCH_WAIT_S = 30.0  # workers follow a tracing switch within metrics_refresh_s (5 s by default)
 
 
 class DiagnoseError(RuntimeError):
@@ -81,23 +83,32 @@ class Client:
         except OSError as exc:
             raise DiagnoseError(f"cannot reach {self.url}{path}: {exc}") from exc
 
-    def workers(self) -> set[str]:
-        """Worker pids from /metrics (empty: single process, no `pid` labels)."""
+    def metrics(self) -> str:
+        """The /metrics text (every worker's series, whichever worker answers)."""
         req = urllib.request.Request(self.url + "/metrics", headers={"Connection": "close"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
-                return set(_PID.findall(resp.read().decode("utf-8", "replace")))
+                return resp.read().decode("utf-8", "replace")
         except OSError as exc:
             raise DiagnoseError(f"cannot scrape {self.url}/metrics: {exc}") from exc
+
+    def workers(self) -> set[str]:
+        """Worker pids from /metrics (empty: single process, no `pid` labels)."""
+        return set(_PID.findall(self.metrics()))
+
+    def tracing_workers(self) -> set[str]:
+        """Pids whose tracemalloc gauge shows traced memory (so tracing is on there)."""
+        return {pid for pid, value in _TRACED.findall(self.metrics()) if float(value) > 0}
 
 
 def gather(client: Client, method: str, path: str, expected: set[str], attempts: int,
            body: dict | None = None) -> dict[str, tuple[int, dict]]:
     """Ask until every expected worker answered (or attempts run out): {pid: (status, body)}."""
     answers: dict[str, tuple[int, dict]] = {}
-    for _ in range(max(attempts, 1)):
-        missing = expected - answers.keys()
-        parallel = max(len(missing), 1) + (1 if missing else 0)  # more in flight than workers idle
+    for attempt in range(max(attempts, 1)):
+        # Quick requests all land on the first worker to wake (measured on 2 workers: 40 of 40 with 4
+        # in flight, 43 of 80 with 8): double the requests in flight each round, up to 4 a worker.
+        parallel = min(2 ** (attempt + 1), 4 * len(expected)) if expected else 1
         with ThreadPoolExecutor(parallel) as pool:
             results = list(pool.map(lambda _: client.request(method, path, body), range(parallel)))
         for status, payload in results:
@@ -124,8 +135,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         expected = client.workers()
         if args.tracemalloc:
-            _report_setup(gather(client, "POST", "/debug/memory/tracemalloc", expected, args.attempts,
-                                 {"enabled": args.tracemalloc == "on"}), f"tracemalloc {args.tracemalloc}")
+            switch(client, expected, args.tracemalloc == "on")
         if args.snapshot:
             _report_setup(gather(client, "POST", "/debug/memory/snapshot", expected, args.attempts),
                           "baseline taken")
@@ -142,6 +152,25 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     return EXIT_PARTIAL if expected - answered else 0
+
+
+def switch(client: Client, expected: set[str], enabled: bool) -> None:
+    """Switch tracing: one worker takes the request and shares it, the others follow within
+    metrics_refresh_s; wait until /metrics shows every worker traced (or none)."""
+    status, body = client.request("POST", "/debug/memory/tracemalloc", {"enabled": enabled})
+    _fatal(status, body, "/debug/memory/tracemalloc")
+    word = "on" if enabled else "off"
+    deadline = time.monotonic() + SWITCH_WAIT_S
+    done: set[str] = set()
+    while expected:
+        tracing = client.tracing_workers()
+        done = expected & tracing if enabled else expected - tracing
+        if done == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for pid in sorted(expected or {str(body.get("pid", "?"))}):
+        print(f"worker {pid}: tracemalloc {word}" if not expected or pid in done
+              else f"worker {pid}: tracemalloc not yet {word} after {SWITCH_WAIT_S:.0f} s")
 
 
 def _report_setup(answers: dict, what: str) -> None:
