@@ -90,9 +90,9 @@ def _flag(name: str, default: bool) -> bool:
 
 def _tracing_off() -> ApiError:
     return ApiError(409, f"tracemalloc is off in worker {os.getpid()}: turn it on with POST "
-                         "/debug/memory/tracemalloc {\"enabled\": true} (one worker per request; "
-                         "`edgechat diagnose URL --tracemalloc on` reaches every worker) or start the "
-                         "daemon with EDGECHAT_TRACEMALLOC=1", code="tracemalloc_off")
+                         "/debug/memory/tracemalloc {\"enabled\": true} (the other workers follow "
+                         "within metrics_refresh_s), `edgechat diagnose URL --tracemalloc on`, or start "
+                         "the daemon with EDGECHAT_TRACEMALLOC=1", code="tracemalloc_off")
 
 
 @bp.get("/top")
@@ -147,7 +147,8 @@ def census():
 
 @bp.post("/tracemalloc")
 def switch():
-    """Start or stop tracing in this worker: {"enabled": true|false}."""
+    """Start or stop tracing, {"enabled": true|false}: here at once, in the other workers of this
+    server within metrics_refresh_s (daemon.diagnostics.SHARED_SWITCH)."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
         raise invalid('send a JSON object {"enabled": true} or {"enabled": false}', "enabled")
