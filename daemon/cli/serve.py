@@ -90,6 +90,9 @@ def run(ns: argparse.Namespace) -> int:
     # workers rebuild the same Config from the environment (flags already merged in)
     os.environ.update(config_mod.to_env(cfg))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = cfg.metrics_dir
+    # OpenMP threads that spin while they wait cut decode 3-5x as soon as anything else wants a
+    # core (docs/performance.md); sleeping waiters cost little on an idle box. An operator's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from gunicorn.app.base import BaseApplication
 
     class Application(BaseApplication):
