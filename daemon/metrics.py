@@ -107,10 +107,11 @@ class Metrics:
         self.memory_limit_bytes = g("memory_limit_bytes", "Memory budget: config, else cgroup "
                                     "limit, else host total.", mode="livemax")
         self.service_memory_bytes = g("service_memory_bytes", "Memory counted against the limit: "
-                                      "cgroup usage, else RSS of master+workers.", mode="livemostrecent")
-        self.service_memory_working_set_bytes = g(
-            "service_memory_working_set_bytes", "service_memory_bytes minus inactive page cache.",
-            mode="livemostrecent")
+                                      "cgroup working set, else RSS of master+workers.",
+                                      mode="livemostrecent")
+        self.service_memory_charged_bytes = g(
+            "service_memory_charged_bytes", "Cgroup usage incl. reclaimable page cache "
+            "(= service_memory_bytes outside a limited cgroup).", mode="livemostrecent")
         # --- history: an in-memory store is per worker (sum the workers); a shared store is one
         # truth seen by all, so summing would count it once per worker: take the freshest report.
         store_mode = "livemostrecent" if store_shared else "livesum"
@@ -391,7 +392,7 @@ class Metrics:
         self.host_memory_total_bytes.set(budget.host_total)
         self.memory_limit_bytes.set(budget.limit)
         self.service_memory_bytes.set(budget.service)
-        self.service_memory_working_set_bytes.set(budget.working_set)
+        self.service_memory_charged_bytes.set(budget.charged)
 
     def _refresh_gc(self) -> None:
         for gen, delta in enumerate(self._gc_counters.deltas()):

@@ -117,21 +117,26 @@ class MemoryBudget:
     host_total: int
     limit: int
     limit_source: str  # config | cgroup | host
-    service: int
-    working_set: int
+    service: int  # what counts: working set (usage minus inactive page cache) in a limited cgroup
+    charged: int  # the cgroup's raw usage incl. reclaimable page cache; = service outside a cgroup
 
 
 def memory_budget(cgroup: "CgroupMemory | None", config_limit: int, siblings: bool) -> MemoryBudget:
-    """Read the budget now: in a cgroup with a limit, the kernel's own usage; else the RSS sum."""
+    """Read the budget now: in a cgroup with a limit, its working set; else the RSS sum.
+
+    The working set (usage minus inactive file pages) is what the kernel cannot simply reclaim
+    before it OOM-kills, so alerts and the watchdog compare it, not the raw usage, with the limit:
+    a model file's page cache alone would otherwise look like a leak (seen in the soak runs).
+    """
     available, total = host_memory()
     cg_limit = cgroup.limit_bytes() if cgroup is not None else None
     limit, source = memory_limit(config_limit, cg_limit, total)
     if cg_limit is not None:
-        service = cgroup.current_bytes() or 0
-        working_set = cgroup.working_set_bytes() or 0
+        charged = cgroup.current_bytes() or 0
+        service = cgroup.working_set_bytes() or charged
     else:
-        service = working_set = service_rss_bytes(siblings)
-    return MemoryBudget(available, total, limit, source, service, working_set)
+        service = charged = service_rss_bytes(siblings)
+    return MemoryBudget(available, total, limit, source, service, charged)
 
 
 class CgroupMemory:

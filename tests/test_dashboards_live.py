@@ -23,9 +23,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # exported families that no panel or rule uses, each with its reason
 NOT_SHOWN = {
-    "edgechat_service_memory_working_set_bytes":
-        "the cgroup working set (minus reclaimable cache) is for ad-hoc queries; panels and "
-        "alerts use edgechat_service_memory_bytes, the value that counts against the limit",
+    "edgechat_service_memory_charged_bytes":
+        "raw cgroup usage incl. reclaimable page cache, for ad-hoc diagnosis; panels and alerts "
+        "use edgechat_service_memory_bytes (the working set), the value that counts",
 }
 _SUFFIX = re.compile(r"_(bucket|sum|count|total|info)$")
 
