@@ -8,7 +8,6 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	# torch is pinned to the CPU build in setup.cfg; an unpinned torch would pull CUDA wheels
 	$(VENV)/bin/pip install -q -e '.[test,soak]'
 	touch $@
