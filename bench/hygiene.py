@@ -130,7 +130,10 @@ class Variant:
         cmd = [sys.executable, "-m", "bench.hygiene", "--child", name, "--model", args.model,
                "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--threads", str(args.threads),
                "--seed", str(args.seed), "--cache-dir", cache_dir]
-        self.proc = subprocess.Popen(cmd, cwd=common.REPO, env=common.clean_env(), text=True,
+        env = common.clean_env()
+        # as `edgechat serve` does: idle variants' spinning OpenMP threads would steal the cores
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        self.proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
         self.ready = self._read()
         self.pid = self.ready["pid"]
