@@ -85,7 +85,7 @@ class Config:
     queue_limit: int = _opt(4, help="Requests that may wait for the model; more get 503.")
     queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for the model before 503.")
     max_body_bytes: int = _opt(1_048_576, help="Largest accepted request body; larger gets 413.")
-    kv_cache_bytes: int = _opt(268_435_456, help="Per-worker budget for KV caches kept between turns "
+    kv_cache_bytes: int = _opt(134_217_728, help="Per-worker budget for KV caches kept between turns "
                                                  "(a turn then prefills only its new tokens; LRU); "
                                                  "0 = off.")
     # --- per-turn memory hygiene -----------------------------------------------------------
