@@ -17,8 +17,6 @@ import sys
 import time
 from typing import Callable
 
-import torch
-
 from . import common
 
 PROMPT, NEW = 512, 64
@@ -60,6 +58,7 @@ def _model_path(cache_dir: str) -> str:
 
 def load(path: str, dtype: str, how: str) -> Callable[[list[int]], tuple[float, float]]:
     """A runner: prompt ids -> (prefill seconds, decode seconds for NEW tokens)."""
+    import torch
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
     from daemon.decoder import FastDecoder, HFDecoder
@@ -113,43 +112,71 @@ def serve(name: str, cache_dir: str) -> None:
         print(json.dumps({"prefill": PROMPT / prefill_s, "decode": NEW / decode_s}), flush=True)
 
 
+REFERENCE = "lean-packed-bf16"
+
+
+def _spawn(name: str, cache_dir: str) -> subprocess.Popen:
+    env = {**common.clean_env(), **BASE_ENV, **ENV.get(name, {})}
+    child = subprocess.Popen([sys.executable, "-m", "bench.decode_options", "--serve", name, "--cache-dir",
+                              cache_dir], cwd=common.REPO, text=True, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, env={k: v for k, v in env.items() if v is not None})
+    if "ready" not in json.loads(child.stdout.readline() or "{}"):
+        common.stop_process(child, 30)
+        raise RuntimeError(f"variant {name} failed to load")
+    return child
+
+
+def _ask(child: subprocess.Popen) -> dict:
+    child.stdin.write("run\n")
+    child.stdin.flush()
+    return json.loads(child.stdout.readline())
+
+
 def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[str, dict]:
-    """One child per variant, then `rounds` rounds asking each in turn; per variant lists of tok/s."""
-    children = {}
-    results = {n: {"prefill": [], "decode": []} for n in names}
+    """Per variant lists of tok/s. The reference (the default) stays loaded; each other variant is
+    loaded alone beside it and the two alternate for `rounds` rounds (two models in memory at most,
+    not eight: this machine is shared). Each variant's rows also carry the reference's figures from
+    its own rounds ("ref_decode"), so ratios compare like with like."""
+    results = {n: {"prefill": [], "decode": [], "ref_prefill": [], "ref_decode": []} for n in names}
+    reference = _spawn(REFERENCE, cache_dir)
     try:
-        for name in names:  # one at a time: loading is itself memory- and CPU-heavy
-            log(f"  loading {name} ...")
-            env = {**common.clean_env(), **BASE_ENV, **ENV.get(name, {})}
-            env = {k: v for k, v in env.items() if v is not None}
-            child = subprocess.Popen([sys.executable, "-m", "bench.decode_options", "--serve", name,
-                                      "--cache-dir", cache_dir], cwd=common.REPO, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            children[name] = child
-            if "ready" not in json.loads(child.stdout.readline() or "{}"):
-                raise RuntimeError(f"variant {name} failed to load")
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
-            for name in order:
-                child = children[name]
-                child.stdin.write("run\n")
-                child.stdin.flush()
-                got = json.loads(child.stdout.readline())
-                for key in ("prefill", "decode"):
-                    results[name][key].append(got[key])
-                log(f"  round {r + 1}: {name}: prefill {got['prefill']:.0f} tok/s, decode {got['decode']:.1f} tok/s")
+        for name in names:
+            other = reference if name == REFERENCE else None
+            try:
+                if other is None:
+                    log(f"  loading {name} ...")
+                    other = _spawn(name, cache_dir)
+                for r in range(rounds):
+                    pair = [(name, other), (REFERENCE, reference)]
+                    for who, child in (pair if r % 2 == 0 else pair[::-1]):  # alternate who goes first
+                        got = _ask(child)
+                        keys = ("prefill", "decode") if who == name else ("ref_prefill", "ref_decode")
+                        results[name][keys[0]].append(got["prefill"])
+                        results[name][keys[1]].append(got["decode"])
+                        log(f"  {name} round {r + 1}: {who}: prefill {got['prefill']:.0f} tok/s, "
+                            f"decode {got['decode']:.1f} tok/s")
+                        if child is reference and name == REFERENCE:
+                            break
+            finally:
+                if other is not None and other is not reference:
+                    other.stdin.close()
+                    common.stop_process(other, 30)
     finally:
-        for child in children.values():
-            child.stdin.close()
-            common.stop_process(child, 30)
+        reference.stdin.close()
+        common.stop_process(reference, 30)
     return results
 
 
 def table(results: dict[str, dict]) -> str:
-    """Markdown: variant, prefill and decode tok/s as median (p10–p90)."""
-    rows = [(f"`{name}`", WHAT[name], common.spread(r["prefill"], "{:.0f}"), common.spread(r["decode"], "{:.1f}"))
-            for name, r in results.items()]
-    return common.markdown_table(("variant", "what", f"prefill tok/s (pp{PROMPT})", f"decode tok/s (tg{NEW})"), rows)
+    """Markdown: variant, prefill and decode tok/s as median (p10–p90), and decode against the default
+    measured in the same rounds."""
+    rows = []
+    for name, r in results.items():
+        ref = common.median(r["ref_decode"]) if r["ref_decode"] else common.median(r["decode"])
+        rows.append((f"`{name}`", WHAT[name], common.spread(r["prefill"], "{:.0f}"),
+                     common.spread(r["decode"], "{:.1f}"), common.ratio(common.median(r["decode"]), ref)))
+    return common.markdown_table(("variant", "what", f"prefill tok/s (pp{PROMPT})", f"decode tok/s (tg{NEW})",
+                                  "decode / default's in the same rounds"), rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -142,19 +142,29 @@ def conversation(args, cache_dir, workdir, skip, stack) -> tuple[list[dict], dic
 
 
 def fill_budget(d: common.ServedDaemon, info: dict) -> None:
-    """Part 2: distinct ~2000-token prompts until the KV pool has dropped caches to fit its budget."""
+    """Part 2: distinct ~2500-token prompts until the pool drops caches: by LRU (the budget is full) or
+    by a release (the memory watchdog, or the engine's own check, found the service near its limit)."""
     text = " ".join(common.PASSAGES * 3)
-    for i in range(40):
+
+    def drops(m: dict) -> dict:
+        return {r: m.get(("edgechat_kv_cache_dropped_total", (("reason", r),)), 0.0)
+                for r in ("lru", "released", "pressure")}
+    start, peak = drops(metrics(d)), (0.0, 0.0)
+    for i in range(30):
         d.post("/v1/chat/completions", {"messages": [{"role": "user", "content": f"Document {i}. {text}"}],
                                         "max_tokens": 4, "temperature": 0}, timeout=1800)
         m = metrics(d)
-        if m.get(("edgechat_kv_cache_dropped_total", (("reason", "lru"),)), 0) >= 2:
+        kv = sum(v for (n, _), v in m.items() if n == "edgechat_kv_cache_bytes")
+        peak = max(peak, (kv, common.rss_mb(d.worker_pid)))
+        now = drops(m)
+        if now["lru"] - start["lru"] >= 2 or now["released"] + now["pressure"] > start["released"] + start["pressure"]:
             break
     m = metrics(d)
-    info.update(budget_requests=i + 1, kv_bytes=sum(v for (n, _), v in m.items() if n == "edgechat_kv_cache_bytes"),
+    now = drops(m)
+    info.update(budget_requests=i + 1, kv_peak=peak[0], kv_peak_rss=peak[1],
+                kv_bytes=sum(v for (n, _), v in m.items() if n == "edgechat_kv_cache_bytes"),
                 kv_budget=m[("edgechat_kv_cache_budget_bytes", ())],
-                lru_drops=m[("edgechat_kv_cache_dropped_total", (("reason", "lru"),))],
-                pressure_drops=m[("edgechat_kv_cache_dropped_total", (("reason", "pressure"),))],
+                **{f"{r}_drops": now[r] - start[r] for r in now},
                 full_worker_rss_mb=common.rss_mb(d.worker_pid), full_master_rss_mb=common.rss_mb(d.proc.pid),
                 full_worker_peak_mb=common.peak_rss_mb(d.worker_pid),
                 service_mb=m.get(("edgechat_service_memory_bytes", ()), float("nan")) / common.MB)
@@ -209,11 +219,13 @@ def report(args, rows, info, workers, options) -> str:
                      f"{sum(r['prompt_tokens'] for r in conv if r['variant'] == 'edgechat')}")
         out.append("\n".join(f"- {g}" for g in goals))
     if "full_worker_rss_mb" in info:
-        out.append(f"- KV budget full after {info['budget_requests']} long prompts: KV held {info['kv_bytes'] / common.MB:.0f} MB "
-                   f"of a {info['kv_budget'] / common.MB:.0f} MB budget ({info['lru_drops']:.0f} LRU drops, "
-                   f"{info['pressure_drops']:.0f} pressure drops); worker RSS {info['full_worker_rss_mb']:.0f} MB "
-                   f"(peak {info['full_worker_peak_mb']:.0f}), master {info['full_master_rss_mb']:.0f} MB, "
-                   f"service memory {info['service_mb']:.0f} MB, against the configured limit {LIMIT / common.MB:.0f} MB; "
+        out.append(f"- KV budget: after {info['budget_requests']} long prompts the pool held at most "
+                   f"{info['kv_peak'] / common.MB:.0f} MB of its {info['kv_budget'] / common.MB:.0f} MB budget "
+                   f"(worker RSS then {info['kv_peak_rss']:.0f} MB), now {info['kv_bytes'] / common.MB:.0f} MB; "
+                   f"drops: {info['lru_drops']:.0f} LRU, {info['released_drops']:.0f} released (memory watchdog), "
+                   f"{info['pressure_drops']:.0f} pressure; worker RSS {info['full_worker_rss_mb']:.0f} MB (peak "
+                   f"{info['full_worker_peak_mb']:.0f}), master {info['full_master_rss_mb']:.0f} MB, service memory "
+                   f"{info['service_mb']:.0f} MB, against the configured limit {LIMIT / common.MB:.0f} MB; "
                    f"worker RSS after load {info['edgechat_load_rss_mb']:.0f} MB")
     if workers:
         out.append(f"- 2 workers sharing sessions (4 GB limit): {workers['hits']:.0f} hits, {workers['misses']:.0f} misses over "
@@ -239,14 +251,18 @@ def main(argv=None) -> int:
     workers, options = None, None
     with contextlib.ExitStack() as stack:
         rows, info, daemon = conversation(args, cache_dir, workdir, skip, stack)
+        common.write_csv(args.out, rows)
+        print(report(args, rows, info, None, None), flush=True)  # each part's result as soon as it is in
         if "budget" not in skip:
             print("filling the KV budget ...", flush=True)
             fill_budget(daemon, info)
+            print(report(args, rows, info, None, None).split("\n\n")[-2], flush=True)
         daemon.stop()
     info["load_mid"] = common.machine_note()
     if "workers" not in skip:
         print("2 workers ...", flush=True)
         workers = two_workers(args, cache_dir, workdir)
+        print(report(args, rows, info, workers, None).split("\n\n")[-2], flush=True)
     if "options" not in skip:
         print("decode options ...", flush=True)
         options = decode_options.measure(list(decode_options.VARIANTS), args.rounds, cache_dir)
