@@ -74,6 +74,13 @@ class MemoryWatchdog:
         """Whether new turns are refused (level 2)."""
         return self.level == HARD
 
+    def admits_turn(self) -> bool:
+        """Whether a new turn may start. Above the soft limit memory is read now rather than at the
+        last tick, so a burst of quick turns between two ticks cannot carry it past the limit."""
+        if self.ratio is not None and self.ratio >= self.soft_ratio:
+            self.check()
+        return not self.refusing
+
     @property
     def retry_after_s(self) -> int:
         """What a refused client is told to wait: a few watchdog periods, when memory is next judged."""

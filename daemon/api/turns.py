@@ -53,7 +53,7 @@ def start(messages: list[dict], params: GenerationParams):
     """Take the model (bounded queue) and start generating; 503 + Retry-After when saturated or
     when the memory watchdog refuses turns (above the hard memory limit)."""
     pressure = memory_watchdog.of(current_app)
-    if pressure is not None and pressure.refusing:
+    if pressure is not None and not pressure.admits_turn():
         get_metrics().requests_rejected_total.labels(reason="memory_pressure").inc()
         raise ApiError(503, f"short of memory ({pressure.describe()}); new turns are refused until "
                             "memory falls back; retry later", code="memory_pressure",
