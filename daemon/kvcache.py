@@ -181,12 +181,12 @@ class KVPool:
         dropped: dict[str, int] = {}
         if not self.enabled or not len(state):
             return
-        pressure = self._pressure is not None and self._pressure()
-        if not pressure:
+        entry = None
+        if self._pressure is None or not self._pressure():
             state.shrink()
-        entry = _Entry(state)
+            entry = _Entry(state)
         with self._lock:
-            if pressure:  # keep nothing idle: this cache and every kept one go
+            if entry is None:  # memory pressure: keep nothing idle, this cache and every kept one go
                 dropped["pressure"] = len(self._entries) + 1
                 self._entries.clear()
                 self._bytes = 0

@@ -14,7 +14,8 @@ import torch
 
 from daemon import cpu, engine as engine_mod
 from daemon.config import Config
-from daemon.decoder import FastDecoder, HFDecoder, can_pack
+from daemon.decoder import FastDecoder, HFDecoder
+from daemon.weights import can_pack, release_file_pages
 from daemon.engine import Engine, GenerationParams
 from daemon.generation import THREAD_PREFIX
 from daemon.kvcache import KVPool, KVState
@@ -390,7 +391,6 @@ def test_metrics_show_the_pool(app_factory):
 
 
 def test_release_file_pages_keeps_values_and_spares_written_pages(tmp_path):
-    from daemon.decoder import release_file_pages
     data = torch.arange(300_000, dtype=torch.float32)
     path = tmp_path / "weights.bin"
     path.write_bytes(data.numpy().tobytes())

@@ -1,0 +1,132 @@
+"""How the lean decoder holds weights: fused, prepacked for oneDNN, or int8; and how the float
+checkpoint's memory is given back once they are (views re-pointed, copies freed, mapped pages dropped).
+
+Plain bf16 `F.linear` with one row reorders its weight into oneDNN's blocked layout on every call,
+so it reads the weights about twice: half the speed the memory allows (the tied 151936-row lm_head
+alone took ~40 ms a token on one core here). Prepacking once removes that (docs/performance.md).
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ROWS_PER_CHUNK = 8192  # rows quantized at a time, so the float32 copy stays small
+
+
+def quantize_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 weights and their scales (in the activation dtype)."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):
+        rows = weight[start:start + _ROWS_PER_CHUNK].float()
+        s = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[start:start + _ROWS_PER_CHUNK] = (rows / s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scales[start:start + _ROWS_PER_CHUNK] = s
+    return q, scales.to(dtype)
+
+
+def can_pack() -> bool:
+    """Whether oneDNN can hold weights prepacked for its GEMV kernels (x86 builds of torch)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: torch.dtype,
+           int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """y = x W^T + b. mode "plain": F.linear; "packed": oneDNN with the weight prepacked once (plain bf16
+    F.linear reorders it on every call: half the speed); "int8": per-row int8 weights (`int8` when
+    already quantized)."""
+    if mode == "int8":
+        q, scales = int8 if int8 is not None else quantize_rows(weight, dtype)
+        mm = torch._weight_int8pack_mm
+
+        def run_int8(x: torch.Tensor) -> torch.Tensor:
+            y = mm(x.reshape(-1, x.shape[-1]), q, scales).view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
+        return run_int8
+    if mode == "packed":
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        op = torch.ops.mkldnn._linear_pointwise
+
+        def run_packed(x: torch.Tensor) -> torch.Tensor:
+            return op(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "").view(*x.shape[:-1], -1)
+        return run_packed
+    return lambda x: F.linear(x, weight, bias)
+
+
+def fuse(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases) of `modules`, re-pointing each to its view of the result."""
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = None
+    if modules[0].bias is not None:
+        bias = torch.cat([m.bias.detach() for m in modules])
+    start = 0
+    for m in modules:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def own_small_weights(model: nn.Module) -> None:
+    """Copy the norms and biases the decoder keeps out of the checkpoint file's mapping.
+
+    transformers maps the safetensors file and hands out views of it; the projections are fused and
+    packed into new memory, the small weights are copied here, and the embedding rows stay a view
+    (release_file_pages() then gives back the pages the packed weights were read from).
+    """
+    for name, param in model.named_parameters():
+        if param.numel() and name.rsplit(".", 2)[-2] not in _PROJECTIONS and param.dim() == 1:
+            param.data = param.data.clone()
+
+
+def release_file_pages(t: torch.Tensor) -> bool:
+    """Drop the resident pages of the read-only file mapping `t` lives in; True if done.
+
+    Once the projections are packed, the mapped checkpoint's pages are dead weight in RSS (about the
+    model's size) until the kernel reclaims them. MADV_DONTNEED gives them back now; a page touched
+    later (an embedding row) is read again from the file (or the page cache), unchanged. Skipped when
+    the mapping holds anonymous pages (copies written by this process, which DONTNEED would lose) or
+    is not a file.
+    """
+    ptr = t.data_ptr()
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:  # not Linux: nothing to give back
+        return False
+    start = end = copied = None
+    for line in lines:
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            found = lo <= ptr < hi and len(head) >= 6 and head[5].startswith("/")
+            if start is not None:
+                break  # past our mapping's block
+            if found:
+                start, end = lo, hi
+        elif start is not None and head[0] == "Anonymous:":
+            copied = int(head[1])
+    if start is None or copied != 0:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, end - start, 4) == 0  # 4 = MADV_DONTNEED
+
+
+def drop_float_weights(module: nn.Module, dtype: torch.dtype, keep: torch.Tensor | None = None) -> None:
+    """Free the float weights that packed or int8 copies replace (the HF modules cannot run after)."""
+    empty = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+    for sub in module.modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)) and sub.weight.numel():
+            if keep is None or sub.weight.data_ptr() != keep.data_ptr():
+                sub.weight = empty
+    module.edgechat_float_weights_dropped = True
