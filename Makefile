@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch is pinned to the CPU build in setup.cfg; an unpinned torch would pull CUDA wheels
+	# torch is pinned in setup.cfg to the CPU build (from a local wheel folder or the PyTorch CPU index); unpinned it pulls CUDA wheels
 	$(VENV)/bin/pip install -q -e '.[test,soak]'
 	touch $@
 

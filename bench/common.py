@@ -1,4 +1,4 @@
-"""Shared bench helpers: real daemons on free ports, RSS by pid, varied prompts, median/spread tables."""
+"""Shared bench utilities: real daemons on free ports, RSS by pid, varied prompts, median/spread tables."""
 from __future__ import annotations
 
 import csv
@@ -20,7 +20,7 @@ MODEL = "builtin:qwen2.5-0.5b-shape"
 MB = 2**20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Varied user turns, as in the seed article's test: poems, maths, code.
+# Varied user turns, as a real conversation mixes them: poems, maths, code.
 CHAT_PROMPTS = (
     "Write a short poem about the sea at night.",
     "What is 17 times 23? Show the steps.",

@@ -37,8 +37,8 @@ VARIANTS = {
 BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 ENV = {"lean-packed-bf16-spin": {"OMP_WAIT_POLICY": None}}
 WHAT = {
-    "generate-bf16": "transformers `generate`, bf16 (what the engine ran before this issue)",
-    "generate-fp32": "transformers `generate`, fp32 (the seed's naive loop)",
+    "generate-bf16": "transformers `generate`, bf16 (what the engine ran before KV reuse and the lean decoder)",
+    "generate-fp32": "transformers `generate`, fp32 (the naive loop, bench.naive_loop)",
     "loop-on-hf-forward-bf16": "own decode loop over transformers' model forward + DynamicCache, bf16 "
                                "(edgechat's path for models outside the Qwen2/Llama family)",
     "lean-unpacked-bf16": "lean decoder, fused projections, plain `F.linear` weights, bf16",
@@ -52,7 +52,7 @@ WHAT = {
 
 
 def _model_path(cache_dir: str) -> str:
-    from daemon.builtin_models import ensure_built
+    from daemon.model.builtin import ensure_built
     return ensure_built(common.MODEL, cache_dir, log=lambda *a: None)
 
 
@@ -61,7 +61,7 @@ def load(path: str, dtype: str, how: str) -> Callable[[list[int]], tuple[float, 
     import torch
     from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-    from daemon.decoder import FastDecoder, HFDecoder
+    from daemon.model.forward import FastDecoder, HFDecoder
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     if how == "generate":
         class FirstToken(StoppingCriteria):
@@ -101,7 +101,7 @@ def serve(name: str, cache_dir: str) -> None:
     """Child mode: load one variant, then answer each stdin line with one measurement as JSON."""
     import torch
 
-    from daemon.cpu import physical_cores
+    from daemon.model.cpu import physical_cores
     dtype, how, threads = VARIANTS[name]
     torch.set_num_threads(threads or physical_cores())
     runner = load(_model_path(cache_dir), dtype, how)
@@ -135,7 +135,7 @@ def _ask(child: subprocess.Popen) -> dict:
 def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[str, dict]:
     """Per variant lists of tok/s. The reference (the default) stays loaded; each other variant is
     loaded alone beside it and the two alternate for `rounds` rounds (two models in memory at most,
-    not eight: this machine is shared). Each variant's rows also carry the reference's figures from
+    not eight: a bench machine is often shared). Each variant's rows also carry the reference's figures from
     its own rounds ("ref_decode"), so ratios compare like with like."""
     results = {n: {"prefill": [], "decode": [], "ref_prefill": [], "ref_decode": []} for n in names}
     reference = _spawn(REFERENCE, cache_dir)

@@ -1,4 +1,4 @@
-"""Fast turns (issue 10): a 20-turn conversation, the seed's naive loop vs edgechat's default over HTTP.
+"""Fast turns: a 20-turn conversation, the naive chat loop (bench.naive_loop) vs edgechat's default over HTTP.
 
 One command, four parts, all on builtin:qwen2.5-0.5b-shape with the same new-token count every turn:
 1. the conversation, turns interleaved: naive fp32 `generate` on the unbounded history, the same with
@@ -42,7 +42,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench.fast_turns", description=__doc__.split("\n")[0])
     p.add_argument("--turns", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated every turn (min = max)")
-    p.add_argument("--naive-dtype", default="float32", help="the seed loop's dtype (the issue's table: fp32)")
+    p.add_argument("--naive-dtype", default="float32", help="the naive loop's dtype (fp32: plain `generate` on CPU)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the options measurement")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: naive, budget, workers, options")
     p.add_argument("--cache-dir", default=None)
@@ -110,8 +110,8 @@ def conversation(args, cache_dir, workdir, skip, stack) -> tuple[list[dict], dic
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from daemon.builtin_models import ensure_built
-        from daemon.generation import plain_text_mask
+        from daemon.model.builtin import ensure_built
+        from daemon.model.streaming import plain_text_mask
         path = ensure_built(common.MODEL, cache_dir, log=print)
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.naive_dtype)).eval()
@@ -172,7 +172,7 @@ def fill_budget(d: common.ServedDaemon, info: dict) -> None:
 
 def two_workers(args, cache_dir, workdir) -> dict:
     """Part 3: the conversation on 2 workers sharing the session store; hits and misses. Two copies
-    of the model do not fit 2 GB: this one runs under a 4 GB limit (the article's several-users box)."""
+    of the model do not fit 2 GB: this one runs under a 4 GB limit (a box for several users)."""
     flags = [*daemon_flags(args, cache_dir, 2 * LIMIT), "--workers", "2"]
     with common.ServedDaemon("two-workers", workdir, flags) as d:
         session = d.post("/v1/sessions", {})["id"]
@@ -233,7 +233,7 @@ def report(args, rows, info, workers, options) -> str:
                    f"latency median {common.spread(workers['latency'])} s")
     if options:
         out.append(decode_options.table(options))
-    out.append(common.markdown_table(["llama.cpp (issue 10; 0c1e57098, 2 threads, llama-bench -p 512 -n 64)",
+    out.append(common.markdown_table(["llama.cpp (measured earlier, not rerun; 0c1e57098, 2 threads, llama-bench -p 512 -n 64)",
                                       "prompt pp512 tok/s", "generation tg64 tok/s"], LLAMA_CPP))
     return "\n\n".join(out)
 

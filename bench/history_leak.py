@@ -1,8 +1,8 @@
 """Turn latency, prompt tokens and RSS over one long session: default daemon vs leak_mode=history.
 
-The seed article's before/after table, measured here on two real daemons in the same run, their
-turns interleaved (turn i of the default daemon, then turn i of the leaking one) so that the load
-other processes put on the machine hits both alike.
+The classic history leak (docs/memory.md) before and after bounding the history, measured on two
+real daemons in the same run, their turns interleaved (turn i of the default daemon, then turn i of
+the leaking one) so that the load other processes put on the machine hits both alike.
 
     .venv/bin/python -m bench.history_leak [--turns 30] [--new-tokens 64] [--out CSV]
 """

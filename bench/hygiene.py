@@ -76,8 +76,8 @@ def child(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from daemon.config import Config
-    from daemon.engine import Engine, GenerationParams
-    from daemon.hygiene import rss_bytes
+    from daemon.model.engine import Engine, GenerationParams
+    from daemon.memory.hygiene import rss_bytes
 
     hf_logging.disable_progress_bar()
     use_gc, use_trim = VARIANTS[args.child]

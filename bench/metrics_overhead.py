@@ -4,7 +4,8 @@ Three Flask apps are built by `create_app` in this process on ONE loaded model (
 shared; each app has its own Engine slot, session store and HTTP stack):
 
 - `on`:    the app exactly as served (real `Metrics`, HTTP hooks, GC-pause callback);
-- `off`:   the same app with `Metrics` replaced by `NullMetrics` (every method a no-op) and the
+- `off`:   the same app with `Metrics`, `Recorder` and `Sampler` replaced by `NullMetrics` (every
+           method a no-op) and the
            HTTP hooks not installed, so observe_turn, the refresh after each turn, the store-gauge
            copy, the engine/store listener calls and the before/after-request hooks all vanish;
 - `off2`:  a second, identical `off` app: `off2` vs `off` is the noise floor.
@@ -61,13 +62,13 @@ class _NullMetric:
 
 
 class NullMetrics:
-    """A no-op double of daemon.metrics.Metrics: every attribute the daemon asks for (observe_turn,
-    refresh, on_queue, on_store_op, on_kv_cache, set_store_stats, turns_total, ...) is a no-op,
-    so it keeps the real one's interface as that grows."""
+    """A no-op double of daemon.telemetry's Metrics, Recorder and Sampler: every attribute the daemon
+    asks for (observe_turn, refresh, on_queue, on_store_op, on_kv_cache, set_store_stats,
+    turns_total, ...) is a no-op, so it keeps the real ones' interfaces as they grow."""
 
     multiprocess_dir = None
 
-    def __init__(self, registry=None, *, multiprocess=False, **kwargs):
+    def __init__(self, registry=None, *args, multiprocess=False, **kwargs):
         self.multiprocess = multiprocess  # as the real one: the engine's memory check reads it
         self._null = _NullMetric()
 
@@ -87,8 +88,8 @@ def summary(values) -> dict:
 def _sibling_engine(base):
     """Engine.load's stand-in: a second Engine on `base`'s loaded model, tokenizer and decoder (same
     weights in memory, so the same work), with its own queue slot, KV pool and listener."""
-    from daemon.builtin_models import is_builtin
-    from daemon.engine import Engine
+    from daemon.model.builtin import is_builtin
+    from daemon.model.engine import Engine
 
     def load(cls, cfg, *, listener=None, **kwargs):
         engine = Engine(cfg, base.model, base.tokenizer, model_id=base.model_id, dtype=base.dtype,
@@ -103,14 +104,17 @@ def _sibling_engine(base):
 def build_apps(cfg) -> dict:
     """The `on` app as served, then two `off` apps sharing its model (see the module docstring)."""
     from daemon import create_app
-    from daemon.api import metrics as metrics_api
-    from daemon.engine import Engine
-    from daemon.extensions import get_engine
+    from daemon.api import exposition
+    from daemon.model.engine import Engine
+    from daemon.services import get_services
+    from daemon.telemetry import listeners, metrics, sampler
     apps = {"on": create_app(cfg)}
     with contextlib.ExitStack() as patches:
-        patches.enter_context(mock.patch.object(metrics_api, "Metrics", NullMetrics))
-        patches.enter_context(mock.patch.object(metrics_api, "_instrument", lambda app, m: None))
-        patches.enter_context(mock.patch.object(Engine, "load", _sibling_engine(get_engine(apps["on"]))))
+        for module, name in ((metrics, "Metrics"), (listeners, "Recorder"), (sampler, "Sampler")):
+            patches.enter_context(mock.patch.object(module, name, NullMetrics))
+        patches.enter_context(mock.patch.object(exposition, "_instrument", lambda app, m: None))
+        patches.enter_context(mock.patch.object(Engine, "load",
+                                                _sibling_engine(get_services(apps["on"]).engine)))
         for name in VARIANTS[1:]:
             apps[name] = create_app(cfg)
     return apps
@@ -132,14 +136,14 @@ def run_model(model: str, turns: int, args, tmp: str) -> dict:
     """Interleaved rounds on one model; returns per-variant wall/CPU samples and direct costs."""
     from daemon.app import shutdown_app
     from daemon.config import Config
-    from daemon.extensions import get_metrics
+    from daemon.services import get_services
     cfg = Config(model=model, cache_dir=args.cache_dir, state_dir=os.path.join(tmp, "state"),
                  metrics_dir=os.path.join(tmp, "metrics"), threads=args.threads,
                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                  metrics_refresh_s=3600.0, log_level="WARNING")
     apps = build_apps(cfg)
     try:
-        gc_pauses = get_metrics(apps["on"])._gc_pauses  # the real app's process-wide gc callback
+        gc_pauses = get_services(apps["on"]).sampler._gc_pauses  # the real app's process-wide gc callback
         clients = {name: app.test_client() for name, app in apps.items()}
         rng = random.Random(args.seed)
         samples = {name: {"wall": [], "cpu": []} for name in VARIANTS}
@@ -177,15 +181,16 @@ def _per_call_us(fn, reps: int) -> float:
     return median(batches)
 
 
-def in_situ(m, new_session, run_turn, turns: int = 10) -> dict:
-    """{method: (calls per turn, CPU µs per call)} of the Metrics methods as they run inside real
-    turns (wrapped on the instance: cold caches included, unlike a tight loop); plus the GC
-    collections per turn (each runs the GC-pause callback twice)."""
+def in_situ(objects, new_session, run_turn, turns: int = 10) -> dict:
+    """{method: (calls per turn, CPU µs per call)} of the Recorder and Sampler methods as they run
+    inside real turns (wrapped on the instances: cold caches included, unlike a tight loop); plus
+    the GC collections per turn (each runs the GC-pause callback twice)."""
     spent: dict[str, list] = {}
-    names = [n for n in vars(type(m)) if n.startswith(("on_", "set_", "observe", "refresh"))
+    names = [(m, n) for m in objects for n in vars(type(m))
+             if n.startswith(("on_", "set_", "observe", "refresh"))
              and n not in ("on_close", "set_config", "set_model_info")]
     sessions = [new_session() for _ in range(turns)]  # created before wrapping: untimed, as above
-    for name in names:
+    for m, name in names:
         def wrapper(*a, _orig=getattr(m, name), _name=name, **k):
             t0 = time.thread_time()
             try:
@@ -198,7 +203,7 @@ def in_situ(m, new_session, run_turn, turns: int = 10) -> dict:
         for session_id in sessions:
             run_turn(session_id)
     finally:
-        for name in names:
+        for m, name in names:
             delattr(m, name)
     out = {name: (len(xs) / turns, sum(xs) / len(xs) * 1e6) for name, xs in spent.items()}
     out["gc pause callback"] = ((sum(g["collections"] for g in gc.get_stats()) - collections) / turns,
@@ -208,10 +213,11 @@ def in_situ(m, new_session, run_turn, turns: int = 10) -> dict:
 
 def direct_costs(apps: dict, clients: dict, new_session, run_turn) -> dict:
     """Per instrumentation call: (calls per turn, CPU µs each); and the timer-driven sampler's costs."""
-    from daemon import gcstats, procstats
-    from daemon.extensions import get_metrics
-    m = get_metrics(apps["on"])
-    out = in_situ(m, new_session, run_turn)
+    from daemon.services import get_services
+    from daemon.telemetry import gcstats, process
+    services = get_services(apps["on"])
+    m = services.sampler
+    out = in_situ((services.recorder, m), new_session, run_turn)
     callback = m._gc_pauses._callback
     out["gc pause callback"] = (out["gc pause callback"][0], _per_call_us(
         lambda: (callback("start", {}), callback("stop", {"generation": 0})), 400))
@@ -223,7 +229,7 @@ def direct_costs(apps: dict, clients: dict, new_session, run_turn) -> dict:
             clients[name].get("/healthz")
             hook[name].append((time.thread_time() - t0) * 1e6)
     out["http hooks (before + after request)"] = (1, median(hook["on"]) - median(hook["off"]))
-    sampler = {"uss": _per_call_us(lambda: procstats.unique_memory_bytes(m._proc), 3),
+    sampler = {"uss": _per_call_us(lambda: process.unique_memory_bytes(m._proc), 3),
                "tracked": _per_call_us(gcstats.tracked_objects, 1), "refresh": _per_call_us(m.refresh, 40)}
     return {"calls": out, "sampler": sampler}
 
@@ -288,7 +294,7 @@ def main(argv=None) -> int:
         p.error("at least 20 turns per variant")
     with tempfile.TemporaryDirectory(prefix="edgechat-bench-") as tmp:
         if not args.single_process:
-            from daemon.multiproc import prepare_dir  # before anything imports prometheus_client
+            from daemon.telemetry.multiproc import prepare_dir  # before anything imports prometheus_client
             prepare_dir(os.path.join(tmp, "metrics"))
         import torch
         torch.set_num_threads(args.threads)

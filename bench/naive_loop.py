@@ -1,5 +1,6 @@
-"""The seed article's chat loop, in-process: the whole (or last-5-turns) history re-tokenized and run
-through transformers `generate` every turn. The baseline bench.fast_turns compares edgechat with."""
+"""A naive chat loop, in-process: the whole (or last-5-turns) history re-tokenized and run
+through transformers `generate` every turn; unbounded, it is the classic history leak (docs/memory.md).
+The baseline bench.fast_turns compares edgechat with."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ import torch
 
 
 class NaiveChat:
-    """One conversation the seed's way; keep_turns None = unbounded history, 5 = the article's fix
+    """One conversation the naive way; keep_turns None = unbounded history, 5 = the simplest fix
     (after appending the new message, keep the last 2 * 5 messages)."""
 
     def __init__(self, model, tokenizer, banned: torch.Tensor | None, keep_turns: int | None,

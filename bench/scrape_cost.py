@@ -127,7 +127,7 @@ def in_process(folder: str, n: int) -> tuple[dict, dict, str]:
     import glob
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
-    from daemon.multiproc import LockedMultiProcessCollector, scrape_registry
+    from daemon.telemetry.multiproc import LockedMultiProcessCollector, scrape_registry
 
     def stock():
         registry = CollectorRegistry()

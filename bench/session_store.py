@@ -98,7 +98,7 @@ def store_round(store, sid: str, i: int) -> float:
 
 def model_turns(engine, prompt: list[dict], n: int, new_tokens: int) -> list[float]:
     """Wall seconds of n greedy turns of exactly new_tokens tokens on this prompt."""
-    from daemon.generation import GenerationParams
+    from daemon.model.streaming import GenerationParams
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         return 2
 
     from daemon.config import Config
-    from daemon.engine import Engine
+    from daemon.model.engine import Engine
     from daemon.sessions import HistoryPolicy, make_store
     cfg = Config(model=args.model, cache_dir=default_cache_dir(), min_new_tokens=args.new_tokens,
                  max_new_tokens=max(args.new_tokens, 64))

@@ -1,16 +1,17 @@
-"""The app factory: wires config, metrics, engine, session store and the HTTP API together."""
+"""The app factory: builds this worker's Services (telemetry, memory budget, model, store) and the HTTP API."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from flask import Flask
 
-from . import extensions, logs
 from .config import Config
+from .server import logs
+from .services import KEY, Services, get_services
 
 log = logging.getLogger("edgechat")
-STOP = "edgechat.stop"
 
 
 def create_app(config: Config | None = None) -> Flask:
@@ -20,40 +21,82 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask("daemon")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[extensions.CONFIG] = cfg
     if cfg.leak_mode != "off":
         log.warning("!!! LEAK MODE %r IS ON: this daemon leaks on purpose (demo/test only) !!!",
                     cfg.leak_mode)
 
-    from .api import errors, metrics as metrics_api
-    errors.init_app(app)
-    metrics_api.init_app(app, cfg)
-    metrics = extensions.get_metrics(app)
+    from prometheus_client import CollectorRegistry
 
+    from .memory.budget import MemoryBudget
+    from .telemetry.listeners import Recorder
+    from .telemetry.metrics import Metrics
+    from .telemetry.multiproc import MULTIPROC_ENV
+    from .telemetry.sampler import Sampler
+    multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+    # Sessions in SQLite (the default) or Redis are one store that every worker reports whole:
+    # summing the workers' reports would count each session once per worker, so the history gauges
+    # take the freshest report instead. Only "memory" is per worker (sum them).
+    # Single process: a fresh registry per app, so several apps (tests) never collide.
+    metrics = Metrics(None if multiprocess else CollectorRegistry(), multiprocess=multiprocess,
+                      store_shared=cfg.session_store != "memory")
+    recorder = Recorder(metrics)
+    recorder.set_config(cfg)
+    budget = MemoryBudget.from_config(cfg, siblings=multiprocess)
+    sampler = Sampler(metrics, budget.read)
+    if cfg.tracemalloc:
+        sampler.trace(cfg.tracemalloc_frames)
+    sampler.refresh()
+    sampler.start(cfg.metrics_refresh_s)
+    try:
+        services = _load(cfg, metrics, recorder, sampler, budget)
+    except BaseException:
+        sampler.close()
+        metrics.close()
+        raise
+    app.extensions[KEY] = services
+    _init_concerns(app, services)
+    return app
+
+
+def _load(cfg: Config, metrics, recorder, sampler, budget) -> Services:
+    """Load the model, open the session store, set up diagnostics: the worker's Services."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a tqdm bar per load is noise in a daemon's log
-    from .engine import Engine
-    engine = Engine.load(cfg, listener=metrics, memory_pressure=kv_pressure(cfg, metrics.multiprocess))
-    app.extensions[extensions.ENGINE] = engine
-    metrics.set_model_info(engine.model_id, engine.dtype_label, cfg.leak_mode, engine.load_seconds)
 
-    init_store(app, cfg, engine, metrics)
+    from .api.stats import RecentTurns
+    from .memory.tracing import Diagnostics
+    from .model.engine import Engine
+    # after each turn, above the soft memory limit, the engine keeps no KV cache idle
+    engine = Engine.load(cfg, listener=recorder, memory_pressure=budget.above_soft)
+    recorder.set_model_info(engine.model_id, engine.dtype_label, cfg.leak_mode, engine.load_seconds)
+    try:
+        store = open_store(cfg, engine.count_tokens, engine.context_length, recorder)
+    except BaseException:
+        engine.close()
+        raise
+    recorder.set_store_stats(store.stats())
+    return Services(config=cfg, metrics=metrics, recorder=recorder, sampler=sampler, budget=budget,
+                    engine=engine, store=store, recent_turns=RecentTurns.for_config(cfg),
+                    diagnostics=Diagnostics.for_config(cfg, recorder, metrics.multiprocess_dir))
 
-    from . import diagnostics, watchdog  # issue 8: find the leak (admin endpoints), survive it
-    diagnostics.init_app(app, cfg, metrics, app.extensions[STOP])
-    watchdog.init_app(app, cfg, engine=engine, store=app.extensions[extensions.STORE], metrics=metrics,
-                      stop=app.extensions[STOP])
 
-    from .api import chat, health, sessions
-    for bp in (health.bp, chat.bp, sessions.bp):
+def _init_concerns(app: Flask, services: Services) -> None:
+    """Start the background threads and register every blueprint, each concern by its init_app."""
+    from .api import admin, completions, errors, exposition, health, sessions, stats, ui
+    from .memory import tracing, watchdog
+    cfg = services.config
+    errors.init_app(app)
+    exposition.init_app(app, cfg, services.metrics, services.sampler)
+    tracing.start(services.diagnostics, services.metrics.track_tracemalloc, cfg.metrics_refresh_s,
+                  services.stop)
+    services.watchdog = watchdog.start(cfg, services.budget, engine=services.engine,
+                                       store=services.store, metrics=services.recorder,
+                                       stop=services.stop)
+    _start_housekeeping(services)
+    for bp in (health.bp, completions.bp, sessions.bp, stats.bp, ui.bp):
         app.register_blueprint(bp)
     if cfg.admin_key:  # without a key the /debug/memory endpoints do not exist at all
-        from .api import admin
         app.register_blueprint(admin.bp)
-    from .api import stats, ui  # the web page and its live side panel (/v1/stats)
-    for bp in (stats.bp, ui.bp):
-        app.register_blueprint(bp)
-    return app
 
 
 def history_token_budget(cfg: Config, context_length: int) -> int:
@@ -65,22 +108,11 @@ def history_token_budget(cfg: Config, context_length: int) -> int:
     return budget
 
 
-def kv_pressure(cfg: Config, multiprocess: bool):
-    """A check the engine runs after each turn: above the soft memory limit it keeps no KV cache idle."""
-    from . import procstats
-    cgroup = procstats.CgroupMemory.detect()
-
-    def pressure() -> bool:
-        budget = procstats.memory_budget(cgroup, cfg.memory_limit_bytes, siblings=multiprocess)
-        return budget.limit > 0 and budget.service > cfg.memory_soft_limit_ratio * budget.limit
-    return pressure
-
-
-def init_store(app: Flask, cfg: Config, engine, metrics) -> None:
-    """Create the session store under the configured policy and keep its gauges fresh."""
+def open_store(cfg: Config, count_tokens, context_length: int, listener):
+    """The session store under the configured history policy."""
     from .sessions import HistoryPolicy, make_store
     policy = HistoryPolicy(max_turns=cfg.max_history_turns,
-                           max_tokens=history_token_budget(cfg, engine.context_length),
+                           max_tokens=history_token_budget(cfg, context_length),
                            ttl_s=cfg.session_ttl_s, max_sessions=cfg.max_sessions,
                            trim=cfg.leak_mode != "history",
                            # with KV reuse, trim in blocks so most turns keep their cached prefix
@@ -89,31 +121,24 @@ def init_store(app: Flask, cfg: Config, engine, metrics) -> None:
     # lease must outlast both (+30 s for a slow client draining the stream); it is also the longest
     # a crashed worker can keep a session locked (SQLite frees a dead local pid's lease at once)
     lease_s = cfg.queue_timeout_s + cfg.generation_timeout_s + 30.0
-    store = make_store(policy, engine.count_tokens, url=cfg.session_store_url(), listener=metrics,
-                       lease_s=lease_s)
-    app.extensions[extensions.STORE] = store
-    metrics.set_store_stats(store.stats())
-    stop = threading.Event()
-    app.extensions[STOP] = stop
-    _start_housekeeping(store, metrics, cfg.metrics_refresh_s, stop)
+    return make_store(policy, count_tokens, url=cfg.session_store_url(), listener=listener,
+                      lease_s=lease_s)
 
 
 def shutdown_app(app: Flask) -> None:
     """Stop background threads and release the model, store and metrics (tests, worker exit)."""
-    app.extensions[STOP].set()
-    for key in (extensions.STORE, extensions.ENGINE, extensions.METRICS):
-        obj = app.extensions.get(key)
-        if obj is not None:
-            obj.close()
+    get_services(app).close()
 
 
-def _start_housekeeping(store, metrics, interval_s: float, stop: threading.Event) -> None:
+def _start_housekeeping(services: Services) -> None:
     """Expire idle sessions and refresh the history gauges even when no request comes."""
+    store, recorder, stop = services.store, services.recorder, services.stop
+
     def loop() -> None:
-        while not stop.wait(interval_s):
+        while not stop.wait(services.config.metrics_refresh_s):
             try:
                 store.sweep()
-                metrics.set_store_stats(store.stats())
+                recorder.set_store_stats(store.stats())
             except Exception:  # noqa: BLE001 - keep the loop alive; a failing store shows in logs
                 log.exception("session housekeeping failed")
 

@@ -17,7 +17,7 @@ from daemon.config import Config  # noqa: E402
 def cache_dir(tmp_path_factory) -> str:
     """A cache folder holding builtin:tiny, built once per test run."""
     path = str(tmp_path_factory.mktemp("cache"))
-    from daemon.builtin_models import ensure_built
+    from daemon.model.builtin import ensure_built
     ensure_built("builtin:tiny", path, log=lambda *a, **k: None)
     return path
 

@@ -1,4 +1,4 @@
-"""Real Prometheus + Alertmanager for end-to-end tests, started with daemon.cli.stack's helpers."""
+"""Real Prometheus + Alertmanager for end-to-end tests, started the way daemon.cli.stack starts them."""
 from __future__ import annotations
 
 import os

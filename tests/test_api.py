@@ -6,6 +6,8 @@ import threading
 
 import pytest
 
+from daemon.services import get_services
+
 USER = [{"role": "user", "content": "Say something about memory."}]
 
 
@@ -53,7 +55,7 @@ def test_chat_completion_shape(client, app):
     usage = body["usage"]
     assert 0 < usage["completion_tokens"] <= 8
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert body["model"] == app.extensions["edgechat.engine"].model_id
+    assert body["model"] == get_services(app).engine.model_id
 
 
 def test_chat_completion_greedy_is_deterministic(client):
@@ -86,7 +88,7 @@ def test_models_health_ready(client, app):
     assert ready.status_code == 200 and ready.get_json()["ready"] is True
     assert "leak_mode" not in ready.get_json()
     data = client.get("/v1/models").get_json()["data"]
-    assert [m["id"] for m in data] == [app.extensions["edgechat.engine"].model_id]
+    assert [m["id"] for m in data] == [get_services(app).engine.model_id]
 
 
 def test_readyz_shows_leak_mode(app_factory):
@@ -154,7 +156,7 @@ def test_unknown_route_and_method_are_json(client):
 
 
 def test_unexpected_error_is_500_with_request_id(app, client, monkeypatch):
-    engine = app.extensions["edgechat.engine"]
+    engine = get_services(app).engine
 
     def boom(messages):
         raise RuntimeError("secret internal detail")

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from daemon import builtin_models as bm
+from daemon.model import builtin as bm
 from daemon.cli import build_model as cli
 
 torch.set_num_threads(1)
@@ -158,7 +158,7 @@ QWEN05_PARAMS = 151936 * 896 + 24 * (896 * 896 + 896 + 2 * (128 * 896 + 128) + 8
 @pytest.mark.slow
 def test_qwen05_shape_build_and_generate(tmp_path):
     from daemon.config import Config
-    from daemon.engine import Engine, GenerationParams
+    from daemon.model.engine import Engine, GenerationParams
 
     assert QWEN05_PARAMS == 494_032_768
     folder = bm.ensure_built("builtin:qwen2.5-0.5b-shape", str(tmp_path), **QUIET)

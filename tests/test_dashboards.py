@@ -28,7 +28,7 @@ QUERIES = dashboards.panel_queries()
 # Grafana unit ids (a subset of dashboard-linter's list, the ones a dashboard like ours could need)
 VALID_UNITS = {"none", "short", "percent", "percentunit", "bytes", "decbytes", "bits", "Bps", "binBps", "s", "ms",
                "µs", "ns", "ops", "reqps", "rps", "cps", "wps", "iops", "dtdurations", "dateTimeAsIso", "bool"}
-# The metric families issue 3 makes the contract; each must be shown somewhere.
+# The metric families docs/metrics.md makes the contract; each must be shown somewhere.
 CONTRACT = {
     "edgechat_process_resident_memory_bytes", "edgechat_process_unique_memory_bytes",
     "edgechat_process_virtual_memory_bytes", "edgechat_process_open_fds", "edgechat_process_threads",

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from daemon.cli.serve import gunicorn_options
+from daemon.server.options import gunicorn_options
 from daemon.config import Config
 from daemon.monitoring.thresholds import Thresholds
 from servers import free_port, wait_http
@@ -55,7 +55,7 @@ def test_gunicorn_conf_gives_gunicorn_what_edgechat_serve_gives(monkeypatch):
     for key, value in expected.items():
         if key in conf or value is not None:  # accesslog=None is gunicorn's default, left out of the file
             assert conf[key] == value, key
-    from daemon import server_hooks
+    from daemon.server import hooks as server_hooks
     for hook in HOOKS:
         assert conf[hook] is getattr(server_hooks, hook)
     assert not conf.get("preload_app"), "the master must not load the model (fork after torch hangs)"
@@ -72,7 +72,7 @@ def test_gunicorns_own_loader_accepts_the_config(monkeypatch, tmp_path):
     assert cfg.worker_class_str == "gthread"
     assert cfg.settings["wsgi_app"].get() == "daemon:create_app()"
     assert cfg.control_socket_disable is True
-    from daemon import server_hooks
+    from daemon.server import hooks as server_hooks
     for hook in HOOKS:
         assert getattr(cfg, hook) is getattr(server_hooks, hook), hook
 

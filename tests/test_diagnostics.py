@@ -12,9 +12,9 @@ import pytest
 import requests
 import torch
 
-from daemon import census as census_mod
+from daemon.memory import census as census_mod
 from daemon.cli import diagnose
-from daemon.diagnostics import DROPPED_FILES, SHARED_SWITCH, NoBaseline, TracingOff, Tracer
+from daemon.memory.tracing import DROPPED_FILES, SHARED_SWITCH, NoBaseline, TracingOff, Tracer
 from servers import Daemon, free_port
 
 torch.set_num_threads(1)
@@ -135,7 +135,7 @@ def test_leak_mode_tensors_points_at_torch_tensors_held_by_the_leaking_line(app_
     assert top["type"] == "torch.Tensor" and top["count_diff"] >= 20 * 24 and top["bytes_diff"] > 0
     assert census["torch"]["bytes_diff"] > 0
     # what holds them: the engine's `retained` list, filled by the leaking line
-    assert census["holders"] and all(h.startswith("daemon.engine.Engine.retained -> list") for h in census["holders"])
+    assert census["holders"] and all(h.startswith("daemon.model.engine.Engine.retained -> list") for h in census["holders"])
 
     diff = client.get("/debug/memory/diff?limit=10", headers=AUTH).get_json()["entries"]
     # tracemalloc names where things were allocated, not who keeps them: the biggest growth is the
@@ -206,7 +206,7 @@ def test_storage_bytes_counts_shared_storage_once():
 def test_table_and_sizes():
     assert diagnose.size(512) == "512 B" and diagnose.size(3 * 1024 * 1024, sign=True) == "+3.0 MiB"
     assert diagnose.site("/x/lib/python3.11/site-packages/torch/nn/module.py", 7) == "torch/nn/module.py:7"
-    assert diagnose.site("/work/main/daemon/decoding.py", 119) == "daemon/decoding.py:119"
+    assert diagnose.site("/srv/edgechat/daemon/model/sampling.py", 119) == "daemon/model/sampling.py:119"
     out = diagnose.table(["a", "source"], [["1", "x" * 100]], width=10)
     assert out.splitlines()[2] == "  1  xxxxxxxxx…"
 

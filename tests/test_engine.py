@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-from daemon import engine as engine_mod
-from daemon import hygiene
-from daemon.builtin_models import ensure_built
+from daemon.model import engine as engine_mod
+from daemon.memory import hygiene
+from daemon.model.builtin import ensure_built
 from daemon.config import Config
-from daemon.engine import ContextTooLong, Engine, EngineBusy, GenerationParams, ModelLoadError
-from daemon.generation import THREAD_PREFIX, TextTracker
+from daemon.model.engine import ContextTooLong, Engine, EngineBusy, GenerationParams, ModelLoadError
+from daemon.model.streaming import THREAD_PREFIX, TextTracker
 
 torch.set_num_threads(1)
 
@@ -34,6 +34,9 @@ class Recorder:
 
     def on_queue(self, waiting: int, running: int) -> None:
         self.calls.append((waiting, running))
+
+    def on_kv_cache(self, **report) -> None:
+        """The KV pool's reports: not what these tests watch."""
 
 
 @pytest.fixture
@@ -360,7 +363,7 @@ def test_uncached_hub_model_offline_raises_model_load_error(tmp_path):
     import os
     import subprocess
     import sys
-    code = ("from daemon.config import Config\nfrom daemon.engine import Engine, ModelLoadError\n"
+    code = ("from daemon.config import Config\nfrom daemon.model.engine import Engine, ModelLoadError\n"
             "try:\n    Engine.load(Config(model='Qwen/Qwen2.5-0.5B-Instruct', threads=1))\n"
             "except ModelLoadError as exc:\n    print(exc)\n    raise SystemExit(3)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
@@ -372,7 +375,7 @@ def test_uncached_hub_model_offline_raises_model_load_error(tmp_path):
 
 
 def test_failed_generation_raises_and_frees_the_model(make_engine, monkeypatch):
-    from daemon.generation import GenerationFailed
+    from daemon.model.streaming import GenerationFailed
     e = make_engine()
     monkeypatch.setattr(e.decoder, "forward", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
     gen = e.generate(HELLO, GREEDY)

@@ -12,13 +12,14 @@ import weakref
 import pytest
 import torch
 
-from daemon import cpu, engine as engine_mod
+from daemon.services import get_services
+from daemon.model import cpu, engine as engine_mod
 from daemon.config import Config
-from daemon.decoder import FastDecoder, HFDecoder
-from daemon.weights import can_pack, release_file_pages
-from daemon.engine import Engine, GenerationParams
-from daemon.generation import THREAD_PREFIX
-from daemon.kvcache import KVPool, KVState
+from daemon.model.forward import FastDecoder, HFDecoder
+from daemon.model.weights import can_pack, release_file_pages
+from daemon.model.engine import Engine, GenerationParams
+from daemon.model.streaming import THREAD_PREFIX
+from daemon.model.kvpool import KVPool, KVState
 from daemon.sessions import HistoryPolicy, MemoryStore
 
 torch.set_num_threads(1)
@@ -78,7 +79,7 @@ def reply(e: Engine, messages: list[dict], params: GenerationParams = GREEDY):
 def reference(cache_dir):
     """builtin:tiny as transformers runs it (the engine's decoder takes its own model's weights over)."""
     from transformers import AutoModelForCausalLM
-    from daemon.builtin_models import builtin_dir
+    from daemon.model.builtin import builtin_dir
     return AutoModelForCausalLM.from_pretrained(builtin_dir("builtin:tiny", cache_dir), dtype=torch.float32).eval()
 
 
@@ -381,7 +382,7 @@ def test_metrics_show_the_pool(app_factory):
         assert body.status_code == 200
     got = {(s.name, tuple(sorted(s.labels.items()))): s.value
            for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples}
-    engine = app.extensions["edgechat.engine"]
+    engine = get_services(app).engine
     assert got[("edgechat_kv_cache_hits_total", ())] == engine.kv_pool.hits == 3
     assert got[("edgechat_kv_cache_misses_total", ())] == 1
     assert got[("edgechat_kv_cache_reused_tokens_total", ())] == engine.kv_pool.reused_tokens > 0

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,16 @@ from flask import Flask, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import procstats
+from daemon.services import get_services
+from daemon.sessions import StoreStats
 from daemon.config import Config
-from daemon.metrics import TURN_INDEX_BUCKETS, Metrics, turn_index_bucket
+from daemon.memory import budget as memory_budget
+from daemon.memory.cgroup import CgroupMemory
+from daemon.telemetry import process
+from daemon.telemetry.labels import TURN_INDEX_BUCKETS, turn_index_bucket
+from daemon.telemetry.listeners import Recorder
+from daemon.telemetry.metrics import Metrics
+from daemon.telemetry.sampler import Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +51,7 @@ HISTOGRAMS = {"edgechat_turn_history_messages", "edgechat_turn_prompt_tokens",
               "edgechat_queue_wait_seconds", "edgechat_http_request_duration_seconds"}
 
 
-# --- helpers ------------------------------------------------------------------------------------
+# --- reading scrapes -----------------------------------------------------------------------------
 def samples(text: str) -> dict[tuple, float]:
     """{(sample name, sorted labels): value} of an exposition."""
     out = {}
@@ -65,15 +71,30 @@ def series_of(text: str, name: str) -> dict[tuple, float]:
     return {labels: v for (n, labels), v in samples(text).items() if n == name}
 
 
-def scrape(m: Metrics) -> str:
-    return generate_latest(m.registry).decode()
+class Telemetry:
+    """Metric definitions with their recorder and sampler, as create_app wires them (no model)."""
+
+    def __init__(self, config_limit: int = 0):
+        self.metrics = Metrics(CollectorRegistry())
+        self.registry = self.metrics.registry
+        self.recorder = Recorder(self.metrics)
+        budget = memory_budget.MemoryBudget(config_limit, 0.85, 0.95, siblings=False)
+        self.sampler = Sampler(self.metrics, budget.read)
+
+    def close(self) -> None:
+        self.sampler.close()
+        self.metrics.close()
+
+
+def scrape(t) -> str:
+    return generate_latest(t.registry).decode()
 
 
 @pytest.fixture
-def metrics():
-    m = Metrics(CollectorRegistry())
-    yield m
-    m.close()
+def tel():
+    t = Telemetry()
+    yield t
+    t.close()
 
 
 def free_port() -> int:
@@ -89,15 +110,15 @@ def cfg(**kw) -> Config:
 
 
 # --- names and single-process behaviour -----------------------------------------------------------
-def test_every_contract_family_is_exported_with_its_type(metrics):
-    metrics.refresh()
-    metrics.refresh_slow()
-    families = {f.name: f.type for f in text_string_to_metric_families(scrape(metrics))}
+def test_every_contract_family_is_exported_with_its_type(tel):
+    tel.sampler.refresh()
+    tel.sampler.refresh_slow()
+    families = {f.name: f.type for f in text_string_to_metric_families(scrape(tel))}
     for name in CONTRACT:
         kind = "counter" if name.endswith("_total") else "histogram" if name in HISTOGRAMS else "gauge"
         family = name[: -len("_total")] if kind == "counter" else name  # the parser drops _total
         assert families.get(family) == kind, name
-        assert hasattr(metrics, name[len("edgechat_"):]), name  # attribute = name minus namespace
+        assert hasattr(tel.metrics, name[len("edgechat_"):]), name  # attribute = name minus namespace
 
 
 @pytest.mark.parametrize("turn,bucket", [(0, "1"), (1, "1"), (2, "2-5"), (5, "2-5"), (6, "6-10"),
@@ -108,13 +129,13 @@ def test_turn_index_bucket(turn, bucket):
     assert bucket in TURN_INDEX_BUCKETS
 
 
-def test_observe_turn_moves_the_right_series(metrics):
-    before = scrape(metrics)
-    metrics.observe_turn(turn=7, outcome="length", duration_s=2.0, ttft_s=0.5, completion_tokens=4,
+def test_observe_turn_moves_the_right_series(tel):
+    before = scrape(tel)
+    tel.recorder.observe_turn(turn=7, outcome="length", duration_s=2.0, ttft_s=0.5, completion_tokens=4,
                          prompt_tokens=300, queue_wait_s=0.02, history_messages=13)
-    metrics.observe_turn(turn=1, outcome="ok", duration_s=0.3, ttft_s=None, completion_tokens=0,
+    tel.recorder.observe_turn(turn=1, outcome="ok", duration_s=0.3, ttft_s=None, completion_tokens=0,
                          prompt_tokens=20, queue_wait_s=0.0, history_messages=None)
-    after = scrape(metrics)
+    after = scrape(tel)
 
     def grew(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
@@ -139,22 +160,22 @@ def test_observe_turn_moves_the_right_series(metrics):
     assert grew("edgechat_turn_prompt_tokens_count") == 2
 
 
-def test_unknown_label_values_stay_bounded(metrics):
-    metrics.observe_turn(turn=1, outcome="exploded", duration_s=1, ttft_s=None, completion_tokens=0,
+def test_unknown_label_values_stay_bounded(tel):
+    tel.recorder.observe_turn(turn=1, outcome="exploded", duration_s=1, ttft_s=None, completion_tokens=0,
                          prompt_tokens=1, queue_wait_s=0, history_messages=None)
-    metrics.on_truncate("whim", 3)
-    text = scrape(metrics)
+    tel.recorder.on_truncate("whim", 3)
+    text = scrape(tel)
     assert value(text, "edgechat_turns_total", outcome="other") == 1
     assert value(text, "edgechat_history_truncations_total", reason="other") == 3
 
 
-def test_store_and_engine_listeners(metrics):
-    metrics.on_truncate("turns", 2)
-    metrics.on_truncate("tokens", 5)
-    metrics.on_evict("lru", 3)
-    metrics.on_evict("ttl", 1)
-    metrics.on_queue(waiting=2, running=1)
-    text = scrape(metrics)
+def test_store_and_engine_listeners(tel):
+    tel.recorder.on_truncate("turns", 2)
+    tel.recorder.on_truncate("tokens", 5)
+    tel.recorder.on_evict("lru", 3)
+    tel.recorder.on_evict("ttl", 1)
+    tel.recorder.on_queue(waiting=2, running=1)
+    text = scrape(tel)
     assert value(text, "edgechat_history_truncations_total", reason="turns") == 2
     assert value(text, "edgechat_history_truncations_total", reason="tokens") == 5
     assert value(text, "edgechat_sessions_evicted_total", reason="lru") == 3
@@ -162,25 +183,17 @@ def test_store_and_engine_listeners(metrics):
     assert value(text, "edgechat_sessions_evicted_total", reason="deleted") == 0
     assert value(text, "edgechat_queue_depth") == 2
     assert value(text, "edgechat_generations_in_progress") == 1
-    metrics.on_queue(waiting=0, running=0)
-    assert value(scrape(metrics), "edgechat_queue_depth") == 0
+    tel.recorder.on_queue(waiting=0, running=0)
+    assert value(scrape(tel), "edgechat_queue_depth") == 0
 
 
-@dataclass
-class StoreStats:
-    sessions: int
-    messages_total: int
-    messages_max: int
-    tokens_max: int
-
-
-def test_config_model_and_store_gauges(metrics):
-    metrics.set_config(cfg(max_history_turns=7, memory_limit_bytes=3 << 30))
-    metrics.set_model_info("builtin:tiny", "float32", "history", 1.5)
-    metrics.set_store_stats(StoreStats(sessions=3, messages_total=40, messages_max=22, tokens_max=900))
-    text = scrape(metrics)
+def test_config_model_and_store_gauges(tel):
+    tel.recorder.set_config(cfg(max_history_turns=7, kv_cache_bytes=5 << 20))
+    tel.recorder.set_model_info("builtin:tiny", "float32", "history", 1.5)
+    tel.recorder.set_store_stats(StoreStats(sessions=3, messages_total=40, messages_max=22, tokens_max=900))
+    text = scrape(tel)
     assert value(text, "edgechat_history_max_turns") == 7
-    assert value(text, "edgechat_memory_limit_bytes") == 3 << 30  # explicit config wins
+    assert value(text, "edgechat_kv_cache_budget_bytes") == 5 << 20
     assert value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", leak_mode="history") == 1
     assert value(text, "edgechat_model_load_seconds") == 1.5
     assert value(text, "edgechat_sessions") == 3
@@ -192,10 +205,10 @@ def test_config_model_and_store_gauges(metrics):
     assert dict(build)["python"] == ".".join(map(str, sys.version_info[:3]))
 
 
-def test_refresh_reads_the_process_and_gc(metrics):
-    metrics.refresh()
-    metrics.refresh_slow()
-    first = scrape(metrics)
+def test_refresh_reads_the_process_and_gc(tel):
+    tel.sampler.refresh()
+    tel.sampler.refresh_slow()
+    first = scrape(tel)
     assert value(first, "edgechat_process_resident_memory_bytes") > 10 << 20
     assert value(first, "edgechat_process_unique_memory_bytes") > 0
     assert value(first, "edgechat_process_open_fds") > 0
@@ -208,8 +221,8 @@ def test_refresh_reads_the_process_and_gc(metrics):
     cycle.append(cycle)
     del junk, cycle
     gc.collect()
-    metrics.refresh()
-    second = scrape(metrics)
+    tel.sampler.refresh()
+    second = scrape(tel)
     for name in ("edgechat_gc_collections_total", "edgechat_gc_pause_seconds_count"):
         assert value(second, name, generation="2") > value(first, name, generation="2")
     assert value(second, "edgechat_gc_collected_objects_total", generation="2") >= 1
@@ -218,25 +231,26 @@ def test_refresh_reads_the_process_and_gc(metrics):
 
 
 def test_sampler_is_idempotent_and_close_cleans_up():
-    m = Metrics(CollectorRegistry())
     callbacks = len(gc.callbacks)
-    m.start_sampler(0.01)
-    thread = m._sampler
-    m.start_sampler(0.01)
-    assert m._sampler is thread and thread.is_alive()
-    m.close()
+    t = Telemetry()
+    assert len(gc.callbacks) == callbacks + 1  # the sampler's GC pause recorder
+    t.sampler.start(0.01)
+    thread = t.sampler._thread
+    t.sampler.start(0.01)
+    assert t.sampler._thread is thread and thread.is_alive()
+    t.close()
     assert not thread.is_alive()
-    assert len(gc.callbacks) == callbacks - 1
+    assert len(gc.callbacks) == callbacks
 
 
-def test_tracemalloc_gauges_only_when_configured(metrics):
-    assert "edgechat_tracemalloc_traced_bytes" not in scrape(metrics)
+def test_tracemalloc_gauges_only_when_configured(tel):
+    assert "edgechat_tracemalloc_traced_bytes" not in scrape(tel)
     was_tracing = tracemalloc.is_tracing()
     try:
-        metrics.set_config(cfg(tracemalloc=True))
+        tel.sampler.trace(1)
         blob = [bytes(1000) for _ in range(1000)]  # ~1 MB traced
-        metrics.refresh()
-        text = scrape(metrics)
+        tel.sampler.refresh()
+        text = scrape(tel)
         assert value(text, "edgechat_tracemalloc_traced_bytes") > 0
         assert value(text, "edgechat_tracemalloc_peak_bytes") >= value(text, "edgechat_tracemalloc_traced_bytes")
         del blob
@@ -253,7 +267,8 @@ def test_multiprocess_needs_the_env_before_import(monkeypatch, tmp_path):
 
 def test_a_thousand_sessions_make_no_more_series_than_one():
     def run(sessions: int) -> int:
-        m = Metrics(CollectorRegistry())
+        t = Telemetry()
+        m = t.recorder
         try:
             for s in range(sessions):
                 for turn in (1, 2, 7, 15, 40):
@@ -263,10 +278,10 @@ def test_a_thousand_sessions_make_no_more_series_than_one():
                 m.on_truncate("turns", 2)
                 m.set_store_stats(StoreStats(s + 1, 10 * (s + 1), 10, 100 + s))
             m.on_evict("lru", sessions)
-            m.refresh()
-            return len(samples(scrape(m)))
+            t.sampler.refresh()
+            return len(samples(scrape(t)))
         finally:
-            m.close()
+            t.close()
     assert run(1) == run(1000)
 
 
@@ -279,7 +294,7 @@ def test_a_thousand_sessions_make_no_more_series_than_one():
     (0, None, 8 << 30, (8 << 30, "host")),
 ])
 def test_memory_limit_precedence(config_bytes, cgroup, host, expected):
-    assert procstats.memory_limit(config_bytes, cgroup, host) == expected
+    assert memory_budget.memory_limit(config_bytes, cgroup, host) == expected
 
 
 def _fake_proc(tmp_path: Path, cgroup: str, mountinfo: str) -> str:
@@ -301,10 +316,10 @@ def test_cgroup_v2_limit_of_the_tightest_ancestor(tmp_path):
         (d / "memory.stat").write_text("anon 500\ninactive_file 100\n")
     proc = _fake_proc(tmp_path, "0::/edge.slice/edgechat.service\n",
                       "30 23 0:26 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n")
-    cg = procstats.CgroupMemory.detect(proc, root=str(root))
+    cg = CgroupMemory.detect(proc, root=str(root))
     assert cg.version == 2 and cg.limit_bytes() == 2000
     assert cg.current_bytes() == 900 and cg.working_set_bytes() == 800
-    budget = procstats.memory_budget(cg, 0, siblings=False)
+    budget = memory_budget.read_memory(cg, 0, siblings=False)
     # what counts is the working set: inactive page cache is reclaimed before any OOM kill
     assert (budget.limit, budget.limit_source, budget.service, budget.charged) == (
         2000, "cgroup", 800, 900)
@@ -321,7 +336,7 @@ def test_cgroup_v1_in_a_hybrid_host(tmp_path):
     proc = _fake_proc(tmp_path, "4:memory:/docker/abc\n0::/\n",
                       "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
                       "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
-    cg = procstats.CgroupMemory.detect(proc, root=str(root))
+    cg = CgroupMemory.detect(proc, root=str(root))
     assert cg.version == 1 and cg.limit_bytes() == 1 << 30
     assert cg.current_bytes() == 4096 and cg.working_set_bytes() == 4000
     (mine / "memory.limit_in_bytes").write_text("9223372036854771712\n")
@@ -330,9 +345,9 @@ def test_cgroup_v1_in_a_hybrid_host(tmp_path):
 
 def test_no_cgroup_means_rss_sum(tmp_path):
     proc = _fake_proc(tmp_path, "", "")
-    assert procstats.CgroupMemory.detect(proc, root=str(tmp_path)) is None
-    budget = procstats.memory_budget(None, 0, siblings=False)
-    assert budget.limit_source == "host" and budget.service == procstats.rss_of(os.getpid()) > 0
+    assert CgroupMemory.detect(proc, root=str(tmp_path)) is None
+    budget = memory_budget.read_memory(None, 0, siblings=False)
+    assert budget.limit_source == "host" and budget.service == process.rss_of(os.getpid()) > 0
 
 
 # --- Flask integration --------------------------------------------------------------------------
@@ -348,10 +363,12 @@ def flask_app():
     def stream():
         return Response((c for c in "abc"), mimetype="text/event-stream")
 
-    from daemon.api.metrics import get_metrics, init_app
-    init_app(app, cfg())
+    from daemon.api.exposition import init_app
+    t = Telemetry()
+    init_app(app, cfg(), t.metrics, t.sampler)
+    app.telemetry = t
     yield app
-    get_metrics(app).close()
+    t.close()
 
 
 def test_flask_route_labels_and_both_encodings(flask_app):
@@ -389,8 +406,7 @@ def test_flask_route_labels_and_both_encodings(flask_app):
 def test_promtool_accepts_a_real_scrape(flask_app, tmp_path):
     client = flask_app.test_client()
     client.get("/v1/sessions/x")
-    from daemon.api.metrics import get_metrics
-    get_metrics(flask_app).observe_turn(turn=3, outcome="ok", duration_s=1, ttft_s=0.1,
+    flask_app.telemetry.recorder.observe_turn(turn=3, outcome="ok", duration_s=1, ttft_s=0.1,
                                         completion_tokens=5, prompt_tokens=9, queue_wait_s=0,
                                         history_messages=5)
     text = client.get("/metrics").data
@@ -399,26 +415,28 @@ def test_promtool_accepts_a_real_scrape(flask_app, tmp_path):
 
 
 def test_metrics_port_served_once(tmp_path, caplog):
-    from daemon.api.metrics import SERVER_EXTENSION, get_metrics, init_app
+    from daemon.api.exposition import init_app
     caplog.set_level("INFO", logger="edgechat.metrics")
     port = free_port()
-    first, second = Flask("a"), Flask("b")
-    init_app(first, cfg(metrics_port=port))
+    first, second = Telemetry(), Telemetry()
+    apps = Flask("a"), Flask("b")  # held: an app's collection closes its metrics port
+    served = init_app(apps[0], cfg(metrics_port=port), first.metrics, first.sampler)
     try:
-        init_app(second, cfg(metrics_port=port))  # the port is taken: serves the main path only
+        # the port is taken: serves the main path only
+        again = init_app(apps[1], cfg(metrics_port=port), second.metrics, second.sampler)
         assert "already served" in caplog.text
-        assert first.extensions[SERVER_EXTENSION] is not None and second.extensions[SERVER_EXTENSION] is None
+        assert served.server is not None and again.server is None
         resp = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
         assert resp.status_code == 200 and "edgechat_process_resident_memory_bytes" in resp.text
     finally:
-        get_metrics(first).close()
-        get_metrics(second).close()
+        first.close()
+        second.close()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
 def test_metrics_import_no_torch():
-    code = ("import sys, daemon.metrics, daemon.multiproc, daemon.api.metrics; "
+    code = ("import sys, daemon.telemetry.metrics, daemon.telemetry.multiproc, daemon.api.exposition; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={k: v for k, v in os.environ.items()
@@ -431,10 +449,15 @@ def test_metrics_import_no_torch():
 WORKER = r"""
 import os, sys
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
-from daemon.metrics import Metrics
-m = Metrics()
-m.refresh()
-m.refresh_slow()
+from daemon.telemetry.listeners import Recorder
+from daemon.telemetry.metrics import Metrics
+from daemon.telemetry.sampler import Sampler
+from daemon.memory.budget import MemoryBudget
+metrics = Metrics()
+s = Sampler(metrics, MemoryBudget(0, 0.85, 0.95, siblings=True).read)
+s.refresh()
+s.refresh_slow()
+m = Recorder(metrics)
 m.observe_turn(turn=int(sys.argv[2]), outcome="ok", duration_s=0.5, ttft_s=0.1, completion_tokens=5,
                prompt_tokens=10, queue_wait_s=0.0, history_messages=3)
 m.on_queue(waiting=1, running=1)
@@ -456,7 +479,7 @@ def stop_worker(proc: subprocess.Popen) -> None:
 
 
 def folder_scrape(path: Path) -> str:
-    from daemon.multiproc import scrape_registry
+    from daemon.telemetry.multiproc import scrape_registry
     return generate_latest(scrape_registry(str(path))).decode()
 
 
@@ -477,7 +500,7 @@ def mpdir(tmp_path):
 
 
 def test_two_workers_two_pids_and_a_dead_one_leaves(mpdir):
-    from daemon.multiproc import worker_exited
+    from daemon.telemetry.multiproc import worker_exited
     path, workers = mpdir
     (a, pid_a), (b, pid_b) = start_worker(path), start_worker(path, turn=8)
     workers += [a, b]
@@ -506,7 +529,7 @@ def test_two_workers_two_pids_and_a_dead_one_leaves(mpdir):
 
 
 def test_twenty_recycled_workers_keep_the_folder_bounded(mpdir):
-    from daemon.multiproc import worker_exited
+    from daemon.telemetry.multiproc import worker_exited
     path, workers = mpdir
     live, live_pid = start_worker(path)
     workers.append(live)
@@ -538,7 +561,7 @@ def test_a_kept_folder_collector_reads_what_prometheus_client_reads(mpdir):
     worker's pid-labelled keys."""
     from prometheus_client.mmap_dict import MmapedDict
     from prometheus_client.multiprocess import MultiProcessCollector
-    from daemon.multiproc import LockedMultiProcessCollector, worker_exited
+    from daemon.telemetry.multiproc import LockedMultiProcessCollector, worker_exited
     path, workers = mpdir
     (a, pid_a), (b, pid_b) = start_worker(path), start_worker(path, turn=8)
     workers += [a, b]
@@ -576,7 +599,7 @@ import os, sys
 path = sys.argv[1]
 if sys.argv[2] == "early":
     import prometheus_client
-from daemon.multiproc import prepare_dir
+from daemon.telemetry.multiproc import prepare_dir
 try:
     prepare_dir(path)
 except RuntimeError as exc:
@@ -610,8 +633,11 @@ def test_prepare_dir_wipes_and_insists_on_import_order(tmp_path):
 E2E_APP = '''
 import os
 from flask import Flask
-from daemon.api.metrics import init_app
+from daemon.api.exposition import init_app
 from daemon.config import Config
+from daemon.memory.budget import MemoryBudget
+from daemon.telemetry.metrics import Metrics
+from daemon.telemetry.sampler import Sampler
 
 def create():
     app = Flask("e2e")
@@ -620,7 +646,11 @@ def create():
     def pid():
         return {"pid": os.getpid()}
 
-    init_app(app, Config(model="builtin:tiny", metrics_refresh_s=0.2))
+    cfg = Config(model="builtin:tiny", metrics_refresh_s=0.2)
+    metrics = Metrics()
+    sampler = Sampler(metrics, MemoryBudget.from_config(cfg, siblings=True).read)
+    sampler.start(cfg.metrics_refresh_s)
+    init_app(app, cfg, metrics, sampler)
     return app
 '''
 
@@ -648,7 +678,7 @@ def test_gunicorn_two_workers_kill_and_twenty_recycles(tmp_path):
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PROMETHEUS_MULTIPROC_DIR"] = str(path)  # the hooks read it; on_starting creates and wipes it
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:daemon.server_hooks",
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:daemon.server.hooks",
                                "--bind", f"127.0.0.1:{port}", "--workers", "2", "--max-requests", "4",
                                "--pythonpath", str(tmp_path), "e2e_app:create()"],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -715,7 +745,7 @@ def test_real_turns_move_the_metrics(app_factory):
     assert grew("edgechat_time_to_first_token_seconds_count") == 5
     assert value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>/messages",
                  method="POST", status="200") == 4
-    dtype = app.extensions["edgechat.engine"].dtype  # auto: bfloat16 where the CPU has it
+    dtype = get_services(app).engine.dtype  # auto: bfloat16 where the CPU has it
     assert value(text, "edgechat_model_info", model="builtin:tiny", dtype=dtype, leak_mode="off") == 1
     assert value(text, "edgechat_history_max_turns") == 2
     assert value(text, "edgechat_sessions") == 1

@@ -262,7 +262,7 @@ def test_cli_render_rules(runner, tmp_path):
 def test_rules_use_only_metrics_the_daemon_exports(client):
     """Contract check against a real scrape: every edgechat_ series a rule reads exists, with its labels."""
     from prometheus_client.parser import text_string_to_metric_families
-    from daemon.metrics import REJECT_REASONS, TURN_INDEX_BUCKETS
+    from daemon.telemetry.metrics import REJECT_REASONS, TURN_INDEX_BUCKETS
     client.get("/healthz")
     text = client.get("/metrics").get_data(as_text=True)
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]

@@ -77,7 +77,7 @@ def test_memwatch_exits_4_when_the_process_is_gone(runner, child):
 def test_client_commands_import_no_torch():
     code = ("import sys; import daemon.cli.soak, daemon.cli.memwatch, daemon.cli.stack; "
             "from daemon.cli import build_parser; build_parser(); "
-            "bad = [m for m in ('torch', 'transformers', 'daemon.engine', 'prometheus_client') if m in sys.modules]; "
+            "bad = [m for m in ('torch', 'transformers', 'daemon.model.engine', 'prometheus_client') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

@@ -9,7 +9,8 @@ import psutil
 import pytest
 import torch
 
-from daemon import procstats
+from daemon.services import get_services
+from daemon.telemetry import process
 from daemon.api.stats import RecentTurns, history_limit
 
 torch.set_num_threads(1)
@@ -48,8 +49,8 @@ def test_shape_without_session(client):
     mem = body["memory"]
     assert set(mem) == {"rss_bytes", "limit_bytes", "limit_source", "service_bytes",
                         "host_available_bytes", "host_total_bytes"}
-    # the worker's RSS as procstats reads it for the gauge, within what this test allocated since
-    rss_now = procstats.process_sample(psutil.Process()).rss_bytes
+    # the worker's RSS as the sampler reads it for the gauge, within what this test allocated since
+    rss_now = process.process_sample(psutil.Process()).rss_bytes
     assert 0 < mem["rss_bytes"] and abs(mem["rss_bytes"] - rss_now) < 64 << 20
     assert 0 < mem["service_bytes"] and 0 < mem["limit_bytes"] <= mem["host_total_bytes"]
     assert mem["limit_source"] in ("config", "cgroup", "host")
@@ -123,12 +124,11 @@ def test_unknown_session_is_404_in_the_error_shape(client):
 
 
 def test_deleted_session_is_404_and_its_latencies_are_forgotten(app, client):
-    from daemon.api.stats import get_recent
     sid = new_session(client)
     turn(client, sid)
-    assert len(get_recent(app)) == 1
+    assert len(get_services(app).recent_turns) == 1
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204
-    assert len(get_recent(app)) == 0
+    assert len(get_services(app).recent_turns) == 0
     assert client.get(f"/v1/stats?session={sid}").status_code == 404
 
 
@@ -180,10 +180,10 @@ def test_history_limit_words():
 
 
 def test_ring_cap_follows_max_sessions(app_factory):
-    from daemon.api.stats import SESSIONS_CAP, get_recent
-    assert get_recent(app_factory(max_sessions=7)).max_sessions == 7
-    assert get_recent(app_factory(max_sessions=0)).max_sessions == SESSIONS_CAP
-    assert get_recent(app_factory(max_sessions=10 * SESSIONS_CAP)).max_sessions == SESSIONS_CAP
+    from daemon.api.stats import SESSIONS_CAP
+    assert get_services(app_factory(max_sessions=7)).recent_turns.max_sessions == 7
+    assert get_services(app_factory(max_sessions=0)).recent_turns.max_sessions == SESSIONS_CAP
+    assert get_services(app_factory(max_sessions=10 * SESSIONS_CAP)).recent_turns.max_sessions == SESSIONS_CAP
 
 
 # ---- the page ------------------------------------------------------------------------------

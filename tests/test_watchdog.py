@@ -8,9 +8,13 @@ import requests
 import torch
 from prometheus_client import CollectorRegistry
 
-from daemon import watchdog as wd
+from daemon.memory import watchdog as wd
+from daemon.memory.budget import MemoryBudget, MemoryReading
+from daemon.services import get_services
 from daemon.config import Config
-from daemon.metrics import PRESSURE_ACTIONS, Metrics
+from daemon.telemetry.labels import PRESSURE_ACTIONS
+from daemon.telemetry.listeners import Recorder
+from daemon.telemetry.metrics import Metrics
 from daemon.sessions import HistoryPolicy, MemoryStore
 from servers import Daemon
 
@@ -19,7 +23,7 @@ LIMIT = 1000
 
 
 class Memory:
-    """An injected memory reader: (service, limit) from a list of readings, the last one repeating."""
+    """An injected memory reader: readings at these ratios of LIMIT, the last one repeating."""
 
     def __init__(self, *ratios: float):
         self.readings = list(ratios)
@@ -28,12 +32,14 @@ class Memory:
     def set(self, *ratios: float) -> None:
         self.readings = list(ratios)
 
-    def __call__(self) -> tuple[int, int]:
+    def __call__(self) -> MemoryReading:
         self.calls += 1
         ratio = self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
         if isinstance(ratio, Exception):
             raise ratio
-        return int(ratio * LIMIT), LIMIT
+        service = int(ratio * LIMIT)
+        return MemoryReading(host_available=LIMIT, host_total=2 * LIMIT, limit=LIMIT,
+                             limit_source="config", service=service, charged=service)
 
 
 class Clock:
@@ -45,7 +51,7 @@ class Clock:
 
 
 class Engine:
-    """Stands in for daemon.engine.Engine: counts release_caches() calls."""
+    """Stands in for daemon.model.engine.Engine: counts release_caches() calls."""
 
     def __init__(self):
         self.released = 0
@@ -71,10 +77,10 @@ def rig():
     metrics = Metrics(CollectorRegistry(), multiprocess=False)
     store = MemoryStore(HistoryPolicy(max_turns=5, max_tokens=0, ttl_s=0, max_sessions=100),
                         lambda messages: sum(len(m["content"]) for m in messages), clock=clock,
-                        listener=metrics)
+                        listener=Recorder(metrics))
     trims = []
-    dog = wd.MemoryWatchdog(soft_ratio=0.85, hard_ratio=0.95, read=memory, store=store, engine=engine,
-                            metrics=metrics, clock=clock, trim=trims.append)
+    dog = wd.MemoryWatchdog(MemoryBudget(0, 0.85, 0.95, siblings=False, read=memory), store=store,
+                            engine=engine, metrics=Recorder(metrics), clock=clock, trim=trims.append)
     yield dog, clock, memory, store, engine, metrics, trims
     store.close()
     metrics.close()
@@ -146,7 +152,7 @@ def test_unreadable_memory_keeps_the_last_verdict(rig):
 @pytest.mark.parametrize("soft,hard", [(0.0, 0.9), (0.9, 0.9), (0.95, 0.9), (0.5, 1.5)])
 def test_watchdog_rejects_bad_ratios(soft, hard):
     with pytest.raises(ValueError):
-        wd.MemoryWatchdog(soft_ratio=soft, hard_ratio=hard, read=Memory(0.1))
+        MemoryBudget(0, soft, hard, siblings=False, read=Memory(0.1))
 
 
 @pytest.mark.parametrize("env,setting", [
@@ -177,9 +183,9 @@ def _turn(client):
 
 def test_hard_limit_turns_get_503_and_readyz_fails_until_memory_drops(app_factory):
     app = app_factory(session_store="memory")
-    client, dog = app.test_client(), wd.of(app)
+    client, dog = app.test_client(), get_services(app).watchdog
     assert dog is not None and client.get("/readyz").status_code == 200
-    dog.read = memory = Memory(0.97)
+    dog.budget.read = memory = Memory(0.97)
     assert dog.check() == wd.HARD
     session = client.post("/v1/sessions", json={}).get_json()["id"]  # sessions may start; turns may not
 
@@ -207,10 +213,10 @@ def test_hard_limit_turns_get_503_and_readyz_fails_until_memory_drops(app_factor
 
 def test_soft_limit_in_the_app_evicts_idle_sessions(app_factory):
     app = app_factory(session_store="memory")
-    client, dog = app.test_client(), wd.of(app)
+    client, dog = app.test_client(), get_services(app).watchdog
     ids = [client.post("/v1/sessions", json={}).get_json()["id"] for _ in range(2)]
     dog.idle_evict_s = 0.0  # sessions just created count as idle
-    dog.read = Memory(0.90)
+    dog.budget.read = Memory(0.90)
     assert dog.check() == wd.SOFT
     assert all(client.get(f"/v1/sessions/{i}").status_code == 404 for i in ids)
     text = client.get("/metrics").get_data(as_text=True)
@@ -221,7 +227,7 @@ def test_soft_limit_in_the_app_evicts_idle_sessions(app_factory):
 
 def test_off_switch(app_factory):
     app = app_factory(memory_watchdog=False)
-    assert wd.of(app) is None
+    assert get_services(app).watchdog is None
     assert "memory_below_hard_limit" not in app.test_client().get("/readyz").get_json()["checks"]
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hmac
 import os
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
-from .. import diagnostics
-from ..extensions import get_config, get_metrics
+from ..memory import tracing
+from ..memory.tracing import Diagnostics
+from ..services import get_services
 from .errors import ApiError, error_body, invalid
 
 bp = Blueprint("admin", __name__, url_prefix="/debug/memory")
@@ -23,21 +24,21 @@ MAX_LIMIT = 100
 PID_HEADER = "X-Edgechat-Pid"
 
 
-def _diag() -> diagnostics.Diagnostics:
-    return current_app.extensions[diagnostics.EXTENSION]
+def _diag() -> Diagnostics:
+    return get_services().diagnostics
 
 
 @bp.before_request
 def _authorize() -> None:
-    key = get_config().admin_key
+    key = get_services().config.admin_key
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        get_services().metrics.requests_rejected_total.labels(reason="unauthorized").inc()
         raise ApiError(401, "missing admin key: send 'Authorization: Bearer <admin key>'",
                        code="missing_admin_key")
     # bytes: compare_digest on str accepts ASCII only, and a key is compared in constant time
     if not hmac.compare_digest(token.strip().encode(), key.encode()):
-        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        get_services().metrics.requests_rejected_total.labels(reason="unauthorized").inc()
         raise ApiError(401, "invalid admin key", code="invalid_admin_key")
 
 
@@ -71,8 +72,8 @@ def _limit() -> int:
 
 def _group_by() -> str:
     value = request.args.get("group_by", "lineno")
-    if value not in diagnostics.GROUP_BY:
-        raise invalid(f"group_by must be one of {', '.join(diagnostics.GROUP_BY)}, got {value!r}",
+    if value not in tracing.GROUP_BY:
+        raise invalid(f"group_by must be one of {', '.join(tracing.GROUP_BY)}, got {value!r}",
                       "group_by")
     return value
 
@@ -102,7 +103,7 @@ def top():
     tracer = _diag().tracer
     try:
         entries = tracer.top(limit, group_by)
-    except diagnostics.TracingOff:
+    except tracing.TracingOff:
         raise _tracing_off() from None
     return jsonify({"pid": os.getpid(), "group_by": group_by, "limit": limit, **tracer.status(),
                     "entries": entries})
@@ -115,9 +116,9 @@ def diff():
     tracer = _diag().tracer
     try:
         entries = tracer.diff(limit, group_by)
-    except diagnostics.TracingOff:
+    except tracing.TracingOff:
         raise _tracing_off() from None
-    except diagnostics.NoBaseline:
+    except tracing.NoBaseline:
         raise ApiError(409, f"worker {os.getpid()} has no baseline: POST /debug/memory/snapshot first "
                             "(`edgechat diagnose URL --snapshot`)", code="no_baseline") from None
     return jsonify({"pid": os.getpid(), "group_by": group_by, "limit": limit, **tracer.status(),
@@ -148,14 +149,14 @@ def census():
 @bp.post("/tracemalloc")
 def switch():
     """Start or stop tracing, {"enabled": true|false}: here at once, in the other workers of this
-    server within metrics_refresh_s (daemon.diagnostics.SHARED_SWITCH)."""
+    server within metrics_refresh_s (daemon.memory.tracing.SHARED_SWITCH)."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
         raise invalid('send a JSON object {"enabled": true} or {"enabled": false}', "enabled")
     tracer = _diag().tracer
     if body["enabled"]:
         changed = tracer.start()
-        get_metrics().track_tracemalloc()
+        get_services().metrics.track_tracemalloc()
     else:
         changed = tracer.stop()
     return jsonify({"pid": os.getpid(), "changed": changed, **tracer.status()})

@@ -6,7 +6,7 @@ import hmac
 
 from flask import Blueprint, g, request
 
-from ..extensions import get_config, get_metrics
+from ..services import get_services
 from .errors import ApiError
 
 
@@ -16,19 +16,19 @@ def owner_of(key: str | None) -> str | None:
 
 
 def _check() -> None:
-    keys = get_config().api_keys
+    keys = get_services().config.api_keys
     g.owner = None
     if not keys:
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        get_services().metrics.requests_rejected_total.labels(reason="unauthorized").inc()
         raise ApiError(401, "missing bearer key: send 'Authorization: Bearer <key>'",
                        code="missing_api_key")
     # compare against every key in constant time so timing does not reveal a prefix match
     if not any(hmac.compare_digest(token.strip(), k) for k in keys):
-        get_metrics().requests_rejected_total.labels(reason="unauthorized").inc()
+        get_services().metrics.requests_rejected_total.labels(reason="unauthorized").inc()
         raise ApiError(401, "invalid API key", code="invalid_api_key")
     g.owner = owner_of(token.strip())
 

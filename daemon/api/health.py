@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, jsonify
 
-from .. import watchdog as memory_watchdog
-from ..extensions import get_config, get_engine, get_store
+from ..services import get_services
 
 bp = Blueprint("health", __name__)
 
@@ -20,11 +19,12 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     """Ready: model loaded and warmed up, the wait queue not full, and the session store answering."""
-    cfg, engine = get_config(), get_engine()
+    services = get_services()
+    cfg, engine = services.config, services.engine
     waiting = engine.queue_depth()
     checks = {"model_loaded": bool(engine.ready), "queue_not_full": waiting < cfg.queue_limit,
-              "session_store": bool(get_store().healthy())}
-    pressure = memory_watchdog.of(current_app)
+              "session_store": bool(services.store.healthy())}
+    pressure = services.watchdog
     if pressure is not None:  # above the hard memory limit turns get 503: take the worker out of rotation
         checks["memory_below_hard_limit"] = not pressure.refusing
     ready = all(checks.values())

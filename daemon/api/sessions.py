@@ -1,11 +1,12 @@
 """Server-side conversations under the bounded history policy: /v1/sessions."""
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
 
 from flask import Blueprint, g, jsonify
 
-from ..extensions import get_config, get_metrics, get_store
+from ..services import Services, get_services
 from ..sessions import ContextTooLong, SessionBusy, SessionNotFound
 from . import turns, validate
 from .auth import protect
@@ -19,8 +20,8 @@ def _not_found(session_id: str) -> ApiError:
                     code="session_not_found", param="id")
 
 
-def _publish_stats(store=None, metrics=None) -> None:
-    (metrics or get_metrics()).set_store_stats((store or get_store()).stats())
+def _publish_stats(services: Services) -> None:
+    services.recorder.set_store_stats(services.store.stats())
 
 
 @bp.post("")
@@ -32,8 +33,9 @@ def create():
         raise invalid(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0],
                       "unknown_field")
     system = validate.text(body, "system", required=False)
-    snap = get_store().create(g.owner, system)
-    _publish_stats()
+    services = get_services()
+    snap = services.store.create(g.owner, system)
+    _publish_stats(services)
     return jsonify({"id": snap.id, "created": int(snap.created)}), 201
 
 
@@ -41,7 +43,7 @@ def create():
 def show(session_id: str):
     """The stored conversation (what the model will see next turn)."""
     try:
-        snap = get_store().get(session_id, g.owner)
+        snap = get_services().store.get(session_id, g.owner)
     except SessionNotFound:
         raise _not_found(session_id) from None
     return jsonify({"id": snap.id, "created": int(snap.created),
@@ -53,11 +55,13 @@ def show(session_id: str):
 @bp.delete("/<session_id>")
 def delete(session_id: str):
     """Forget a conversation."""
+    services = get_services()
     try:
-        get_store().delete(session_id, g.owner)
+        services.store.delete(session_id, g.owner)
     except SessionNotFound:
         raise _not_found(session_id) from None
-    _publish_stats()
+    services.recent_turns.forget(session_id)
+    _publish_stats(services)
     return "", 204
 
 
@@ -84,11 +88,13 @@ def message(session_id: str):
     params = turns.sampling_params(body, allow_stop=False)
     streaming = validate.boolean(body, "stream")
 
-    store, metrics = get_store(), get_metrics()
+    started = time.perf_counter()
+    services = get_services()
+    store = services.store
     stack = ExitStack()
     try:
         turn = stack.enter_context(store.turn(session_id, g.owner, content,
-                                                    timeout=get_config().queue_timeout_s))
+                                              timeout=services.config.queue_timeout_s))
         turns.check_context(turn.prompt_tokens, params)
         gen = turns.start(turn.prompt, params)
     except SessionNotFound:
@@ -96,7 +102,7 @@ def message(session_id: str):
         raise _not_found(session_id) from None
     except SessionBusy:
         stack.close()
-        metrics.requests_rejected_total.labels(reason="session_busy").inc()
+        services.metrics.requests_rejected_total.labels(reason="session_busy").inc()
         raise ApiError(409, "another turn of this session is in progress", code="session_busy",
                        retry_after=1) from None
     except ContextTooLong as err:
@@ -109,9 +115,11 @@ def message(session_id: str):
 
     def finish(g_) -> tuple:
         result = turn.commit(g_.text) if g_.stats.finish_reason != "cancelled" else None
-        turns.observe(g_, metrics, turn=turn.index,
+        turns.observe(g_, services, turn=turn.index,
                       history_messages=len(result.session.messages) if result else None)
-        _publish_stats(store, metrics)
+        if result is not None:  # the page's latency sparkline: committed turns only
+            services.recent_turns.record(session_id, result.turn, time.perf_counter() - started)
+        _publish_stats(services)
         return result
 
     if not streaming:

@@ -1,34 +1,28 @@
 """GET /v1/stats: the web page's live side panel, read from the same sources the metrics gauges use.
 
-Memory comes from procstats with the arguments Metrics passes (so the page and Prometheus agree),
-history from the session store's stats and snapshots, model facts from the engine. The latency of a
-session's recent turns is the one thing no existing source keeps per session, so this module keeps
-it: `RecentTurns`, a per-worker LRU bounded in sessions and in turns per session (see its docstring
-for why it cannot leak). It is fed by an app-wide hook on the turn route, timing the same span the
-route's `edgechat_http_request_duration_seconds` histogram times (request start to body close).
+Memory comes from the worker's MemoryBudget (so the page and Prometheus agree), history from the
+session store's stats and snapshots, model facts from the engine. The latency of a session's recent
+turns is the one thing no existing source keeps per session, so this module keeps it: `RecentTurns`,
+a per-worker LRU bounded in sessions and in turns per session (see its docstring for why it cannot
+leak). The turn route records each committed turn in it (request start to commit) by a direct call.
 """
 from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import OrderedDict, deque
 
 import psutil
-from flask import Blueprint, Flask, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 
-from .. import procstats
-from ..extensions import get_config, get_engine, get_metrics, get_store
+from ..telemetry import process
+from ..services import get_services
 from ..sessions import SessionNotFound
 from .auth import protect
 from .errors import ApiError
 
 bp = protect(Blueprint("stats", __name__, url_prefix="/v1"))
 
-RECENT = "edgechat.recent_turns"
-PROBE = "edgechat.stats_probe"
-TURN_ROUTE = "/v1/sessions/<session_id>/messages"
-SESSION_ROUTE = "/v1/sessions/<session_id>"
 TURNS_KEPT = 20       # latencies kept per session: what a sparkline shows
 SESSIONS_CAP = 1000   # rings kept per worker, whatever max_sessions says (0 = unbounded there)
 
@@ -41,6 +35,11 @@ class RecentTurns:
     are evicted or deleted without being forgotten here simply age out of the LRU. Per worker: with
     several workers and a shared store a session's turns may be spread over workers' rings.
     """
+
+    @classmethod
+    def for_config(cls, cfg) -> "RecentTurns":
+        """Rings for max_sessions sessions, capped at SESSIONS_CAP (max_sessions 0 = unbounded there)."""
+        return cls(cfg.max_sessions if 0 < cfg.max_sessions <= SESSIONS_CAP else SESSIONS_CAP)
 
     def __init__(self, max_sessions: int, per_session: int = TURNS_KEPT):
         self.max_sessions = max(1, max_sessions)
@@ -77,72 +76,6 @@ class RecentTurns:
             return len(self._rings)
 
 
-class _Probe:
-    """The memory readers Metrics uses, resolved once per app: this process and its cgroup."""
-
-    def __init__(self):
-        self.proc = psutil.Process()
-        self.cgroup = procstats.CgroupMemory.detect()
-
-    def process(self) -> psutil.Process:
-        if self.proc.pid != os.getpid():  # the app was built before a fork: measure this process
-            self.proc = psutil.Process()
-        return self.proc
-
-
-def get_recent(app: Flask | None = None) -> RecentTurns:
-    """The app's RecentTurns."""
-    return (app or current_app).extensions[RECENT]
-
-
-@bp.record_once
-def _setup(state) -> None:
-    cfg = get_config(state.app)
-    cap = cfg.max_sessions if 0 < cfg.max_sessions <= SESSIONS_CAP else SESSIONS_CAP
-    state.app.extensions[RECENT] = RecentTurns(cap)
-    state.app.extensions[PROBE] = _Probe()
-
-
-@bp.before_app_request
-def _start_clock() -> None:
-    if request.url_rule is not None and request.url_rule.rule == TURN_ROUTE:
-        g.edgechat_stats_t0 = (time.perf_counter(), time.time())
-
-
-@bp.after_app_request
-def _watch_turns(response):
-    """Record a turn's latency once its body closes, if it committed; forget deleted sessions."""
-    rule = request.url_rule.rule if request.url_rule is not None else None
-    recent = get_recent()
-    if rule == SESSION_ROUTE and request.method == "DELETE" and response.status_code == 204:
-        recent.forget(request.view_args["session_id"])
-    if rule != TURN_ROUTE or request.method != "POST" or response.status_code != 200 \
-            or "edgechat_stats_t0" not in g:
-        return response
-    session_id, owner, store = request.view_args["session_id"], g.get("owner"), get_store()
-    t0, wall0 = g.edgechat_stats_t0
-
-    def closed() -> None:
-        # streamed: runs outside the app context, after the turn's own cleanup released the session
-        seconds = time.perf_counter() - t0
-        try:
-            snap = store.get(session_id, owner)
-        except SessionNotFound:  # deleted or expired meanwhile: nothing to show for it
-            recent.forget(session_id)
-            return
-        except RuntimeError:  # store closed: the worker is shutting down
-            return
-        # a commit stamps last_active inside this request; a dropped stream commits nothing
-        if snap.last_active >= wall0:
-            recent.record(session_id, snap.turns, seconds)
-
-    if response.is_streamed:
-        response.call_on_close(closed)  # a streamed turn commits when its body ends
-    else:
-        closed()  # the view already ran the whole turn
-    return response
-
-
 def history_limit(max_turns: int) -> int | str:
     """Messages a session may keep: 2 per configured turn, or "unbounded" when max_turns is 0."""
     return 2 * max_turns if max_turns else "unbounded"
@@ -150,10 +83,8 @@ def history_limit(max_turns: int) -> int | str:
 
 def memory() -> dict:
     """This worker's RSS and the service's memory against its limit, read as the gauges read them."""
-    probe, metrics, cfg = current_app.extensions[PROBE], get_metrics(), get_config()
-    sample = procstats.process_sample(probe.process())
-    budget = procstats.memory_budget(probe.cgroup, cfg.memory_limit_bytes,
-                                     siblings=metrics.multiprocess)
+    sample = process.process_sample(psutil.Process())
+    budget = get_services().budget.read()
     return {"rss_bytes": sample.rss_bytes, "limit_bytes": budget.limit,
             "limit_source": budget.limit_source, "service_bytes": budget.service,
             "host_available_bytes": budget.host_available, "host_total_bytes": budget.host_total}
@@ -162,9 +93,9 @@ def memory() -> dict:
 def session_stats(session_id: str, limit: int | str) -> dict:
     """One session's history against the limit and its recent turn latencies; 404 if not visible."""
     try:
-        snap = get_store().get(session_id, g.owner)
+        snap = get_services().store.get(session_id, g.owner)
     except SessionNotFound:
-        get_recent().forget(session_id)
+        get_services().recent_turns.forget(session_id)
         raise ApiError(404, f"no session {session_id!r} (unknown, expired, or not yours)",
                        code="session_not_found", param="session") from None
     messages = len(snap.messages)
@@ -172,14 +103,15 @@ def session_stats(session_id: str, limit: int | str) -> dict:
             "over_limit": isinstance(limit, int) and messages > limit,
             "tokens": snap.tokens, "truncations": snap.truncations,
             "trimmed": snap.truncations > 0,
-            "recent_turns": [{"turn": t, "seconds": s} for t, s in get_recent().recent(snap.id)]}
+            "recent_turns": [{"turn": t, "seconds": s} for t, s in get_services().recent_turns.recent(snap.id)]}
 
 
 @bp.get("/stats")
 def stats():
     """Worker memory, history sizes against the limit, model and leak mode; ?session=ID adds its own."""
-    cfg, engine = get_config(), get_engine()
-    store = get_store().stats()
+    services = get_services()
+    cfg, engine = services.config, services.engine
+    store = services.store.stats()
     limit = history_limit(cfg.max_history_turns)
     body = {"pid": os.getpid(), "model": engine.model_id, "dtype": engine.dtype,
             "leak_mode": cfg.leak_mode, "queue_depth": engine.queue_depth(), "memory": memory(),

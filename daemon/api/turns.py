@@ -7,11 +7,10 @@ import time
 from contextlib import ExitStack
 from typing import Callable, Iterator
 
-from flask import Response, current_app
+from flask import Response
 
-from ..engine import ContextTooLong, EngineBusy, GenerationParams
-from .. import watchdog as memory_watchdog
-from ..extensions import get_config, get_engine, get_metrics
+from ..model.engine import ContextTooLong, EngineBusy, GenerationParams
+from ..services import Services, get_services
 from .errors import ApiError, error_body, invalid
 from . import validate
 
@@ -30,7 +29,7 @@ def outcome_of(stats) -> str:
 
 def sampling_params(body: dict, *, allow_stop: bool) -> GenerationParams:
     """GenerationParams from a request body, validated against the server's caps."""
-    cfg = get_config()
+    cfg = get_services().config
     return GenerationParams(
         max_new_tokens=validate.max_tokens(body, cfg.max_new_tokens),
         temperature=validate.number(body, "temperature", 1.0, 0.0, 2.0),
@@ -42,7 +41,7 @@ def sampling_params(body: dict, *, allow_stop: bool) -> GenerationParams:
 
 def check_context(prompt_tokens: int, params: GenerationParams) -> None:
     """400 context_length_exceeded when prompt plus requested tokens cannot fit the model."""
-    limit = get_engine().context_length
+    limit = get_services().engine.context_length
     if prompt_tokens + params.max_new_tokens > limit:
         raise invalid(f"this model's context is {limit} tokens; the prompt has {prompt_tokens} and "
                       f"{params.max_new_tokens} more were requested", "messages",
@@ -52,36 +51,36 @@ def check_context(prompt_tokens: int, params: GenerationParams) -> None:
 def start(messages: list[dict], params: GenerationParams):
     """Take the model (bounded queue) and start generating; 503 + Retry-After when saturated or
     when the memory watchdog refuses turns (above the hard memory limit)."""
-    pressure = memory_watchdog.of(current_app)
+    pressure = get_services().watchdog
     if pressure is not None and not pressure.admits_turn():
-        get_metrics().requests_rejected_total.labels(reason="memory_pressure").inc()
+        get_services().metrics.requests_rejected_total.labels(reason="memory_pressure").inc()
         raise ApiError(503, f"short of memory ({pressure.describe()}); new turns are refused until "
                             "memory falls back; retry later", code="memory_pressure",
                        retry_after=pressure.retry_after_s)
     try:
-        return get_engine().generate(messages, params)
+        return get_services().engine.generate(messages, params)
     except EngineBusy as busy:
-        get_metrics().requests_rejected_total.labels(reason=busy.reason).inc()
+        get_services().metrics.requests_rejected_total.labels(reason=busy.reason).inc()
         raise ApiError(503, f"the model is busy ({busy.reason.replace('_', ' ')}); retry later",
                        code=busy.reason, retry_after=busy.retry_after) from None
     except ContextTooLong as err:  # the engine's own last check (check_context normally comes first)
         raise invalid(str(err), "messages", "context_length_exceeded") from None
 
 
-def observe(gen, m, *, turn: int, history_messages: int | None) -> None:
-    """Record a finished (or abandoned) generation in metrics `m` and refresh memory gauges.
+def observe(gen, services: Services, *, turn: int, history_messages: int | None) -> None:
+    """Record a finished (or abandoned) generation in the metrics and refresh the sampled gauges.
 
-    Takes the Metrics object explicitly: streamed bodies finish outside the app context.
+    Takes the Services explicitly: streamed bodies finish outside the app context.
     """
     stats = gen.stats
     if stats is None:
-        m.turns_total.labels(outcome="error").inc()
+        services.metrics.turns_total.labels(outcome="error").inc()
         return
-    m.observe_turn(turn=turn, outcome=outcome_of(stats), duration_s=stats.duration_s,
+    services.recorder.observe_turn(turn=turn, outcome=outcome_of(stats), duration_s=stats.duration_s,
                    ttft_s=stats.ttft_s, completion_tokens=stats.completion_tokens,
                    prompt_tokens=stats.prompt_tokens, queue_wait_s=stats.queue_wait_s,
                    history_messages=history_messages)
-    m.refresh(max_age_s=1.0)  # sub-second turns share one refresh; the sampler and scrapes keep gauges fresh
+    services.sampler.refresh(max_age_s=1.0)  # sub-second turns share one refresh; the sampler and scrapes keep gauges fresh
 
 
 def drain(gen) -> str:
@@ -104,7 +103,7 @@ def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callabl
     events. A stream that ends any other way (disconnect, error) is observed here, uncommitted.
     """
     stack.callback(gen.close)
-    metrics = get_metrics()
+    services = get_services()
     state = {"committed": False, "closed": False}
 
     def cleanup() -> None:
@@ -113,7 +112,7 @@ def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callabl
         state["closed"] = True
         stack.close()
         if not state["committed"]:
-            observe(gen, metrics, turn=turn, history_messages=None)
+            observe(gen, services, turn=turn, history_messages=None)
 
     def events() -> Iterator[str]:
         try:

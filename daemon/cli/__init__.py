@@ -1,4 +1,7 @@
-"""The `edgechat` command: one subcommand per module; client commands never import torch."""
+"""The `edgechat` command: one subcommand per module; client commands never import torch.
+
+May import anything of the daemon, lazily; nothing imports cli.
+"""
 from __future__ import annotations
 
 import argparse

@@ -7,7 +7,7 @@ import sys
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     """Register the build-model subcommand."""
-    from ..builtin_models import NAMES  # light import: no torch until the command runs
+    from ..model.builtin import NAMES  # light import: no torch until the command runs
 
     p = subparsers.add_parser("build-model", help="Build a built-in model (random weights, real tokenizer).",
                               description="Build a built-in model into DIR, deterministically and atomically. "
@@ -20,7 +20,7 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build, print where; exit code 0 on success, 1 when DIR is taken by something else."""
-    from ..builtin_models import build
+    from ..model.builtin import build
 
     try:
         folder = build(args.name, args.dir, log=print)

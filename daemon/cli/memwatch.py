@@ -1,6 +1,6 @@
 """`edgechat memwatch`: watch a process's or daemon's memory and its trend; exit 3 when it leaks.
 
-The seed article's monitor_mem.py printed RSS and VMS every 5 s and left the judging to a person;
+A classic monitor script prints RSS and VMS every 5 s and left the judging to a person;
 this prints RSS, USS and VMS with the least-squares slope over a sliding window and exits non-zero
 as soon as that slope passes a threshold, so a script or cron job can act on it.
 """

@@ -5,7 +5,9 @@ import argparse
 import os
 import sys
 
-from .. import config as config_mod
+from ..config import Config, add_arguments, from_args, to_env
+from ..server.options import gunicorn_options
+from ..telemetry.multiproc import MULTIPROC_ENV
 
 
 def add_parsers(sub) -> None:
@@ -14,7 +16,7 @@ def add_parsers(sub) -> None:
                        description="Serve chat over HTTP. Every flag is also an EDGECHAT_* "
                                    "environment variable; flags win.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    config_mod.add_arguments(p)
+    add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -23,13 +25,13 @@ def _fail(message: str) -> int:
     return 2
 
 
-def check_model(cfg: config_mod.Config) -> str | None:
+def check_model(cfg: Config) -> str | None:
     """Make sure the model can be loaded by workers; returns an error message or None.
 
     Built-in models are built here in a child process (building runs torch ops, which must never
     happen in the gunicorn master before it forks).
     """
-    from ..builtin_models import ensure_built, is_builtin
+    from ..model.builtin import ensure_built, is_builtin
     hint = "try --model builtin:tiny (generated locally, no download)"
     if is_builtin(cfg.model):
         try:
@@ -52,44 +54,18 @@ def check_model(cfg: config_mod.Config) -> str | None:
     return None
 
 
-def gunicorn_options(cfg: config_mod.Config) -> dict:
-    """gunicorn settings derived from the config (what differs from gunicorn's defaults)."""
-    from .. import server_hooks as hooks
-    return {
-        "bind": f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}",
-        "workers": cfg.workers,
-        "worker_class": "gthread",
-        "threads": cfg.worker_threads,
-        # the heartbeat must survive model load + warm-up, which happen before the worker loop
-        "timeout": int(cfg.generation_timeout_s + 120),
-        "graceful_timeout": int(cfg.graceful_timeout_s),
-        "max_requests": cfg.max_requests,
-        "max_requests_jitter": cfg.max_requests_jitter,
-        "proc_name": "edgechat",
-        # gunicorn 27's control socket is unused here and would clash between daemons on one host
-        "control_socket_disable": True,
-        "accesslog": None,
-        "loglevel": cfg.log_level.lower(),
-        "on_starting": hooks.on_starting,
-        "when_ready": hooks.when_ready,
-        "post_fork": hooks.post_fork,
-        "child_exit": hooks.child_exit,
-        "worker_int": hooks.worker_int,
-    }
-
-
 def run(ns: argparse.Namespace) -> int:
     """Validate, prepare the model, export the config to workers, run gunicorn until stopped."""
     try:
-        cfg = config_mod.from_args(ns)
+        cfg = from_args(ns)
     except ValueError as exc:
         return _fail(f"invalid configuration: {exc}")
     problem = check_model(cfg)
     if problem:
         return _fail(problem)
     # workers rebuild the same Config from the environment (flags already merged in)
-    os.environ.update(config_mod.to_env(cfg))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = cfg.metrics_dir
+    os.environ.update(to_env(cfg))
+    os.environ[MULTIPROC_ENV] = cfg.metrics_dir
     # OpenMP threads that spin while they wait cut decode 3-5x as soon as anything else wants a
     # core (docs/performance.md); sleeping waiters cost little on an idle box. An operator's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -103,7 +79,7 @@ def run(ns: argparse.Namespace) -> int:
         def load(self):
             # runs in each worker after fork (preload_app is off)
             from .. import create_app
-            from ..engine import ModelLoadError
+            from ..model.engine import ModelLoadError
             try:
                 return create_app(cfg)
             except (ModelLoadError, ValueError) as exc:

@@ -1,7 +1,7 @@
 """`edgechat soak`: drive many turns against a running daemon, recording memory, latency and prompt size.
 
-The seed article's 30-turn test made repeatable: varied prompts (poems, maths, code) over sessions of
-the sessions API, one CSV row per turn, then the article-shaped table and a plot (soak_report.py).
+The classic 30-turn history-leak test (docs/memory.md) made repeatable: varied prompts (poems, maths, code) over sessions of
+the sessions API, one CSV row per turn, then a before/after table and a plot (soak_report.py).
 A client command: stdlib (+ psutil with --pid), no torch, starts in well under a second.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Api:
                 time.sleep(1.0)
 
     def new_session(self) -> str:
-        """Create a session with the seed's system prompt."""
+        """Create a session with the soak's system prompt."""
         return self.call("POST", "/v1/sessions", {"system": SYSTEM})["id"]
 
 
@@ -108,7 +108,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run)
 
     r = sub.add_parser("soak-report", help="table and plot from soak CSVs (e.g. default vs leak mode)",
-                       description="Render the seed-shaped table (and a PNG) from one or more soak CSVs.")
+                       description="Render the before/after table (and a PNG) from one or more soak CSVs.")
     r.add_argument("csvs", nargs="+", metavar="CSV")
     r.add_argument("--table", help="write the markdown table here (always printed)")
     r.add_argument("--png", help="write the plot here (needs matplotlib)")

@@ -1,4 +1,4 @@
-"""Soak results: the per-turn CSV format, the seed-article-shaped markdown table, and the plot."""
+"""Soak results: the per-turn CSV format, the before/after markdown table, and the plot."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +9,8 @@ from .memsample import MB
 FIELDS = ("label", "turn", "session", "session_turn", "outcome", "latency_s", "prompt_tokens",
           "completion_tokens", "history_messages", "rss_bytes", "uss_bytes", "service_bytes",
           "limit_bytes", "pids", "elapsed_s")
-LATENCY_AT = 20     # the seed's "mean latency at turn 20"
-MEMORY_AFTER = 30   # the seed's "memory after 30 turns"
+LATENCY_AT = 20     # "mean latency at turn 20"
+MEMORY_AFTER = 30   # "memory after 30 turns"
 
 
 class MissingMatplotlib(RuntimeError):
@@ -97,7 +97,7 @@ def _limit(runs: list[Run]) -> str:
 
 
 def markdown_table(runs: list[Run]) -> str:
-    """The seed article's before/after table for these runs, one column per run."""
+    """The before/after table for these runs, one column per run."""
     header = "| measure | " + " | ".join(run.label for run in runs) + " |"
     rows = [header, "|" + " --- |" * (len(runs) + 1)]
 

@@ -2,7 +2,7 @@
 
 Temporary data folders, the repository's configs (rules rendered, Alertmanager config rendered with
 its webhook pointed at a local sink that prints notifications), URLs printed, Ctrl-C stops it all.
-The process helpers here are what the end-to-end test starts its Prometheus and Alertmanager with.
+The process starters here are what the end-to-end test starts its Prometheus and Alertmanager with.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import yaml
 from ..monitoring import alertmanager, rules
 from ..monitoring.promql import duration
 from ..monitoring.thresholds import Thresholds
+from ..telemetry.multiproc import MULTIPROC_ENV
 from .alertsink import AlertSink, describe
 
 PROMETHEUS_YML = os.path.join(alertmanager.REPO_ROOT, "prometheus", "prometheus.yml")
@@ -143,7 +144,7 @@ def daemon_proc(workdir: str, port: int, serve_args: list[str]) -> Proc:
            "--state-dir", os.path.join(workdir, "state"), "--metrics-dir", os.path.join(workdir, "metrics")]
     if not any(arg == "--model" or arg.startswith("--model=") for arg in serve_args):
         cmd += ["--model", "builtin:tiny"]
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != MULTIPROC_ENV}
     return Proc("edgechat", cmd + serve_args, os.path.join(workdir, "edgechat.log"), env=env)
 
 

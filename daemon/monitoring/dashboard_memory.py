@@ -2,6 +2,9 @@
 
 from daemon.monitoring.grafana import (annotation, dashboard, gauge, quantile, rate, red_dashed, row, sel, stat,
                                        table, target, timeseries)
+from daemon.monitoring.thresholds import Thresholds
+
+T = Thresholds()  # the alert rules' thresholds: the dashboards colour panels at the same values
 
 UID = "edgechat-memory"
 TITLE = "edgechat / Is it leaking?"
@@ -42,9 +45,10 @@ def _top_row():
     return [
         gauge("Memory used of limit",
               "Service memory (cgroup memory.current, else the workers' summed RSS) as a share of the memory "
-              "limit. Orange from 80 %, red from 90 % (EdgechatMemoryNearLimit).", "percentunit",
+              f"limit. Orange from {T.near_limit_warning_ratio:.0%}, red from {T.near_limit_critical_ratio:.0%} "
+              "(EdgechatMemoryNearLimit).", "percentunit",
               [target(f"{_SERVICE} / ({_LIMIT} > 0)", "{{instance}}")],
-              [(None, "green"), (0.8, "orange"), (0.9, "red")]),
+              [(None, "green"), (T.near_limit_warning_ratio, "orange"), (T.near_limit_critical_ratio, "red")]),
         stat("Projected time to memory limit",
              "Headroom divided by the 1 h slope of service memory: how long until the limit at the current "
              "growth. Years when flat or falling; hours (orange under a day, red under 6 h) when leaking.",

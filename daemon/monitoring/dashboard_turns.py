@@ -1,6 +1,6 @@
 """The turns dashboard: latency by position in the conversation (creep), generation speed, queue and HTTP."""
 
-from daemon.monitoring.dashboard_memory import firing_alerts_table, shared_annotations
+from daemon.monitoring.dashboard_memory import T, firing_alerts_table, shared_annotations
 from daemon.monitoring.grafana import dashboard, heatmap, quantile, rate, row, sel, stat, target, timeseries
 
 UID = "edgechat-turns"
@@ -22,16 +22,17 @@ def _top_row():
         stat("Turns per second", "Completed chat turns per second (all outcomes).", "ops",
              [target(f"sum by (instance) ({rate('edgechat_turns_total')})", "{{instance}}")],
              [(None, "blue")]),
-        stat("HTTP 5xx ratio", "Share of HTTP requests answered with a 5xx status. Orange from 1 %, red from 5 % "
-             "(EdgechatHighErrorRate).", "percentunit", [target(_ERROR_RATIO, "{{instance}}")],
-             [(None, "green"), (0.01, "orange"), (0.05, "red")]),
+        stat("HTTP 5xx ratio", "Share of HTTP requests answered with a 5xx status. Orange from "
+             f"{T.error_ratio / 5:.0%}, red from {T.error_ratio:.0%} (EdgechatHighErrorRate).", "percentunit",
+             [target(_ERROR_RATIO, "{{instance}}")],
+             [(None, "green"), (T.error_ratio / 5, "orange"), (T.error_ratio, "red")]),
         stat("Latency creep (p95 turn 11+ / turn 1)",
              "p95 latency of turns 11 and later divided by p95 of first turns. About 1 when history is "
              "bounded; the unbounded-history bug drove it to ~6 (8.2 s vs 1.4 s) "
-             "(EdgechatTurnLatencyCreep). Empty until conversations reach turn 11.", "none",
-             [target(f"{quantile(0.95, _TURN, extra=_LATE)} / {quantile(0.95, _TURN, extra=_FIRST)}",
-                    "{{instance}}")],
-             [(None, "green"), (2, "orange"), (4, "red")], decimals=1),
+             f"(EdgechatTurnLatencyCreep from {T.creep_ratio:g}). Empty until conversations reach turn 11.",
+             "none", [target(f"{quantile(0.95, _TURN, extra=_LATE)} / {quantile(0.95, _TURN, extra=_FIRST)}",
+                             "{{instance}}")],
+             [(None, "green"), (T.creep_ratio, "orange"), (2 * T.creep_ratio, "red")], decimals=1),
         stat("Generations in progress", "Generations running now (the engine serves one at a time per worker).",
              "short", [target(f"sum by (instance) ({sel('edgechat_generations_in_progress')})", "{{instance}}")],
              [(None, "blue")]),

@@ -1,4 +1,4 @@
-"""Small helpers that turn thresholds into PromQL and rule-file text, shared by the rule modules."""
+"""Small functions that turn thresholds into PromQL and rule-file text, shared by the rule modules."""
 from __future__ import annotations
 
 import dataclasses

@@ -27,7 +27,7 @@ class Thresholds:
     probe_routes_regex: str = "/metrics|/healthz|/readyz"
 
     # -- memory: slow leak (warning) ---------------------------------------------------------------
-    # A 0.5B model takes ~1 GB after load; a leak of a few MB/min (the seed's tensor leak is ~35
+    # A 0.5B model takes ~1 GB after load; a leak of a few MB/min (the `tensors` leak mode's is ~35
     # MB/min, a cache leak can be 1-5 MB/min) needs an hour of samples (120 at 30 s) before a slope
     # means anything, and GC/malloc sawtooth of +-50 MB averages out over 1 h.
     leak_slow_window: float = _window(1 * HOUR, "deriv/predict_linear range of the slow leak rule")
@@ -36,10 +36,10 @@ class Thresholds:
     # 30 min of continuous evidence; a phase of the GC sawtooth never keeps the slope up that long.
     leak_slow_for: float = _window(30 * MINUTE, "for of the slow leak rule")
     # -- memory: fast leak (critical) --------------------------------------------------------------
-    # OOM within the hour: a shorter window reacts to leaks like the seed's (980 MB -> 2.1 GB in 30 turns).
+    # OOM within the hour: a shorter window reacts to leaks like the tensor leak (980 MB -> 2.1 GB in 30 turns).
     leak_fast_window: float = _window(30 * MINUTE, "deriv/predict_linear range of the fast leak rule")
     leak_fast_horizon: float = _window(1 * HOUR, "predict_linear horizon of the fast leak rule")
-    # 5 min: the seed's leak goes from 1 GB to a 2 GB limit in ~25 min, so every minute counts; a
+    # 5 min: that leak goes from 1 GB to a 2 GB limit in ~25 min, so every minute counts; a
     # sawtooth cannot hold a 30 min regression at "limit within 1 h" that long below ~90 %.
     leak_fast_for: float = _window(5 * MINUTE, "for of the fast leak rule")
     # -- memory: guards shared by both leak rules --------------------------------------------------
@@ -54,7 +54,7 @@ class Thresholds:
     leak_traffic_window: float = _window(1 * HOUR, "window in which turns must have happened")
 
     # -- memory: level (warning ~80 %, critical ~90 %) ---------------------------------------------
-    # On 2 GB, 80 % leaves ~400 MB: one long prefill can take 70 MB (design.md), so that is a few
+    # On 2 GB, 80 % leaves ~400 MB: one long prefill can take 70 MB, so that is a few
     # turns of margin; 90 % leaves ~200 MB, i.e. the next bad turn OOMs.
     near_limit_warning_ratio: float = 0.80
     near_limit_warning_for: float = _window(5 * MINUTE, "for of NearLimit warning (rides out one long prefill)")
@@ -87,13 +87,14 @@ class Thresholds:
     # -- turn latency ------------------------------------------------------------------------------
     # Dashboard resolution of p95 by turn_index.
     latency_rate_window: float = _window(5 * MINUTE, "rate window of p95 by turn_index (dashboards)")
-    # Absolute: a 0.5B model on 2 cores answers a bounded turn in 1.4-14 s (seed, fp32 13.6 s at turn
-    # 30 with 5 turns kept); 30 s p95 means users wait twice the worst healthy case.
+    # Absolute: a 0.5B model on 2 cores answers a bounded turn in 1.4-14 s (fp32 13.6 s at turn 30
+    # with 5 turns kept); 30 s p95 means users wait twice the worst healthy case.
     latency_high_window: float = _window(10 * MINUTE, "rate window of overall p95")
     latency_high_seconds: float = 30.0
     latency_high_for: float = _window(15 * MINUTE, "for of TurnLatencyHigh")
     # Creep: late turns (11+) against early turns (1-5). Healthy bounded history: 13.4 s / 9.5 s =
-    # 1.4x (seed-notes); the history bug: 8.2 s / 1.4 s = 5.9x (article), 36.9 s / 9.6 s = 3.8x (here).
+    # 1.4x; the history bug: 5.9x on a small
+    # model, 3.8x on the 0.5B shape (36.9 s / 9.6 s).
     creep_ratio: float = 2.0
     # Late turns need a recent window; early turns come from a long one, because in the classic
     # leak one user chats on and no new conversation (turn 1-5) happens for hours.

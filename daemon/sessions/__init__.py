@@ -1,4 +1,9 @@
-"""Server-side chat sessions with bounded history: pick a backend by URL (setting `session_store`)."""
+"""Server-side chat sessions with bounded history: pick a backend by URL (setting `session_store`).
+
+base.py (the contract and trimming policy), memory.py, sqlite.py, redis.py (backends), leases.py.
+May import: telemetry.labels. Never imports the model or the api: token counting is handed in as a
+callable, metrics are reached through the StoreListener Protocol.
+"""
 from __future__ import annotations
 
 import time

@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol, Sequence
 
+from ..telemetry.labels import STORE_OPERATIONS
+
 Message = dict  # {"role": "user"|"assistant"|"system", "content": str}
 CountTokens = Callable[[Sequence[dict]], int]
 Pairs = tuple[tuple[str, str], ...]  # (role, content), oldest first: how records hold messages
@@ -115,12 +117,8 @@ class StoreListener(Protocol):
 
     def on_evict(self, reason: str, sessions: int) -> None: ...     # reason "ttl" | "lru" | "deleted"
 
-    # optional: listeners without it are fine (the store checks); operation is one of STORE_OPERATIONS
+    # operation is one of STORE_OPERATIONS: every public call and each turn primitive
     def on_store_op(self, operation: str, seconds: float) -> None: ...
-
-
-# what store latency is observed as: every public call and each turn primitive
-STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
 
 
 def timed(operation: str):
@@ -381,7 +379,7 @@ class SessionStore(ABC):
         Raises SessionNotFound when the session was deleted or evicted meanwhile.
         """
 
-    # -- helpers for backends -----------------------------------------------------------------------
+    # -- shared by the backends ----------------------------------------------------------------------
 
     def _new_record(self, owner: str | None, system: str | None) -> SessionRecord:
         """A fresh record for create(): validated, id drawn, system tokens counted."""
@@ -393,9 +391,8 @@ class SessionStore(ABC):
         return SessionRecord(new_session_id(), owner, now, now, system, (), 0, tokens, 0)
 
     def _observe_op(self, operation: str, seconds: float) -> None:
-        hook = getattr(self.listener, "on_store_op", None)
-        if hook is not None:
-            hook(operation, seconds)
+        if self.listener is not None:
+            self.listener.on_store_op(operation, seconds)
 
     def _notify_truncate(self, reason: str, messages: int) -> None:
         if messages and self.listener is not None:

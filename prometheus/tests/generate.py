@@ -55,12 +55,12 @@ def startup(steady):
 
 
 def bounded(i: int) -> float:
-    """Turn latency with history trimmed to 5 turns: the prompt stops growing (seed: 1.4 s, capped)."""
+    """Turn latency with history trimmed to 5 turns: the prompt stops growing (1.4 s at turn 1, capped from turn 6)."""
     return 1.4 + 0.15 * (min(i, 6) - 1)
 
 
 def growing(i: int) -> float:
-    """Turn latency when the whole history is re-fed: 1.4 s at turn 1, 8.2 s at turn 20 (the article)."""
+    """Turn latency when the whole history is re-fed (the classic history leak): 1.4 s at turn 1, 8.2 s at turn 20."""
     return 1.4 + 0.358 * (i - 1)
 
 
@@ -83,7 +83,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("history_unbounded", "leak",
              "The classic bug: history appended, never trimmed, while the daemon reports max_turns=5. One user "
-             "chats on for 3 h; RSS grows 1.5 % (seed-notes) while latency grows with the prompt.",
+             "chats on for 3 h; RSS grows 1.5 % while latency grows with the prompt.",
              180, [Epoch(-600, lambda t: GiB + sawtooth(t) + 15 * MiB * t / 10800,
                          [User(660, 10 ** 6, growing), User(900, 4, growing, gap=300)], trims=False)],
              [(10, {W}), (20, {HISTORY, W}), (40, {HISTORY, CREEP, W}), (120, {HISTORY, CREEP, SLOW, W}),
@@ -95,8 +95,8 @@ SCENARIOS = [
              [(50, {W}), (75, {LEAK_W, W}), (140, {LEAK_W, NEAR_W, W}), (160, {LEAK_W, LEAK_C, NEAR_W, W}),
               (178, {LEAK_W, LEAK_C, NEAR_W, NEAR_C, W})]),
     Scenario("fast_tensor_leak", "leak",
-             "Generation outputs kept alive: +40 MB per turn at a turn a minute (the seed's 980 MB -> 2.1 GB "
-             "in 30 turns). Idle for 40 min after start, then OOM in under half an hour.",
+             "Generation outputs kept alive: +40 MB per turn at a turn a minute (1 GB -> 2.2 GB in 30 turns). "
+             "Idle for 40 min after start, then OOM in under half an hour.",
              64, [Epoch(0, startup(lambda t: GiB + sawtooth(t) + 40 * MiB * max(0, (t - 2400) // 60)),
                         [User(2400, 10 ** 6, bounded, think=57)])],
              [(45, {W}), (55, {W}), (59, {LEAK_C, W}), (64, {LEAK_C, NEAR_W, NEAR_C, W})]),
@@ -112,7 +112,7 @@ SCENARIOS = [
              [(10, {W}), (60, {W}), (120, {W}), (180, {W})]),
     Scenario("startup_spike", "healthy",
              "Fresh start: RSS jumps to 1.3 GB while the model loads and warms up, drops to 1 GB, then glibc "
-             "arenas grow by 150 MB over the first 20 min of turns (design.md) and stay: flat from there.",
+             "arenas grow by 150 MB over the first 20 min of turns and stay: flat from there.",
              180, [Epoch(0, startup(lambda t: GiB + sawtooth(t) + 150 * MiB * min(max(t - 300, 0), 1200) / 1200),
                          chatters(2, 300))],
              [(5, {W}), (35, {W}), (60, {W}), (90, {W}), (180, {W})]),

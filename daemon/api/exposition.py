@@ -3,38 +3,30 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
 import weakref
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, start_http_server
 from werkzeug.wsgi import ClosingIterator
 
-from ..metrics import MULTIPROC_ENV, Metrics
-from ..multiproc import scrape_registry
+from ..telemetry.metrics import Metrics
+from ..telemetry.multiproc import scrape_registry
+from ..telemetry.sampler import Sampler
 
 log = logging.getLogger("edgechat.metrics")
-EXTENSION = "edgechat.metrics"
-SERVER_EXTENSION = "edgechat.metrics_server"
-REGISTRY_EXTENSION = "edgechat.metrics_registry"
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 UNMATCHED = "unmatched"
 # A scrape refreshes the scraping worker's gauges, at most this often (cheap readings only).
 SCRAPE_REFRESH_MAX_AGE_S = 1.0
 
 
-def get_metrics(app: Flask | None = None) -> Metrics:
-    """The app's Metrics (current_app by default)."""
-    return (app or current_app).extensions[EXTENSION]
-
-
 class _Refresher:
     """A collector that collects nothing: registered first, it refreshes the gauges before a scrape."""
 
-    def __init__(self, metrics: Metrics, max_age_s: float):
-        self._metrics, self._max_age_s = metrics, max_age_s
+    def __init__(self, sampler: Sampler, max_age_s: float):
+        self._sampler, self._max_age_s = sampler, max_age_s
 
     def describe(self) -> list:
         """Nothing to declare."""
@@ -42,16 +34,16 @@ class _Refresher:
 
     def collect(self) -> list:
         """Refresh this worker's process/GC/host gauges; yield no families."""
-        self._metrics.refresh(max_age_s=self._max_age_s)
+        self._sampler.refresh(max_age_s=self._max_age_s)
         return []
 
 
-def exposition_registry(metrics: Metrics, max_age_s: float = SCRAPE_REFRESH_MAX_AGE_S):
+def exposition_registry(metrics: Metrics, sampler: Sampler, max_age_s: float = SCRAPE_REFRESH_MAX_AGE_S):
     """What scrapes collect: a refresh, then this registry (single process) or the folder (multi).
 
     Build once per endpoint and reuse: the folder collector keeps its parsed keys between scrapes.
     """
-    refresher = _Refresher(metrics, max_age_s)
+    refresher = _Refresher(sampler, max_age_s)
     if metrics.multiprocess:
         return scrape_registry(metrics.multiprocess_dir, refresher)
     registry = CollectorRegistry()
@@ -66,38 +58,34 @@ def route_label() -> str:
     return rule.rule if rule is not None else UNMATCHED
 
 
-def init_app(app: Flask, config) -> Metrics:
-    """Create the app's Metrics, serve them at config.metrics_path (and metrics_port), time requests."""
-    multiprocess = bool(os.environ.get(MULTIPROC_ENV))
-    # Sessions in SQLite (the default, session_store "") or Redis are one store that every worker
-    # reports whole: summing the workers' reports would count each session once per worker, so
-    # the history gauges take the freshest report instead. Only "memory" is per worker (sum them).
-    store_shared = getattr(config, "session_store", "") != "memory"
-    # single process: a fresh registry per app, so several apps (tests) never collide
-    metrics = Metrics(None if multiprocess else CollectorRegistry(), multiprocess=multiprocess,
-                      store_shared=store_shared)
-    app.extensions[EXTENSION] = metrics
-    metrics.set_config(config)
-    metrics.start_sampler(config.metrics_refresh_s)
+class Exposition:
+    """What /metrics serves from (built once: the folder collector keeps its parsed keys) and the port server."""
+
+    def __init__(self, registry, server) -> None:
+        self.registry, self.server = registry, server
+
+
+def init_app(app: Flask, config, metrics: Metrics, sampler: Sampler) -> Exposition:
+    """Serve the metrics at config.metrics_path (and metrics_port), time every request."""
     _instrument(app, metrics)
-    registry = app.extensions[REGISTRY_EXTENSION] = exposition_registry(metrics)
+    registry = exposition_registry(metrics, sampler)
     bp = Blueprint("edgechat_metrics", __name__)
-    bp.add_url_rule(config.metrics_path, "scrape", _scrape, methods=["GET"])
+    bp.add_url_rule(config.metrics_path, "scrape", _scrape(registry), methods=["GET"])
     app.register_blueprint(bp)
     server = _serve_port(registry, config) if config.metrics_port > 0 else None
-    app.extensions[SERVER_EXTENSION] = server
     if server is not None:
         metrics.on_close(lambda: (server.shutdown(), server.server_close()))
     # Flask has no app-shutdown hook (teardown_appcontext runs after every request): close at
     # shutdown_app(), or when the app is collected, or at interpreter exit. Must not hold the app.
-    weakref.finalize(app, metrics.close)
-    return metrics
+    weakref.finalize(app, lambda: (sampler.close(), metrics.close()))
+    return Exposition(registry, server)
 
 
-def _scrape() -> Response:
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    registry = current_app.extensions[REGISTRY_EXTENSION]
-    return Response(encoder(registry), headers={"Content-Type": content_type})
+def _scrape(registry):
+    def scrape() -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return Response(encoder(registry), headers={"Content-Type": content_type})
+    return scrape
 
 
 def _instrument(app: Flask, metrics: Metrics) -> None:

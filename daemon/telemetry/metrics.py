@@ -1,42 +1,21 @@
-"""Every edgechat metric, defined once; process/GC/host gauges refreshed on a timer (multiprocess-safe).
+"""Every edgechat metric, defined once on one registry; names are a contract (docs/metrics.md).
 
-A leaf: imports nothing of the daemon except its own readers (procstats, gcstats), and no torch.
-Names are a contract (issue 3, docs/metrics.md); attributes are the names minus `edgechat_`.
+A leaf like the rest of telemetry: imports nothing of the daemon but its own modules, and no torch.
+Attributes are the metric names minus `edgechat_`. What feeds them: listeners.Recorder (events from
+the store, engine, watchdog and census) and sampler.Sampler (process, memory, GC on a timer).
 """
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 import platform
-import threading
-import time
-import tracemalloc
 
-import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
-from . import gcstats, procstats
-
-TURN_INDEX_BUCKETS = ("1", "2-5", "6-10", "11-20", "21+")
-OUTCOMES = ("ok", "length", "timeout", "cancelled", "error")
-TRUNCATE_REASONS = ("turns", "tokens")
-EVICT_REASONS = ("ttl", "lru", "deleted", "memory_pressure")
-# daemon.sessions.STORE_OPERATIONS (a leaf: metrics imports nothing of the daemon)
-STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
-REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy",
-                  "memory_pressure")  # pre-created only
-# What the memory watchdog (daemon/watchdog.py) does; level 0 = ok, 1 = above soft, 2 = above hard.
-PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_trim", "refuse_turns",
-                    "resume_turns")
-# The object census (daemon/census.py) exports these types; every other type is summed into "other".
-LIVE_OBJECT_TYPES = ("torch.Tensor", "dict", "list", "tuple", "set", "function", "cell", "other")
-KV_DROP_REASONS = ("lru", "oversize", "released", "pressure")  # daemon.kvcache.DROP_REASONS
-OTHER = "other"  # any label value outside the known sets, so cardinality stays bounded
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# gc.get_objects(2) holds the GIL ~3-25 ms per 200 k objects (torch + transformers, loaded box):
-# a slow signal, so counted at most this often, on the sampler thread only.
-TRACKED_OBJECTS_EVERY_S = 30.0
+from .gcstats import GENERATIONS as GC_GENERATIONS
+from .labels import (EVICT_REASONS, KV_DROP_REASONS, OUTCOMES, PRESSURE_ACTIONS, REJECT_REASONS,
+                     STORE_OPERATIONS, TRUNCATE_REASONS, TURN_INDEX_BUCKETS)
+from .multiproc import MULTIPROC_ENV
 
 # Seconds. CPU inference: a tiny model answers in ~10 ms, a 0.5B model's long turn takes minutes.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120)
@@ -50,21 +29,6 @@ HISTORY_MESSAGE_BUCKETS = (1, 2, 3, 5, 7, 11, 13, 21, 41, 81, 161, 321, 641)  # 
 PROMPT_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def turn_index_bucket(turn: int) -> str:
-    """The bounded turn_index label of a turn's 1-based position in its conversation."""
-    if turn <= 1:
-        return "1"
-    if turn <= 5:
-        return "2-5"
-    if turn <= 10:
-        return "6-10"
-    return "11-20" if turn <= 20 else "21+"
-
-
-def _bounded(value: str, allowed: tuple[str, ...]) -> str:
-    return value if value in allowed else OTHER
-
-
 def _version(dist: str, missing: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -73,7 +37,7 @@ def _version(dist: str, missing: str) -> str:
 
 
 class Metrics:
-    """All edgechat metrics on one registry; also the session-store and engine listener."""
+    """All edgechat metric families on one registry (or the multiprocess folder), pre-created at 0."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess: bool | None = None,
                  store_shared: bool = False):
@@ -190,19 +154,6 @@ class Metrics:
         self.torch_tensor_bytes = g("torch_tensor_bytes", "Bytes of the distinct storages of live "
                                     "torch tensors (object census).")
         self._preinit()
-        self._proc = psutil.Process()
-        self._cgroup = procstats.CgroupMemory.detect()
-        self._config_limit = 0
-        self._model_labels: tuple | None = None
-        self._cpu_seen = (os.getpid(), 0.0)
-        self._gc_counters = gcstats.GcCounters()
-        self._gc_pauses = gcstats.GcPauseRecorder(GC_PAUSE_BUCKETS)
-        self._gc_pauses.install()
-        self._refresh_lock = threading.Lock()
-        self._last_refresh = 0.0
-        self._tracked_due = 0.0
-        self._stop = threading.Event()
-        self._sampler: threading.Thread | None = None
         self._closers: list = []
 
     def _gauge(self, name, doc, labels=(), mode="liveall"):
@@ -232,7 +183,7 @@ class Metrics:
             self.requests_rejected_total.labels(reason)
         for action in PRESSURE_ACTIONS:
             self.memory_pressure_actions_total.labels(action)
-        for gen in map(str, gcstats.GENERATIONS):
+        for gen in map(str, GC_GENERATIONS):
             for metric in (self.gc_collections_total, self.gc_collected_objects_total,
                            self.gc_uncollectable_objects_total, self.gc_pause_seconds):
                 metric.labels(gen)
@@ -240,197 +191,18 @@ class Metrics:
                                _version("torch", "none"), _version("transformers", "none")).set(1)
 
     # --- listener protocols (the store and the engine call these; they never import metrics) ---
-    def on_truncate(self, reason: str, messages: int) -> None:
-        """A session's history lost `messages` messages to trimming by turns or tokens."""
-        self.history_truncations_total.labels(_bounded(reason, TRUNCATE_REASONS)).inc(max(messages, 0))
-
-    def on_evict(self, reason: str, sessions: int) -> None:
-        """`sessions` sessions left the store (ttl, lru, deleted)."""
-        self.sessions_evicted_total.labels(_bounded(reason, EVICT_REASONS)).inc(max(sessions, 0))
-
-    def on_store_op(self, operation: str, seconds: float) -> None:
-        """One session store call took `seconds` (operation in STORE_OPERATIONS)."""
-        self.session_store_operation_seconds.labels(_bounded(operation, STORE_OPERATIONS)).observe(
-            max(seconds, 0.0))
-
-    def on_queue(self, waiting: int, running: int) -> None:
-        """The model queue changed: requests waiting, generations running."""
-        self.queue_depth.set(waiting)
-        self.generations_in_progress.set(running)
-
-    def set_store_stats(self, stats) -> None:
-        """Copy store totals (.sessions .messages_total .messages_max .tokens_max) into the gauges."""
-        self.sessions.set(stats.sessions)
-        self.history_messages.set(stats.messages_total)
-        self.history_messages_max.set(stats.messages_max)
-        self.history_tokens_max.set(stats.tokens_max)
-        store_bytes = getattr(stats, "store_bytes", None)
-        if store_bytes is not None:
-            self.session_store_bytes.set(store_bytes)
-
-    def on_kv_cache(self, *, bytes_held: int, hit: bool | None = None, reused_tokens: int = 0,
-                    dropped: dict | None = None) -> None:
-        """The engine's KV pool changed: bytes held, a lookup's outcome, caches dropped by reason."""
-        self.kv_cache_bytes.set(bytes_held)
-        if hit is not None:
-            (self.kv_cache_hits_total if hit else self.kv_cache_misses_total).inc()
-            self.kv_cache_reused_tokens_total.inc(max(reused_tokens, 0))
-        for reason, count in (dropped or {}).items():
-            self.kv_cache_dropped_total.labels(_bounded(reason, KV_DROP_REASONS)).inc(max(count, 0))
-
-    def on_memory_pressure(self, action: str) -> None:
-        """The memory watchdog took `action` (one of PRESSURE_ACTIONS)."""
-        self.memory_pressure_actions_total.labels(_bounded(action, PRESSURE_ACTIONS)).inc()
-
-    def set_memory_pressure_level(self, level: int) -> None:
-        """The memory watchdog's state: 0 ok, 1 above the soft limit, 2 above the hard limit."""
-        self.memory_pressure_level.set(level)
-
-    def set_census(self, counts, tensor_bytes: int) -> None:
-        """Export an object census: {type: live objects} over LIVE_OBJECT_TYPES, tensor storage bytes."""
-        for name, count in counts.items():
-            self.live_objects.labels(_bounded(name, LIVE_OBJECT_TYPES)).set(count)
-        self.torch_tensor_bytes.set(tensor_bytes)
 
     def track_tracemalloc(self) -> None:
-        """Export the tracemalloc gauges from now on (tracing started by config or at run time)."""
+        """Define the tracemalloc gauges from now on (tracing started by config or at run time)."""
         if self.tracemalloc_traced_bytes is None:
             self.tracemalloc_traced_bytes = self._gauge("tracemalloc_traced_bytes", "Python heap traced.")
             self.tracemalloc_peak_bytes = self._gauge("tracemalloc_peak_bytes", "Peak Python heap traced.")
 
-    def set_config(self, cfg) -> None:
-        """Export configured limits (history turns, memory budget); start tracemalloc if asked."""
-        self.history_max_turns.set(cfg.max_history_turns)
-        self.kv_cache_budget_bytes.set(int(getattr(cfg, "kv_cache_bytes", 0) or 0))
-        self._config_limit = int(getattr(cfg, "memory_limit_bytes", 0) or 0)
-        if getattr(cfg, "tracemalloc", False) and self.tracemalloc_traced_bytes is None:
-            if not tracemalloc.is_tracing():
-                tracemalloc.start(getattr(cfg, "tracemalloc_frames", 1))
-            self.track_tracemalloc()
-        self.refresh()
-
-    def set_model_info(self, model: str, dtype: str, leak_mode: str, load_seconds: float) -> None:
-        """Record what this worker serves and how long loading took."""
-        labels = (model, dtype, leak_mode)
-        if self._model_labels not in (None, labels):
-            # multiprocess files cannot forget a series: 0 marks the old one replaced
-            self.model_info.labels(*self._model_labels).set(0)
-        self._model_labels = labels
-        self.model_info.labels(*labels).set(1)
-        self.model_load_seconds.set(load_seconds)
-
-    def observe_turn(self, *, turn: int, outcome: str, duration_s: float, ttft_s: float | None,
-                     completion_tokens: int, prompt_tokens: int, queue_wait_s: float,
-                     history_messages: int | None) -> None:
-        """Record one finished turn; history_messages is None for stateless chat completions."""
-        self.turns_total.labels(_bounded(outcome, OUTCOMES)).inc()
-        self.turn_duration_seconds.labels(turn_index_bucket(turn)).observe(duration_s)
-        if ttft_s is not None:
-            self.time_to_first_token_seconds.observe(ttft_s)
-            if completion_tokens > 1:
-                per_token = (duration_s - ttft_s) / (completion_tokens - 1)
-                self.time_per_output_token_seconds.observe(max(per_token, 0.0))
-        self.prompt_tokens_total.inc(max(prompt_tokens, 0))
-        self.completion_tokens_total.inc(max(completion_tokens, 0))
-        self.queue_wait_seconds.observe(max(queue_wait_s, 0.0))
-        if history_messages is not None:
-            self.turn_history_messages.observe(history_messages)
-        self.turn_prompt_tokens.observe(prompt_tokens)
-
-    # --- sampling ----------------------------------------------------------------------------
-    def refresh(self, max_age_s: float = 0.0) -> None:
-        """Sample process, host, cgroup, GC and tracemalloc into the gauges now (~0.2 ms).
-
-        Skipped when the last refresh is younger than max_age_s (scrape storms).
-        """
-        with self._refresh_lock:
-            now = time.monotonic()
-            if max_age_s and now - self._last_refresh < max_age_s:
-                return
-            self._last_refresh = now
-            self._refresh_process()
-            self._refresh_memory_budget()
-            self._refresh_gc()
-            if self.tracemalloc_traced_bytes is not None:  # (0, 0) once tracing is stopped
-                traced, peak = tracemalloc.get_traced_memory()
-                self.tracemalloc_traced_bytes.set(traced)
-                self.tracemalloc_peak_bytes.set(peak)
-
-    def refresh_slow(self) -> None:
-        """Costly readings, sampler thread only: USS (page-table walk, ~2-10 ms), and GC tracked
-        objects at most every TRACKED_OBJECTS_EVERY_S."""
-        uss = procstats.unique_memory_bytes(self._proc)
-        if uss is not None:
-            self.process_unique_memory_bytes.set(uss)
-        now = time.monotonic()
-        if now >= self._tracked_due:
-            self._tracked_due = now + TRACKED_OBJECTS_EVERY_S
-            for gen, count in zip(gcstats.GENERATIONS, gcstats.tracked_objects()):
-                self.gc_tracked_objects.labels(str(gen)).set(count)
-
-    def _refresh_process(self) -> None:
-        pid = os.getpid()
-        if pid != self._proc.pid:  # forked since construction: measure the child
-            self._proc = psutil.Process(pid)
-        sample = procstats.process_sample(self._proc)
-        self.process_resident_memory_bytes.set(sample.rss_bytes)
-        self.process_virtual_memory_bytes.set(sample.vms_bytes)
-        self.process_open_fds.set(sample.open_fds)
-        self.process_threads.set(sample.threads)
-        self.process_start_time_seconds.set(sample.start_time_s)
-        seen_pid, seen_cpu = self._cpu_seen
-        base = seen_cpu if seen_pid == pid else 0.0  # a forked child's CPU time starts at 0
-        if sample.cpu_seconds > base:
-            cpu = self.process_cpu_seconds_total
-            (cpu.labels(str(pid)) if self._cpu_labels else cpu).inc(sample.cpu_seconds - base)
-            base = sample.cpu_seconds
-        self._cpu_seen = (pid, base)
-
-    def _refresh_memory_budget(self) -> None:
-        budget = procstats.memory_budget(self._cgroup, self._config_limit, siblings=self.multiprocess)
-        self.host_memory_available_bytes.set(budget.host_available)
-        self.host_memory_total_bytes.set(budget.host_total)
-        self.memory_limit_bytes.set(budget.limit)
-        self.service_memory_bytes.set(budget.service)
-        self.service_memory_charged_bytes.set(budget.charged)
-
-    def _refresh_gc(self) -> None:
-        for gen, delta in enumerate(self._gc_counters.deltas()):
-            label = str(gen)
-            self.gc_collections_total.labels(label).inc(delta["collections"])
-            self.gc_collected_objects_total.labels(label).inc(delta["collected"])
-            self.gc_uncollectable_objects_total.labels(label).inc(delta["uncollectable"])
-        self._gc_pauses.flush_into(self.gc_pause_seconds)
-
-    def start_sampler(self, interval_s: float) -> None:
-        """Refresh every interval_s on a daemon thread (idempotent); start it in the worker, after fork."""
-        if self._sampler is not None and self._sampler.is_alive():
-            return
-        self._stop.clear()
-        self._sampler = threading.Thread(target=self._sample_loop, args=(interval_s,), daemon=True,
-                                         name="edgechat-metrics-sampler")
-        self._sampler.start()
-
-    def _sample_loop(self, interval_s: float) -> None:
-        while True:
-            try:
-                self.refresh()
-                self.refresh_slow()
-            except Exception:  # noqa: BLE001 - a failed reading must not end the sampling for good
-                logging.getLogger(__name__).exception("metrics refresh failed")
-            if self._stop.wait(interval_s):
-                return
-
     def on_close(self, callback) -> None:
-        """Run callback() at close (e.g. stop the metrics port server)."""
+        """Run callback() at close (e.g. stop the sampler, the metrics port server)."""
         self._closers.append(callback)
 
     def close(self) -> None:
-        """Stop the sampler, remove this instance's gc callback, run on_close callbacks (idempotent)."""
+        """Run the on_close callbacks, last registered first (idempotent)."""
         while self._closers:
             self._closers.pop()()
-        self._stop.set()
-        if self._sampler is not None and self._sampler is not threading.current_thread():
-            self._sampler.join(timeout=5)
-        self._sampler = None
-        self._gc_pauses.uninstall()

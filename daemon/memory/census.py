@@ -5,7 +5,7 @@ It walks every object the GC tracks (gc.get_objects), so it is O(objects) and ho
 0.15-0.5 s per ~375 k objects (torch + transformers + Flask loaded) on the 2-core dev box at load
 average ~10, plus a full gc.collect() (0.7 s there) when asked to collect first. The daemon runs it
 on demand (admin endpoints) and, without the collection, for the gauges at a low rate (CENSUS_EVERY_S,
-from daemon/diagnostics.py's thread). Never imports torch: a
+from the tracing thread in tracing.py). Never imports torch: a
 process that has not loaded it simply has no tensors.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import FrameType, ModuleType
+from typing import Protocol
 
-from .metrics import LIVE_OBJECT_TYPES, OTHER
+from ..telemetry.labels import LIVE_OBJECT_TYPES, OTHER
 
 CENSUS_EVERY_S = 120.0  # background census for the gauges: well under 1 % of one core
 TENSOR = "torch.Tensor"  # every tensor subclass (Parameter included) is counted under this name too
@@ -153,7 +154,7 @@ def holders(targets: list, base: Census, max_scans: int = HOLDER_SCANS) -> list[
     """Name what keeps `targets` alive: walk referrers up to a module, or to an object of the daemon's
     own classes that already lived at the baseline (what grew is payload; the old owner is the leak).
 
-    Returns up to two chains that reach an owner (else what was found), holder first, e.g. "daemon.engine.Engine.retained -> list ->
+    Returns up to two chains that reach an owner (else what was found), holder first, e.g. "daemon.model.engine.Engine.retained -> list ->
     types.SimpleNamespace -> tuple -> torch.Tensor". Each step is a gc.get_referrers() walk over the
     whole heap, so at most `max_scans` run in all; a chain cut short starts with "?".
     """
@@ -215,6 +216,13 @@ def _attribute_of(root, child, grandchild) -> str:
     return prefix
 
 
+class CensusListener(Protocol):
+    """Observer of censuses (metrics)."""
+
+    def set_census(self, counts: dict[str, int], tensor_bytes: int) -> None:
+        """Live objects by type (over LIVE_OBJECT_TYPES) and tensor storage bytes of one census."""
+
+
 class CensusKeeper:
     """This worker's baseline census; take() also refreshes the census gauges.
 
@@ -222,7 +230,7 @@ class CensusKeeper:
     which the first one's holders() would then report as the holders.
     """
 
-    def __init__(self, metrics=None):
+    def __init__(self, metrics: CensusListener | None = None):
         self._metrics = metrics
         self._lock = threading.RLock()
         self.baseline: Census | None = None

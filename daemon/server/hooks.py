@@ -1,4 +1,4 @@
-"""gunicorn server hooks shared by `edgechat serve` and deploy/gunicorn.conf.py.
+"""gunicorn server hooks, part of the options `edgechat serve` and deploy/gunicorn.conf.py share (options.py).
 
 Each hook says which process runs it. The master must run no torch operation before it forks
 (a child forked after a parallel op hangs), so the model is loaded in each worker by create_app,
@@ -9,15 +9,16 @@ from __future__ import annotations
 import logging
 import os
 
+from ..telemetry.multiproc import MULTIPROC_ENV, prepare_dir, worker_exited
+
 log = logging.getLogger("edgechat.server")
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def metrics_dir() -> str:
     """The multiprocess metrics folder: PROMETHEUS_MULTIPROC_DIR, else the configured one."""
     path = os.environ.get(MULTIPROC_ENV)
     if not path:
-        from .config import Config
+        from ..config import Config
         path = Config.from_env().metrics_dir
     return path
 
@@ -27,7 +28,6 @@ def on_starting(server) -> None:
     path = metrics_dir()
     # must be in the environment before prometheus_client is imported anywhere in this tree
     os.environ[MULTIPROC_ENV] = path
-    from .multiproc import prepare_dir
     prepare_dir(path)
     log.info("metrics folder %s (wiped)", path)
 
@@ -44,7 +44,6 @@ def post_fork(server, worker) -> None:
 
 def child_exit(server, worker) -> None:
     """Master, after a worker exited: drop its live gauges, fold its counters into the archive."""
-    from .multiproc import worker_exited
     worker_exited(worker.pid, metrics_dir())
 
 

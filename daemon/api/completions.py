@@ -6,7 +6,7 @@ from contextlib import ExitStack
 
 from flask import Blueprint, jsonify
 
-from ..extensions import get_engine, get_metrics
+from ..services import get_services
 from . import turns, validate
 from .auth import protect
 from .errors import ApiError, invalid
@@ -22,7 +22,7 @@ def _usage(stats) -> dict:
 @bp.get("/models")
 def models():
     """The one model this worker serves."""
-    engine = get_engine()
+    engine = get_services().engine
     return jsonify({"object": "list", "data": [{"id": engine.model_id, "object": "model",
                                                 "created": 0, "owned_by": "edgechat"}]})
 
@@ -31,7 +31,7 @@ def models():
 def completions():
     """Generate a reply to the given messages; nothing is stored server-side."""
     body = validate.json_body()
-    engine = get_engine()
+    engine = get_services().engine
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("'model' must be a string", "model", "invalid_type")
@@ -50,7 +50,7 @@ def completions():
     turns.check_context(engine.count_tokens(messages), params)
 
     gen = turns.start(messages, params)
-    metrics = get_metrics()
+    services = get_services()
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", turns.now()
     base = {"id": cid, "created": created, "model": engine.model_id}
     if not streaming:
@@ -58,7 +58,7 @@ def completions():
             text = turns.drain(gen)
         finally:
             gen.close()
-            turns.observe(gen, metrics, turn=1, history_messages=None)
+            turns.observe(gen, services, turn=1, history_messages=None)
         return jsonify({**base, "object": "chat.completion", "usage": _usage(gen.stats),
                         "choices": [{"index": 0, "finish_reason": gen.stats.finish_reason,
                                      "message": {"role": "assistant", "content": text}}]})
@@ -70,7 +70,7 @@ def completions():
                                       "finish_reason": None}]}
 
     def tail(g) -> list[dict]:
-        turns.observe(g, metrics, turn=1, history_messages=None)
+        turns.observe(g, services, turn=1, history_messages=None)
         events = [{**chunk, "choices": [{"index": 0, "delta": {},
                                          "finish_reason": g.stats.finish_reason}]}]
         if include_usage:

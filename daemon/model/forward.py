@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .kvcache import BLOCK, KVState
+from .kvpool import BLOCK, KVState
 from .weights import (can_pack, drop_float_weights, fuse, linear, own_small_weights, quantize_rows,
                       release_file_pages)
 

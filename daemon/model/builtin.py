@@ -277,7 +277,7 @@ def _build_in_child(name: str, folder: str, log: Log) -> None:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    code = "import sys; from daemon.builtin_models import build; build(sys.argv[1], sys.argv[2])"
+    code = "import sys; from daemon.model.builtin import build; build(sys.argv[1], sys.argv[2])"
     proc = subprocess.Popen([sys.executable, "-c", code, name, folder], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None

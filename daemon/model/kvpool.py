@@ -13,10 +13,11 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from ..telemetry.labels import KV_DROP_REASONS as DROP_REASONS
+
 BLOCK = 256  # cache buffers grow in steps of this many tokens (one copy per step, not per token)
 # A shorter common prefix is a chat-template header, not a conversation: not worth a copy, and a miss.
 MIN_REUSE = 16
-DROP_REASONS = ("lru", "oversize", "released", "pressure")
 
 
 class KVListener(Protocol):

@@ -1,8 +1,9 @@
 """Memory watchdog, one per worker: free what this process holds above the soft limit, refuse turns above the hard.
 
-It compares the service's memory (edgechat_service_memory_bytes: the cgroup's usage, else all workers'
-RSS together) with the budget (edgechat_memory_limit_bytes), read with the same procstats readers, every
-`metrics_refresh_s`. Every worker sees the same figures, so all of them free and refuse together.
+It compares the service's memory (edgechat_service_memory_bytes: the cgroup's working set, else all
+workers' RSS together) with the limit (edgechat_memory_limit_bytes), both read through the worker's
+MemoryBudget (daemon/memory/budget.py) every `metrics_refresh_s`. Every worker sees the same figures,
+so all of them free and refuse together.
 
 - level 1, above `memory_soft_limit_ratio`: evict idle sessions of an in-process store, drop cached
   per-session state (Engine.release_caches: KV caches kept between turns), gc.collect(), malloc_trim(0);
@@ -22,41 +23,52 @@ import logging
 import math
 import threading
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
+from .budget import HARD, OK, SOFT, MemoryBudget
 from .hygiene import find_malloc_trim
 
-EXTENSION = "edgechat.watchdog"
-OK, SOFT, HARD = 0, 1, 2
+__all__ = ["HARD", "OK", "SOFT", "MemoryWatchdog", "PressureListener", "IDLE_EVICT_S", "RELEASE_EVERY_S"]
 RELEASE_EVERY_S = 60.0  # each pass costs a full collection (~50-100 ms with a model loaded)
 IDLE_EVICT_S = 60.0     # above the soft limit, sessions idle this long go; above the hard limit, all idle ones
 
 log = logging.getLogger("edgechat.watchdog")
-MemoryReader = Callable[[], "tuple[int, int]"]  # -> (service bytes, limit bytes)
 
 
-def procstats_reader(memory_limit_bytes: int, multiprocess: bool) -> MemoryReader:
-    """The real reader: edgechat_service_memory_bytes and edgechat_memory_limit_bytes, as metrics reads them."""
-    from . import procstats
-    cgroup = procstats.CgroupMemory.detect()
+class PressureListener(Protocol):
+    """Observer of the watchdog (metrics)."""
 
-    def read() -> tuple[int, int]:
-        budget = procstats.memory_budget(cgroup, memory_limit_bytes, siblings=multiprocess)
-        return budget.service, budget.limit
-    return read
+    def on_memory_pressure(self, action: str) -> None:
+        """The watchdog took `action` (one of telemetry.labels.PRESSURE_ACTIONS)."""
+
+    def set_memory_pressure_level(self, level: int) -> None:
+        """The watchdog's level is now OK, SOFT or HARD."""
+
+
+class Releaser(Protocol):
+    """What can drop caches it keeps between turns (the engine's KV pool)."""
+
+    def release_caches(self) -> int:
+        """Drop them; return the bytes freed."""
+
+
+class IdleEvicter(Protocol):
+    """What can evict idle sessions (a session store)."""
+
+    def evict_idle(self, idle_s: float) -> int:
+        """Evict sessions idle for at least idle_s; return how many."""
 
 
 class MemoryWatchdog:
     """The per-worker state machine; check() is one step, start() runs it on a timer."""
 
-    def __init__(self, *, soft_ratio: float, hard_ratio: float, read: MemoryReader, store=None,
-                 engine=None, metrics=None, interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, budget: MemoryBudget, *, store: IdleEvicter | None = None,
+                 engine: Releaser | None = None, metrics: PressureListener | None = None,
+                 interval_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
                  idle_evict_s: float = IDLE_EVICT_S, release_every_s: float = RELEASE_EVERY_S,
                  trim: Callable[[int], int] | None = None):
-        if not 0 < soft_ratio < hard_ratio <= 1:
-            raise ValueError(f"need 0 < soft_ratio < hard_ratio <= 1, got {soft_ratio!r}, {hard_ratio!r}")
-        self.soft_ratio, self.hard_ratio = soft_ratio, hard_ratio
-        self.read, self.clock = read, clock
+        self.budget, self.clock = budget, clock
+        self.soft_ratio, self.hard_ratio = budget.soft_ratio, budget.hard_ratio
         self.store, self.engine, self.metrics = store, engine, metrics
         self.interval_s = interval_s
         self.idle_evict_s, self.release_every_s = idle_evict_s, release_every_s
@@ -98,7 +110,7 @@ class MemoryWatchdog:
             ratio = self._ratio()
             if ratio is None:
                 return self.level
-            wanted = HARD if ratio >= self.hard_ratio else SOFT if ratio >= self.soft_ratio else OK
+            wanted = self.budget.level(ratio)
             now = self.clock()
             if wanted > OK and (now - self._last_release >= self.release_every_s
                                 or wanted > self._released_at_level):
@@ -106,7 +118,7 @@ class MemoryWatchdog:
                 self._last_release, self._released_at_level = now, wanted
                 after = self._ratio()
                 ratio = ratio if after is None else after
-                wanted = HARD if ratio >= self.hard_ratio else SOFT if ratio >= self.soft_ratio else OK
+                wanted = self.budget.level(ratio)
             if self.level == HARD and wanted == SOFT:
                 wanted = HARD  # hysteresis: refuse until below the soft limit
             if wanted == OK:
@@ -116,14 +128,13 @@ class MemoryWatchdog:
 
     def _ratio(self) -> float | None:
         try:
-            service, limit = self.read()
+            ratio = self.budget.read().ratio
         except OSError as exc:  # /proc or the cgroup unreadable this time: keep the last judgement
             log.warning("memory watchdog cannot read memory: %s", exc)
             return None
-        if limit <= 0:
-            return None
-        self.ratio = service / limit
-        return self.ratio
+        if ratio is not None:
+            self.ratio = ratio
+        return ratio
 
     def _release(self, level: int, ratio: float) -> None:
         """Free what this process holds; every step counted and the whole pass logged."""
@@ -132,9 +143,8 @@ class MemoryWatchdog:
             evicted = self.store.evict_idle(self.idle_evict_s if level == SOFT else 0.0)
             self._count("evict_sessions")
             done.append(f"{evicted} idle session(s) evicted")
-        release = getattr(self.engine, "release_caches", None)
-        if release is not None:
-            freed = release()
+        if self.engine is not None:
+            freed = self.engine.release_caches()
             self._count("release_caches")
             done.append(f"caches released ({(freed or 0) / 2**20:.1f} MB)")
         collected = gc.collect()
@@ -182,20 +192,12 @@ class MemoryWatchdog:
         self._thread.start()
 
 
-def init_app(app, cfg, *, engine, store, metrics, stop: threading.Event,
-             read: MemoryReader | None = None) -> MemoryWatchdog | None:
+def start(cfg, budget: MemoryBudget, *, engine: Releaser, store: IdleEvicter, metrics: PressureListener,
+          stop: threading.Event) -> MemoryWatchdog | None:
     """Create and start this worker's watchdog (None when memory_watchdog is off)."""
     if not cfg.memory_watchdog:
         return None
-    watchdog = MemoryWatchdog(
-        soft_ratio=cfg.memory_soft_limit_ratio, hard_ratio=cfg.memory_hard_limit_ratio,
-        read=read or procstats_reader(cfg.memory_limit_bytes, metrics.multiprocess), store=store,
-        engine=engine, metrics=metrics, interval_s=cfg.metrics_refresh_s)
-    app.extensions[EXTENSION] = watchdog
+    watchdog = MemoryWatchdog(budget, store=store, engine=engine, metrics=metrics,
+                              interval_s=cfg.metrics_refresh_s)
     watchdog.start(stop)
     return watchdog
-
-
-def of(app) -> MemoryWatchdog | None:
-    """The app's watchdog, or None when it is off."""
-    return app.extensions.get(EXTENSION)

@@ -8,16 +8,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Protocol, Sequence, cast
+from typing import Any, Callable, Protocol, Sequence
 
-from .builtin_models import ensure_built, is_builtin, read_marker
-from .config import Config
+from .builtin import ensure_built, is_builtin, read_marker
+from ..config import Config
 from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
-from .decoder import make_decoder
-from .decoding import Sampler, Sampling, TurnCounts, run_turn
-from .generation import Generation, GenerationFailed, GenerationParams, GenerationStats, Plan, plain_text_mask
-from .hygiene import Hygiene, rss_bytes
-from .kvcache import KVListener, KVPool
+from .forward import make_decoder
+from .sampling import Sampler, Sampling, TurnCounts, run_turn
+from .streaming import Generation, GenerationFailed, GenerationParams, GenerationStats, Plan, plain_text_mask
+from ..memory.hygiene import Hygiene, rss_bytes
+from .kvpool import KVListener, KVPool
 
 __all__ = ["Engine", "EngineBusy", "EngineListener", "ModelLoadError", "ContextTooLong", "Generation",
            "GenerationFailed", "GenerationParams", "GenerationStats", "cpu_has_bf16", "physical_cores",
@@ -56,8 +56,8 @@ class ContextTooLong(ValueError):
         self.context_length = context_length
 
 
-class EngineListener(Protocol):
-    """Observer of the queue (metrics); called under the engine's lock, so it must be quick."""
+class EngineListener(KVListener, Protocol):
+    """Observer of the queue and the KV pool (metrics); on_queue runs under the engine's lock: quick."""
 
     def on_queue(self, waiting: int, running: int) -> None:
         """Requests now waiting for the model, and generations running (0 or 1)."""
@@ -153,8 +153,7 @@ class Engine:
         self.quantize = cfg.quantize
         # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
-        kv_listener = listener if hasattr(listener, "on_kv_cache") else None
-        self.kv_pool = KVPool(budget, cast(KVListener, kv_listener), memory_pressure)
+        self.kv_pool = KVPool(budget, listener, memory_pressure)
         self._warming = False
 
     @classmethod

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .kvcache import KVPool
+from .kvpool import KVPool
 
 PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations of a long prompt
 

@@ -2,7 +2,7 @@
 
 tracemalloc sees what Python's allocator hands out (objects, strings, lists): the history bug's
 `history.append` lines, caches of Python objects. Tensor storage comes from torch's own allocator and is
-invisible here (the object census in daemon/census.py counts it). Tracing costs CPU on every allocation
+invisible here (the object census in census.py counts it). Tracing costs CPU on every allocation
 and memory per live allocation (more with more `tracemalloc_frames`), so it is off unless asked for;
 a snapshot walks every trace while holding the GIL (~1-2 s with a model loaded, on a busy 2-core box).
 """
@@ -16,15 +16,17 @@ import threading
 import time
 import tracemalloc
 from dataclasses import dataclass
+from typing import Callable
+
+from .census import CENSUS_EVERY_S, CensusKeeper, CensusListener
 
 GROUP_BY = ("lineno", "traceback")
-# Frames that say nothing about the program, dropped as the seed's display_top drops them (matched on
+# Frames that say nothing about the program, dropped as tracemalloc's documented display_top recipe drops them (matched on
 # the allocating frame, like tracemalloc.Filter(False, name)), plus this machinery's own files
 # (the baseline census's type names would otherwise top every diff).
 DROPPED_FILES = frozenset({"<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>",
                            "<unknown>", tracemalloc.__file__, linecache.__file__, __file__,
-                           __file__.replace("diagnostics.py", "census.py")})
-EXTENSION = "edgechat.diagnostics"
+                           __file__.replace("tracing.py", "census.py")})
 # The tracing switch every worker of one server follows, in the shared multiprocess folder (not *.db:
 # invisible to the metrics collectors): a request reaches one worker, the others pick it up within
 # metrics_refresh_s. Quick requests land on one worker almost every time, so asking each does not work.
@@ -209,27 +211,28 @@ class Diagnostics:
     """What the admin endpoints work with in this worker: its tracer and its census keeper."""
 
     tracer: Tracer
-    census: object  # daemon.census.CensusKeeper
+    census: CensusKeeper
+
+    @classmethod
+    def for_config(cls, cfg, census_listener: CensusListener | None,
+                   shared_dir: str | None) -> "Diagnostics":
+        """A tracer following the switch in `shared_dir` (the multiprocess folder) and a census keeper."""
+        return cls(Tracer(cfg.tracemalloc_frames, shared_dir), CensusKeeper(census_listener))
 
 
-def init_app(app, cfg, metrics, stop: threading.Event) -> Diagnostics:
-    """Attach this worker's tracer and census keeper; a thread follows the shared tracing switch every
-    metrics_refresh_s and refreshes the census gauges at a low rate (first one tick after start)."""
-    from .census import CENSUS_EVERY_S, CensusKeeper
-    diag = Diagnostics(Tracer(cfg.tracemalloc_frames, metrics.multiprocess_dir), CensusKeeper(metrics))
-    app.extensions[EXTENSION] = diag
-    tick = cfg.metrics_refresh_s
-
+def start(diag: Diagnostics, on_tracing: Callable[[], None], tick_s: float,
+          stop: threading.Event) -> None:
+    """A thread follows the shared tracing switch every tick_s (calling on_tracing while tracing) and
+    refreshes the census gauges at a low rate (first one tick after start), until `stop` is set."""
     def loop() -> None:
         census_due = 0.0
-        while not stop.wait(tick):
+        while not stop.wait(tick_s):
             try:
                 if diag.tracer.follow() and diag.tracer.tracing:
-                    metrics.track_tracemalloc()
+                    on_tracing()
                 if time.monotonic() >= census_due:
-                    census_due = time.monotonic() + max(CENSUS_EVERY_S, tick)
+                    census_due = time.monotonic() + max(CENSUS_EVERY_S, tick_s)
                     diag.census.take(collect=False, ids=False)  # the GC runs on its own schedule
             except Exception:  # noqa: BLE001 - one failed tick must not end the thread for good
                 log.exception("diagnostics tick failed")
     threading.Thread(target=loop, name="edgechat-diagnostics", daemon=True).start()
-    return diag

@@ -1,0 +1,35 @@
+"""Every bounded label value set, owned here once: metrics pre-create them, producers import them."""
+from __future__ import annotations
+
+TURN_INDEX_BUCKETS = ("1", "2-5", "6-10", "11-20", "21+")
+OUTCOMES = ("ok", "length", "timeout", "cancelled", "error")
+TRUNCATE_REASONS = ("turns", "tokens")
+EVICT_REASONS = ("ttl", "lru", "deleted", "memory_pressure")
+# What a session store times (daemon.sessions), one histogram series each.
+STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
+REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy",
+                  "memory_pressure")  # pre-created only
+# What the memory watchdog (daemon.memory.watchdog) does.
+PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_trim", "refuse_turns",
+                    "resume_turns")
+# The object census (daemon.memory.census) exports these types; every other type is summed into "other".
+LIVE_OBJECT_TYPES = ("torch.Tensor", "dict", "list", "tuple", "set", "function", "cell", "other")
+# Why the KV pool (daemon.model.kvpool) dropped a cache.
+KV_DROP_REASONS = ("lru", "oversize", "released", "pressure")
+OTHER = "other"  # any label value outside the known sets, so cardinality stays bounded
+
+
+def turn_index_bucket(turn: int) -> str:
+    """The bounded turn_index label of a turn's 1-based position in its conversation."""
+    if turn <= 1:
+        return "1"
+    if turn <= 5:
+        return "2-5"
+    if turn <= 10:
+        return "6-10"
+    return "11-20" if turn <= 20 else "21+"
+
+
+def bounded(value: str, allowed: tuple[str, ...]) -> str:
+    """value itself when it is in the allowed set, else OTHER."""
+    return value if value in allowed else OTHER
