@@ -308,7 +308,7 @@ def test_redis_counters_stay_right_when_redis_drops_a_hash_itself(redis_server):
     client = redis_server.client()
     client.flushdb()
     events, clock = [], Clock()
-    listener = type("L", (), {"on_truncate": lambda *a: None,
+    listener = type("L", (), {"on_truncate": lambda *a: None, "on_store_op": lambda *a: None,
                               "on_evict": lambda self, reason, n: events.append((reason, n))})()
     store = make_store(POLICY, count_words, url=redis_server.url, clock=clock, listener=listener)
     a, b, c = (store.create(None).id for _ in range(3))

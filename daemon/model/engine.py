@@ -297,6 +297,6 @@ class Engine:
             current.close()
         self._current = None
         self.retained.clear()
-        self.kv_pool.release("released")
+        self.kv_pool.release()
         self.model = self.tokenizer = self.decoder = None
         self._hygiene()

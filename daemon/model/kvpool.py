@@ -13,7 +13,9 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from ..telemetry.labels import KV_DROP_REASONS as DROP_REASONS
+from ..telemetry.labels import KV_DROP_REASONS
+
+LRU, OVERSIZE, RELEASED, PRESSURE = KV_DROP_REASONS  # why a cache was dropped (the metric's label)
 
 BLOCK = 256  # cache buffers grow in steps of this many tokens (one copy per step, not per token)
 # A shorter common prefix is a chat-template header, not a conversation: not worth a copy, and a miss.
@@ -188,24 +190,24 @@ class KVPool:
             entry = _Entry(state)
         with self._lock:
             if entry is None:  # memory pressure: keep nothing idle, this cache and every kept one go
-                dropped["pressure"] = len(self._entries) + 1
+                dropped[PRESSURE] = len(self._entries) + 1
                 self._entries.clear()
                 self._bytes = 0
             elif epoch != self._epoch:
-                dropped["released"] = 1
+                dropped[RELEASED] = 1
             elif entry.nbytes > self.budget_bytes:
-                dropped["oversize"] = 1
+                dropped[OVERSIZE] = 1
             else:
                 while self._entries and self._bytes + entry.nbytes > self.budget_bytes:
                     _, old = self._entries.popitem(last=False)
                     self._bytes -= old.nbytes
-                    dropped["lru"] = dropped.get("lru", 0) + 1
+                    dropped[LRU] = dropped.get(LRU, 0) + 1
                 self._entries[id(state)] = entry
                 self._bytes += entry.nbytes
             held = self._bytes
         self._notify(bytes_held=held, dropped=dropped)
 
-    def release(self, reason: str = "released") -> int:
+    def release(self, reason: str = RELEASED) -> int:
         """Drop every kept cache (and any handed out now); returns the bytes that were held."""
         with self._lock:
             count, freed = len(self._entries), self._bytes
