@@ -170,8 +170,8 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60.0) -> int | None:
 
 def clean_env() -> dict:
     """This environment without EDGECHAT_* settings, so only the bench's flags configure daemons."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("EDGECHAT_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    from daemon.telemetry.multiproc import MULTIPROC_ENV  # light import: no prometheus_client
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECHAT_") and k != MULTIPROC_ENV}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     return env
 

@@ -209,7 +209,8 @@ def main(argv=None) -> int:
             files = sorted(os.listdir(folder))
             size = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
             # in-process, on the live folder: prometheus_client picks its value class at import
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+            from daemon.telemetry.multiproc import MULTIPROC_ENV
+            os.environ[MULTIPROC_ENV] = folder
             local, stages, profile = in_process(folder, args.scrapes)
     rows = [("back to back, client", len(fast), _ms(median(fast)), _ms(percentile(fast, 99)),
              _ms(max(fast)), "")]
