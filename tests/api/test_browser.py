@@ -11,7 +11,7 @@ import shutil
 import pytest
 import requests
 
-from servers import Daemon
+from support.servers import Daemon
 
 HAVE_BROWSER = os.access("/usr/bin/chromedriver", os.X_OK) and shutil.which("chromium")
 # CI installs the browser (make test-deps), so there a missing one is a failure, not a skip

@@ -12,6 +12,7 @@ import torch
 from daemon.services import get_services
 from daemon.telemetry import process
 from daemon.api.stats import RecentTurns, history_limit
+from support import REPO_ROOT
 
 torch.set_num_threads(1)
 
@@ -228,7 +229,7 @@ def test_every_input_has_a_label(client):
 def test_page_files_ship_in_the_package():
     import configparser
     cfg = configparser.ConfigParser()
-    cfg.read(os.path.join(os.path.dirname(__file__), "..", "setup.cfg"))
+    cfg.read(REPO_ROOT / "setup.cfg")
     assert "static/*" in cfg["options.package_data"]["daemon"]
-    static = os.path.join(os.path.dirname(__file__), "..", "daemon", "static")
+    static = REPO_ROOT / "daemon" / "static"
     assert {"index.html", "app.js", "app.css"} <= set(os.listdir(static))

@@ -9,7 +9,7 @@ import pytest
 
 from daemon.cli import soak_report
 from daemon.cli.memsample import parse_metrics, slope_per_minute
-from servers import Daemon
+from support.servers import Daemon
 
 GROW = ("import time\nheld = []\nprint('ready', flush=True)\nwhile True:\n"
         "    held.append(bytearray(b'x' * (4 << 20)))\n    time.sleep(0.05)\n")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import re
 import subprocess
 import sys
@@ -15,10 +14,11 @@ import torch
 from daemon.memory import census as census_mod
 from daemon.cli import diagnose
 from daemon.memory.tracing import DROPPED_FILES, SHARED_SWITCH, NoBaseline, TracingOff, Tracer
-from servers import Daemon, free_port
+from support.servers import Daemon, free_port
+from support import REPO_ROOT
 
 torch.set_num_threads(1)
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 KEY = "s3cret-admin-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

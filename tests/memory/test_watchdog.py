@@ -16,7 +16,7 @@ from daemon.telemetry.labels import PRESSURE_ACTIONS
 from daemon.telemetry.listeners import Recorder
 from daemon.telemetry.metrics import Metrics
 from daemon.sessions import HistoryPolicy, MemoryStore
-from servers import Daemon
+from support.servers import Daemon
 
 torch.set_num_threads(1)
 LIMIT = 1000

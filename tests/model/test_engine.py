@@ -13,6 +13,7 @@ from daemon.model.builtin import ensure_built
 from daemon.config import Config
 from daemon.model.engine import ContextTooLong, Engine, EngineBusy, GenerationParams, ModelLoadError
 from daemon.model.streaming import THREAD_PREFIX, TextTracker
+from support import REPO_ROOT
 
 torch.set_num_threads(1)
 
@@ -367,7 +368,7 @@ def test_uncached_hub_model_offline_raises_model_load_error(tmp_path):
             "try:\n    Engine.load(Config(model='Qwen/Qwen2.5-0.5B-Instruct', threads=1))\n"
             "except ModelLoadError as exc:\n    print(exc)\n    raise SystemExit(3)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+           "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     message = proc.stdout.strip()

@@ -12,7 +12,7 @@ import requests
 import yaml
 
 from daemon.monitoring import alertmanager
-from servers import free_port, wait_http
+from support.servers import free_port, wait_http
 
 URL = "https://hooks.example.org/e/T0K3N?c=edge&x=a:%20b,{c}[d]#f'g"  # YAML-hostile characters
 

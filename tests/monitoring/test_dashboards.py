@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -15,8 +14,9 @@ import yaml
 
 from daemon.monitoring import dashboards
 from daemon.monitoring.grafana import DATASOURCE
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
 PROVISIONING = ROOT / "grafana" / "provisioning"
 DOC = ROOT / "docs" / "dashboards.md"

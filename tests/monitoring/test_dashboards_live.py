@@ -6,7 +6,6 @@ below with the reason it is not), and every metric docs/metrics.md documents mus
 """
 from __future__ import annotations
 
-import pathlib
 import re
 import time
 
@@ -15,11 +14,12 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.monitoring import dashboards, rules
-from servers import Daemon, free_port
-from stack import Monitoring
+from support.servers import Daemon, free_port
+from support.stack import Monitoring
+from support import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 # exported families that no panel or rule uses, each with its reason
 NOT_SHOWN = {

@@ -14,8 +14,8 @@ import requests
 
 from daemon.cli.alertsink import AlertSink
 from daemon.monitoring.thresholds import Thresholds
-from servers import Daemon
-from stack import ALERTMANAGER, PROMETHEUS, Monitoring
+from support.servers import Daemon
+from support.stack import ALERTMANAGER, PROMETHEUS, Monitoring
 
 pytestmark = [
     pytest.mark.e2e,

@@ -16,8 +16,9 @@ import yaml
 
 from daemon.monitoring import rules
 from daemon.monitoring.thresholds import Thresholds, scaled_field_names
+from support import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 PROM = os.path.join(ROOT, "prometheus")
 TESTS = os.path.join(PROM, "tests")
 ALERT_NAMES = {

@@ -19,9 +19,10 @@ import yaml
 from daemon.server.options import gunicorn_options
 from daemon.config import Config
 from daemon.monitoring.thresholds import Thresholds
-from servers import free_port, wait_http
+from support.servers import free_port, wait_http
+from support import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 DEPLOY = os.path.join(ROOT, "deploy")
 GUNICORN_CONF = os.path.join(DEPLOY, "gunicorn.conf.py")
 UNIT = os.path.join(DEPLOY, "edgechat.service")
@@ -272,7 +273,7 @@ def _port_open(port: int) -> bool:
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
 def test_stack_starts_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir):
-    from stack import ALERTMANAGER, PROMETHEUS
+    from support.stack import ALERTMANAGER, PROMETHEUS
     if PROMETHEUS is None or ALERTMANAGER is None:
         pytest.skip("needs Debian's prometheus and prometheus-alertmanager")
     ports = {name: free_port() for name in ("port", "prometheus-port", "alertmanager-port", "sink-port")}

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from servers import Daemon, free_port
+from support.servers import Daemon, free_port
 
 pytestmark = pytest.mark.e2e
 

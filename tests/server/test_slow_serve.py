@@ -6,7 +6,7 @@ import concurrent.futures
 import pytest
 import requests
 
-from servers import Daemon
+from support.servers import Daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

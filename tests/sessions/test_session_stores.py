@@ -11,7 +11,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -20,11 +19,12 @@ from daemon.config import Config
 from daemon.sessions import HistoryPolicy, SessionBusy, StoreUnavailable, make_store
 from daemon.sessions import sqlite_schema
 from daemon.sessions.sqlite import SQLiteStore
-from redis_server import redis_server  # noqa: F401 - a fixture
-from redis_server import require as require_redis, start as start_redis
-from servers import Daemon, wait_http
+from support.redis_server import redis_server  # noqa: F401 - a fixture
+from support.redis_server import require as require_redis, start as start_redis
+from support.servers import Daemon, wait_http
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 POLICY = HistoryPolicy(max_turns=5, max_tokens=0, ttl_s=100, max_sessions=0)
 
 

@@ -14,7 +14,7 @@ import pytest
 from daemon.sessions import (ContextTooLong, HistoryPolicy, MemoryStore, SessionBusy, SessionNotFound,
                              SessionStore, StoreStats, make_store)
 
-from redis_server import redis_server  # noqa: F401,E402 - a fixture
+from support.redis_server import redis_server  # noqa: F401,E402 - a fixture
 
 # name -> URL builder, given the test's request (tmp_path for file stores, a fresh Redis database)
 BACKEND_URLS = {"memory": lambda request: "memory",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from servers import free_port
+from support.servers import free_port
 
 
 @dataclass

@@ -8,7 +8,7 @@ import requests
 
 from daemon.cli.stack import alertmanager_proc, binary, prometheus_config, prometheus_proc
 from daemon.monitoring import alertmanager, rules
-from servers import free_port
+from support.servers import free_port
 
 PROMETHEUS = binary("prometheus")
 ALERTMANAGER = binary("prometheus-alertmanager", "alertmanager")

@@ -26,8 +26,9 @@ from daemon.telemetry.labels import TURN_INDEX_BUCKETS, turn_index_bucket
 from daemon.telemetry.listeners import Recorder
 from daemon.telemetry.metrics import Metrics
 from daemon.telemetry.sampler import Sampler
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 CONTRACT = """
 edgechat_process_resident_memory_bytes edgechat_process_unique_memory_bytes
