@@ -1,8 +1,17 @@
-"""Shared fixtures: builtin:tiny built once per run, apps and clients on it, the CLI runner."""
+"""Shared fixtures and the session's process guard.
+
+Fixtures: builtin:tiny built once per run (cache_dir), configs, apps and clients on it, engines on it
+(make_engine, no_thread_left), the CLI runner, one redis-server for the run. Plain shared code (the
+process starters, metric readers, fakes) lives in tests/support/.
+
+The process guard: every process the suite starts must be gone when it ends; one still alive fails
+the run (see support/processes.py).
+"""
 from __future__ import annotations
 
 import io
 import os
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -11,6 +20,22 @@ import pytest
 os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 from daemon.config import Config  # noqa: E402
+from support import processes, redis_server as redis_support  # noqa: E402
+from support.engine import generation_threads  # noqa: E402
+
+pytest_plugins = ("pytester",)  # tests/selfcheck runs pytest sessions of its own
+
+
+# --- the process guard ---------------------------------------------------------------------------
+def pytest_sessionstart(session):
+    processes.session_started(session)
+
+
+def pytest_sessionfinish(session):
+    processes.session_finished(session)
+
+
+# --- builtin:tiny, configs, apps -----------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +102,47 @@ def runner():
                 code = exc.code if isinstance(exc.code, int) else 1
         return code, out.getvalue(), err.getvalue()
     return run
+
+
+# --- engines -------------------------------------------------------------------------------------
+@pytest.fixture
+def make_engine(request, cache_dir):
+    """Load engines on builtin:tiny, each closed after the test: make_engine(listener=None, **overrides)
+    with Config overrides. A module or a test changes the defaults with
+    `@pytest.mark.engine_defaults(**overrides)` (the closest marker wins, a call's arguments win over all)."""
+    from daemon.model.engine import Engine
+    defaults = dict(model="builtin:tiny", cache_dir=cache_dir, threads=1, warmup=False,
+                    max_new_tokens=64, generation_timeout_s=60.0)
+    for marker in reversed(list(request.node.iter_markers("engine_defaults"))):  # module, class, test
+        defaults.update(marker.kwargs)
+    made = []
+
+    def make(listener=None, **overrides) -> Engine:
+        made.append(Engine.load(Config(**{**defaults, **overrides}), listener=listener))
+        return made[-1]
+    yield make
+    for engine in made:
+        engine.close()
+
+
+@pytest.fixture
+def no_thread_left():
+    """The test must leave no generation thread running (5 s to wind down after it ends)."""
+    yield
+    deadline = time.monotonic() + 5
+    while generation_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert generation_threads() == []
+
+
+# --- Redis -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the test session, stopped at the end even on failure (skipped where
+    Redis is missing, failed there in CI)."""
+    redis_support.require()
+    server = redis_support.start(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import requests
 
+from support.processes import track
 from support.servers import Daemon
 
 HAVE_BROWSER = os.access("/usr/bin/chromedriver", os.X_OK) and shutil.which("chromium")
@@ -50,6 +51,7 @@ def browser(tmp_path, monkeypatch):
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER,
                                               log_output=str(tmp_path / "chromedriver.log")),
                               options=opts)
+    track(driver.service.process)  # chromedriver; Chromium runs under it
     driver.set_page_load_timeout(WAIT_S)
     try:
         yield driver

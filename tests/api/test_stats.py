@@ -6,7 +6,6 @@ import os
 import re
 
 import psutil
-import pytest
 import torch
 
 from daemon.services import get_services

@@ -9,6 +9,7 @@ import pytest
 
 from daemon.cli import soak_report
 from daemon.cli.memsample import parse_metrics, slope_per_minute
+from support.processes import track
 from support.servers import Daemon
 
 GROW = ("import time\nheld = []\nprint('ready', flush=True)\nwhile True:\n"
@@ -22,7 +23,7 @@ def child():
     procs = []
 
     def start(code: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        proc = track(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True))
         assert proc.stdout.readline().strip() == "ready"
         procs.append(proc)
         return proc

@@ -9,22 +9,17 @@ import torch
 
 from daemon.model import engine as engine_mod
 from daemon.memory import hygiene
-from daemon.model.builtin import ensure_built
 from daemon.config import Config
 from daemon.model.engine import ContextTooLong, Engine, EngineBusy, GenerationParams, ModelLoadError
-from daemon.model.streaming import THREAD_PREFIX, TextTracker
+from daemon.model.streaming import TextTracker
 from support import REPO_ROOT
+from support.engine import generation_threads
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("no_thread_left")  # make_engine and no_thread_left: conftest.py
 
 HELLO = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = GenerationParams(max_new_tokens=30, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(cache_dir) -> str:
-    """The run's cache folder, where conftest built builtin:tiny once."""
-    return cache_dir
 
 
 class Recorder:
@@ -38,36 +33,6 @@ class Recorder:
 
     def on_kv_cache(self, **report) -> None:
         """The KV pool's reports: not what these tests watch."""
-
-
-@pytest.fixture
-def make_engine(tiny_cache):
-    """Load engines on builtin:tiny with config overrides; closed after the test."""
-    made = []
-
-    def make(listener=None, **overrides) -> Engine:
-        base = dict(model="builtin:tiny", cache_dir=tiny_cache, threads=1, warmup=False,
-                    max_new_tokens=64, generation_timeout_s=60.0)
-        base.update(overrides)
-        made.append(Engine.load(Config(**base), listener=listener))
-        return made[-1]
-    yield make
-    for e in made:
-        e.close()
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left():
-    """Every test must leave no generation thread running."""
-    yield
-    deadline = time.monotonic() + 5
-    while _gen_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _gen_threads() == []
-
-
-def _gen_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
 
 
 def run(gen) -> list[str]:
@@ -228,10 +193,10 @@ LONG = dict(min_new_tokens=20000, max_new_tokens=20000)
 def test_cancel_mid_stream_frees_the_model(make_engine):
     e = make_engine(**LONG)
     gen, _ = _hold(e)
-    assert e.in_progress() == 1 and _gen_threads()
+    assert e.in_progress() == 1 and generation_threads()
     gen.cancel()
     assert gen.stats.finish_reason == "cancelled" and 0 < gen.stats.completion_tokens < 20000
-    assert e.in_progress() == 0 and _gen_threads() == []
+    assert e.in_progress() == 0 and generation_threads() == []
     gen.close()  # idempotent
     again = e.generate(HELLO, GenerationParams(max_new_tokens=3, temperature=0.0))
     run(again)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import threading
-import time
 import weakref
 
 import pytest
@@ -18,11 +16,15 @@ from daemon.config import Config
 from daemon.model.forward import FastDecoder, HFDecoder
 from daemon.model.weights import can_pack, release_file_pages
 from daemon.model.engine import Engine, GenerationParams
-from daemon.model.streaming import THREAD_PREFIX
 from daemon.model.kvpool import KVPool, KVState
 from daemon.sessions import HistoryPolicy, MemoryStore
+from support.fakes import count_words
+from support.metrics import metric_value
 
 torch.set_num_threads(1)
+# make_engine (conftest.py) loads builtin:tiny in float32 here: exact comparisons
+pytestmark = [pytest.mark.engine_defaults(dtype="float32", min_new_tokens=12),
+              pytest.mark.usefixtures("no_thread_left")]
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0)
 SYSTEM = "You are a helpful sailor."
@@ -39,32 +41,6 @@ class KVRecorder:
 
     def on_kv_cache(self, **report) -> None:
         self.reports.append(report)
-
-
-@pytest.fixture
-def make_engine(cache_dir):
-    """Engines on builtin:tiny in float32 (exact comparisons), closed after the test."""
-    made = []
-
-    def make(listener=None, **overrides) -> Engine:
-        base = dict(model="builtin:tiny", cache_dir=cache_dir, threads=1, warmup=False, dtype="float32",
-                    max_new_tokens=64, min_new_tokens=12, generation_timeout_s=60.0)
-        base.update(overrides)
-        made.append(Engine.load(Config(**base), listener=listener))
-        return made[-1]
-    yield make
-    for e in made:
-        e.close()
-
-
-@pytest.fixture(autouse=True)
-def no_thread_left():
-    """Every test must leave no generation thread running."""
-    yield
-    deadline = time.monotonic() + 5
-    while any(t.name.startswith(THREAD_PREFIX) for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
 
 
 def reply(e: Engine, messages: list[dict], params: GenerationParams = GREEDY):
@@ -305,11 +281,6 @@ def test_auto_dtype_follows_checkpoint_and_cpu(monkeypatch, checkpoint, flags, e
 
 # -- block trimming -----------------------------------------------------------------------------------
 
-def count_words(messages) -> int:
-    """A stand-in tokenizer: words plus 4 per message, 3 for the assistant header."""
-    return 3 + sum(len(m["content"].split()) + 4 for m in messages)
-
-
 @pytest.mark.parametrize("max_turns,max_tokens", [(5, 0), (4, 0), (0, 120), (6, 150)])
 def test_block_trimming_bounds_history_and_keeps_prefixes_stable(max_turns, max_tokens):
     policy = HistoryPolicy(max_turns, max_tokens, 0, 0, trim_to=0.5)
@@ -373,22 +344,20 @@ def test_pool_counts_hits_and_misses():
 
 
 def test_metrics_show_the_pool(app_factory):
-    from prometheus_client.parser import text_string_to_metric_families
     app = app_factory(kv_cache_bytes=8 << 20, min_new_tokens=8, max_history_turns=4)
     client = app.test_client()
     sid = client.post("/v1/sessions", json={"system": SYSTEM}).get_json()["id"]
     for i in range(4):
         body = client.post(f"/v1/sessions/{sid}/messages", json={"content": f"turn {i}", "max_tokens": 8})
         assert body.status_code == 200
-    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
-           for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples}
+    text = client.get("/metrics").text
     engine = get_services(app).engine
-    assert got[("edgechat_kv_cache_hits_total", ())] == engine.kv_pool.hits == 3
-    assert got[("edgechat_kv_cache_misses_total", ())] == 1
-    assert got[("edgechat_kv_cache_reused_tokens_total", ())] == engine.kv_pool.reused_tokens > 0
-    assert 0 < got[("edgechat_kv_cache_bytes", ())] == engine.kv_pool.bytes_held <= 8 << 20
-    assert got[("edgechat_kv_cache_budget_bytes", ())] == 8 << 20
-    assert got[("edgechat_kv_cache_dropped_total", (("reason", "lru"),))] == 0
+    assert metric_value(text, "edgechat_kv_cache_hits_total") == engine.kv_pool.hits == 3
+    assert metric_value(text, "edgechat_kv_cache_misses_total") == 1
+    assert metric_value(text, "edgechat_kv_cache_reused_tokens_total") == engine.kv_pool.reused_tokens > 0
+    assert 0 < metric_value(text, "edgechat_kv_cache_bytes") == engine.kv_pool.bytes_held <= 8 << 20
+    assert metric_value(text, "edgechat_kv_cache_budget_bytes") == 8 << 20
+    assert metric_value(text, "edgechat_kv_cache_dropped_total", reason="lru") == 0
 
 
 def test_release_file_pages_keeps_values_and_spares_written_pages(tmp_path):

@@ -12,6 +12,7 @@ import requests
 import yaml
 
 from daemon.monitoring import alertmanager
+from support.processes import track
 from support.servers import free_port, wait_http
 
 URL = "https://hooks.example.org/e/T0K3N?c=edge&x=a:%20b,{c}[d]#f'g"  # YAML-hostile characters
@@ -149,9 +150,9 @@ def test_inhibition_in_a_real_alertmanager(tmp_path, rendered):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "alertmanager.log", "wb")
-    proc = subprocess.Popen([binary, f"--config.file={rendered}", f"--storage.path={tmp_path / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = track(subprocess.Popen([binary, f"--config.file={rendered}", f"--storage.path={tmp_path / 'data'}",
+                                   f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                                  stdout=log, stderr=subprocess.STDOUT))
     try:
         wait_http(f"{base}/-/ready", timeout=30, proc=proc)
         alerts = {

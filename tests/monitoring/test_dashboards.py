@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 
@@ -15,6 +14,8 @@ import yaml
 from daemon.monitoring import dashboards
 from daemon.monitoring.grafana import DATASOURCE
 from support import REPO_ROOT
+from support.processes import track
+from support.servers import free_port
 
 ROOT = REPO_ROOT
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
@@ -199,13 +200,6 @@ def test_doc_covers_every_panel_and_the_setup():
     assert MOUNT_PATH in doc and "PROMETHEUS_URL" in doc
 
 
-def _free_port():
-    """Return a TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory):
     """Start a real, empty Prometheus on a free local port; stop it at the end, even on failure."""
@@ -217,11 +211,11 @@ def prometheus(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     config = workdir / "prometheus.yml"
     config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     with open(workdir / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
-                                 f"--web.listen-address={url.removeprefix('http://')}"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = track(subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+                                       f"--web.listen-address={url.removeprefix('http://')}"],
+                                      stdout=log, stderr=subprocess.STDOUT))
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -19,8 +19,9 @@ import yaml
 from daemon.server.options import gunicorn_options
 from daemon.config import Config
 from daemon.monitoring.thresholds import Thresholds
-from support.servers import free_port, wait_http
 from support import REPO_ROOT
+from support.processes import track
+from support.servers import free_port, wait_http
 
 ROOT = str(REPO_ROOT)
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -86,8 +87,8 @@ def test_gunicorn_conf_serves_the_daemon_and_stops_cleanly(tmp_path, cache_dir):
                      EDGECHAT_STATE_DIR=str(tmp_path / "state"), EDGECHAT_METRICS_DIR=str(tmp_path / "metrics"),
                      EDGECHAT_THREADS="1", EDGECHAT_WORKERS="2", EDGECHAT_WARMUP="false")
     with open(tmp_path / "gunicorn.log", "wb") as log:
-        proc = subprocess.Popen([os.path.join(VENV_BIN, "gunicorn"), "-c", GUNICORN_CONF], env=env, cwd=tmp_path,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = track(subprocess.Popen([os.path.join(VENV_BIN, "gunicorn"), "-c", GUNICORN_CONF], env=env,
+                                      cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz", 180, proc)
             turn = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=60,
@@ -282,7 +283,8 @@ def test_stack_starts_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir):
         cmd += [f"--{name}", str(port)]
     cmd += ["--", "--cache-dir", cache_dir, "--threads", "1", "--warmup", "false"]
     err = open(tmp_path / "stack.err", "w+")
-    proc = subprocess.Popen(cmd, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    proc = track(subprocess.Popen(cmd, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=err,
+                                  start_new_session=True))
     try:
         wait_http(f"http://127.0.0.1:{ports['port']}/readyz", 180, proc)
         prom = f"http://127.0.0.1:{ports['prometheus-port']}"

@@ -11,11 +11,13 @@ import time
 import pytest
 import requests
 
+from support.metrics import metric_value
 from support.servers import Daemon, free_port
 
 pytestmark = pytest.mark.e2e
 
 LONG = 20_000  # tokens: long enough that a test always acts while the generation still runs
+SUMMED = dict(combine=sum, default=0.0)  # a sample's value summed over the series that carry more labels
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +29,6 @@ def daemon(tmp_path_factory, cache_dir):
                "--generation-timeout-s", "300")
     with d:
         yield d
-
-
-def metric(url: str, name: str, **labels) -> float:
-    """One sample's value from /metrics (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-    total = 0.0
-    for fam in text_string_to_metric_families(requests.get(url + "/metrics", timeout=10).text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
@@ -97,12 +88,12 @@ def test_sessions_over_http(daemon):
 
 
 def test_client_disconnect_stops_generation(daemon):
-    cancelled = metric(daemon.url, "edgechat_turns_total", outcome="cancelled")
+    cancelled = metric_value(daemon.url, "edgechat_turns_total", outcome="cancelled", **SUMMED)
     resp, _ = open_stream(daemon.url, LONG)
     resp.close()  # the client goes away after the first chunk
-    wait_for(lambda: metric(daemon.url, "edgechat_turns_total", outcome="cancelled")
+    wait_for(lambda: metric_value(daemon.url, "edgechat_turns_total", outcome="cancelled", **SUMMED)
              > cancelled, what="the cancelled turn to be counted")
-    wait_for(lambda: metric(daemon.url, "edgechat_generations_in_progress") == 0,
+    wait_for(lambda: metric_value(daemon.url, "edgechat_generations_in_progress", **SUMMED) == 0,
              what="the generation to stop")
     # the model is free again: a short request completes
     ok = requests.post(daemon.url + "/v1/chat/completions", timeout=60, json={
@@ -130,7 +121,7 @@ def test_full_queue_answers_503(daemon):
         assert rejected.status_code == 503
         assert rejected.json()["error"]["code"] == "queue_full"
         assert int(rejected.headers["Retry-After"]) >= 1
-        assert metric(daemon.url, "edgechat_requests_rejected_total", reason="queue_full") >= 1
+        assert metric_value(daemon.url, "edgechat_requests_rejected_total", reason="queue_full", **SUMMED) >= 1
     finally:
         holder.close()
         t.join(120)

@@ -13,9 +13,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 def test_two_workers_on_the_qwen_shaped_model(tmp_path, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("big-cache"))
-    d = Daemon(tmp_path, cache, "--model", "builtin:qwen2.5-0.5b-shape", "--workers", "2",
-               "--threads", "1", "--max-new-tokens", "4", "--worker-threads", "2")
-    with d.start(timeout=600):
+    # started once by `with`, stopped when it ends (start_timeout: the first run builds the model)
+    with Daemon(tmp_path, cache, "--model", "builtin:qwen2.5-0.5b-shape", "--workers", "2",
+                "--threads", "1", "--max-new-tokens", "4", "--worker-threads", "2", start_timeout=600) as d:
         def turn(n: int) -> tuple[int, int]:
             resp = requests.post(d.url + "/v1/chat/completions", timeout=300, json={
                 "messages": [{"role": "user", "content": f"hello {n}"}], "max_tokens": 4})

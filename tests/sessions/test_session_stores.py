@@ -19,25 +19,16 @@ from daemon.config import Config
 from daemon.sessions import HistoryPolicy, SessionBusy, StoreUnavailable, make_store
 from daemon.sessions import sqlite_schema
 from daemon.sessions.sqlite import SQLiteStore
-from support.redis_server import redis_server  # noqa: F401 - a fixture
+from support import REPO_ROOT
+from support.fakes import FakeClock, count_words
+from support.metrics import metric_value
+from support.processes import track
 from support.redis_server import require as require_redis, start as start_redis
 from support.servers import Daemon, wait_http
-from support import REPO_ROOT
 
 ROOT = REPO_ROOT
 POLICY = HistoryPolicy(max_turns=5, max_tokens=0, ttl_s=100, max_sessions=0)
-
-
-def count_words(messages):
-    return 3 + sum(len(m["content"].split()) + 4 for m in messages)
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1_000_000.0
-
-    def __call__(self):
-        return self.t
+SUMMED = dict(combine=sum, default=0.0)  # every series of a name summed, 0 when there is none
 
 
 def sqlite_store(tmp_path, policy=POLICY, **kwargs):
@@ -75,7 +66,7 @@ def test_migrates_a_version_1_file(tmp_path):
     conn.execute("INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?)",
                  ("old-id", None, 1.0, 999_990.0, 2, 25, 0, 2, "be kind", json.dumps(history)))
     conn.close()
-    store = sqlite_store(tmp_path, clock=Clock())
+    store = sqlite_store(tmp_path, clock=FakeClock())
     with sqlite3.connect(path) as check:
         assert sqlite_schema.version_of(check) == 2
         assert check.execute("SELECT n_messages FROM sessions").fetchone()[0] == 4
@@ -152,6 +143,7 @@ def _open_in_child(url: str, as_nobody: bool) -> str:
             os.write(w, msg.encode())
         finally:
             os._exit(0)
+    track(pid)
     os.close(w)
     with os.fdopen(r, "rb") as f:
         out = f.read().decode()
@@ -187,7 +179,7 @@ def test_invalid_setting_names_it_and_never_echoes_a_password(runner):
 # -- SQLite: expiry on disk ----------------------------------------------------------------------
 
 def test_ttl_expiry_deletes_rows(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store = sqlite_store(tmp_path, clock=clock)
     for _ in range(30):
         chat(store, store.create("k").id, 2, owner="k")
@@ -202,7 +194,7 @@ def test_ttl_expiry_deletes_rows(tmp_path):
 
 
 def test_file_stays_bounded_over_many_expired_sessions(tmp_path):
-    clock = Clock()
+    clock = FakeClock()
     store = sqlite_store(tmp_path, clock=clock)
     big = "word " * 400
     peaks, after = [], []
@@ -226,8 +218,9 @@ def test_file_stays_bounded_over_many_expired_sessions(tmp_path):
 
 HOLDER = """
 import sys, time
+sys.path.insert(0, "tests")  # run from the repository root: tests/support is importable as `support`
 from daemon.sessions import HistoryPolicy, make_store
-def count_words(ms): return 3 + sum(len(m["content"].split()) + 4 for m in ms)
+from support.fakes import count_words
 store = make_store(HistoryPolicy(5, 0, 100, 0), count_words, url=sys.argv[1], lease_s=600)
 with store.turn(sys.argv[2], None, "child turn", timeout=5) as t:
     t.commit("child reply")
@@ -250,8 +243,8 @@ def shared_url(request, tmp_path):
 def test_lease_serializes_processes_and_dies_with_its_holder(shared_url):
     store = make_store(POLICY, count_words, url=shared_url, lease_s=600)
     sid = store.create(None).id
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, shared_url, sid], cwd=ROOT,
-                             stdout=subprocess.PIPE, text=True)
+    child = track(subprocess.Popen([sys.executable, "-c", HOLDER, shared_url, sid], cwd=ROOT,
+                                   stdout=subprocess.PIPE, text=True))
     try:
         assert child.stdout.readline().strip() == "held"
         assert store.get(sid, None).turns == 1  # the other process' commit is visible here
@@ -290,7 +283,7 @@ def test_a_lease_of_another_host_ends_at_its_expiry(shared_url):
 def test_redis_keys_are_namespaced_and_expire(redis_server):
     client = redis_server.client()
     client.flushdb()
-    store = make_store(POLICY, count_words, url=redis_server.url, clock=Clock(), lease_s=30)
+    store = make_store(POLICY, count_words, url=redis_server.url, clock=FakeClock(), lease_s=30)
     sid = store.create(None).id
     assert 0 < client.pttl(f"edgechat:session:{sid}") <= (100 + 30) * 1000
     with store.turn(sid, None, "hello") as t:
@@ -307,7 +300,7 @@ def test_redis_counters_stay_right_when_redis_drops_a_hash_itself(redis_server):
     from daemon.sessions import SessionNotFound
     client = redis_server.client()
     client.flushdb()
-    events, clock = [], Clock()
+    events, clock = [], FakeClock()
     listener = type("L", (), {"on_truncate": lambda *a: None, "on_store_op": lambda *a: None,
                               "on_evict": lambda self, reason, n: events.append((reason, n))})()
     store = make_store(POLICY, count_words, url=redis_server.url, clock=clock, listener=listener)
@@ -332,18 +325,15 @@ def test_redis_counters_stay_right_when_redis_drops_a_hash_itself(redis_server):
 # -- metrics and startup through the daemon ---------------------------------------------------------
 
 def test_store_size_and_latency_are_exported(app_factory):
-    from prometheus_client.parser import text_string_to_metric_families
     client = app_factory().test_client()  # default store: SQLite in state_dir
     sid = client.post("/v1/sessions", json={}).get_json()["id"]
     assert client.post(f"/v1/sessions/{sid}/messages", json={"content": "hi", "max_tokens": 2}).status_code == 200
-    samples = {(s.name, s.labels.get("operation")): s.value
-               for fam in text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
-               for s in fam.samples}
-    assert samples[("edgechat_session_store_bytes", None)] > 4096
+    text = client.get("/metrics").get_data(as_text=True)
+    assert metric_value(text, "edgechat_session_store_bytes") > 4096
     for op in ("create", "acquire", "commit", "release", "stats"):
-        assert samples[("edgechat_session_store_operation_seconds_count", op)] >= 1, op
-    assert samples[("edgechat_session_store_operation_seconds_count", "delete")] == 0
-    assert samples[("edgechat_sessions", None)] == 1
+        assert metric_value(text, "edgechat_session_store_operation_seconds_count", operation=op) >= 1, op
+    assert metric_value(text, "edgechat_session_store_operation_seconds_count", operation="delete") == 0
+    assert metric_value(text, "edgechat_sessions") == 1
 
 
 @pytest.mark.e2e
@@ -416,12 +406,6 @@ def _turn(url: str, sid: str, content: str, **extra) -> dict:
         time.sleep(0.2)
 
 
-def _sample(url: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    text = requests.get(url + "/metrics", timeout=10).text
-    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_two_workers_share_one_store(backend, tmp_path, cache_dir, request):
@@ -457,15 +441,16 @@ def test_two_workers_share_one_store(backend, tmp_path, cache_dir, request):
         assert users[:6] == [f"turn {i}" for i in range(6)]
         assert sorted(users[6:]) == sorted(f"together {i}" for i in range(6))
 
-        # the history gauges describe the one shared store: not once per worker
+        # the history gauges describe the one shared store: not once per worker (every series of a
+        # name summed, so a gauge reported once per worker would count twice)
         for _ in range(2):
             requests.post(d.url + "/v1/sessions", json={})
         wait_for_value = time.monotonic() + 30
-        while _sample(d.url, "edgechat_sessions") != 3 and time.monotonic() < wait_for_value:
+        while metric_value(d.url, "edgechat_sessions", **SUMMED) != 3 and time.monotonic() < wait_for_value:
             time.sleep(0.2)
         for _ in range(5):  # both workers refresh every second (metrics_refresh_s=1): no doubling
-            assert _sample(d.url, "edgechat_sessions") == 3
-            assert _sample(d.url, "edgechat_history_messages") == 24
+            assert metric_value(d.url, "edgechat_sessions", **SUMMED) == 3
+            assert metric_value(d.url, "edgechat_history_messages", **SUMMED) == 24
             time.sleep(0.5)
 
 

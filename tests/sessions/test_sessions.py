@@ -13,8 +13,7 @@ import pytest
 
 from daemon.sessions import (ContextTooLong, HistoryPolicy, MemoryStore, SessionBusy, SessionNotFound,
                              SessionStore, StoreStats, make_store)
-
-from support.redis_server import redis_server  # noqa: F401,E402 - a fixture
+from support.fakes import FakeClock, count_words
 
 # name -> URL builder, given the test's request (tmp_path for file stores, a fresh Redis database)
 BACKEND_URLS = {"memory": lambda request: "memory",
@@ -27,22 +26,6 @@ def _fresh_redis(server) -> str:
     return server.url
 
 POLICY = HistoryPolicy(max_turns=5, max_tokens=0, ttl_s=600, max_sessions=100)
-
-
-def count_words(messages):
-    """Cheap stand-in for a chat-template tokenizer: words + 4 per message + 3 per prompt (not additive)."""
-    return 3 + sum(len(m["content"].split()) + 4 for m in messages)
-
-
-class FakeClock:
-    def __init__(self, t=1_000_000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-    def advance(self, dt):
-        self.t += dt
 
 
 class CountingCounter:

@@ -1,4 +1,7 @@
-"""A throwaway redis-server for tests: a free loopback port, its own folder, no persistence, always stopped."""
+"""A throwaway redis-server for tests: a free loopback port, its own folder, no persistence, always stopped.
+
+The session-wide `redis_server` fixture (conftest.py) starts one with start(); a test that needs its
+own server (to stop it mid-test) calls require() and start() itself."""
 from __future__ import annotations
 
 import os
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from support.processes import track
 from support.servers import free_port
 
 
@@ -41,9 +45,9 @@ def start(folder) -> RedisServer:
     import redis
     port = free_port()
     log = open(folder / "redis.log", "wb")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(folder)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = track(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", str(folder)],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     log.close()
     server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)
     deadline = time.monotonic() + 20
@@ -76,14 +80,3 @@ def require() -> None:
         pytest.fail(reason)
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory):
-    """One redis-server for the test session, stopped at the end even on failure."""
-    require()
-    server = start(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()

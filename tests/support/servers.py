@@ -10,6 +10,8 @@ import time
 
 import requests
 
+from support.processes import track
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
@@ -37,7 +39,8 @@ def wait_http(url: str, timeout: float = 180.0, proc: subprocess.Popen | None = 
 class Daemon:
     """`edgechat serve` on builtin:tiny (or another model) as a real gunicorn, stopped on exit."""
 
-    def __init__(self, tmp_path, cache_dir: str, *args: str, env: dict | None = None):
+    def __init__(self, tmp_path, cache_dir: str, *args: str, env: dict | None = None,
+                 start_timeout: float = 180.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = str(tmp_path / "metrics")
@@ -51,15 +54,23 @@ class Daemon:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith("EDGECHAT_") and k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env.update(env or {})
+        self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180.0) -> "Daemon":
-        """Start and wait until /readyz says ready."""
+    def start(self, timeout: float | None = None) -> "Daemon":
+        """Start and wait until /readyz says ready (timeout: start_timeout unless given).
+
+        A Daemon starts once: a second start (`with d.start():` is one, `with` starts too) raises
+        instead of starting a second server that cannot bind the port while the first one, no
+        longer referenced, is never stopped."""
+        if self.proc is not None:
+            raise RuntimeError(f"this Daemon was started already (pid {self.proc.pid}); "
+                               "use either start()/stop() or `with Daemon(...)`, not both")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = track(subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
+                                           stderr=subprocess.STDOUT, start_new_session=True))
         try:
-            wait_http(self.url + "/readyz", timeout, self.proc)
+            wait_http(self.url + "/readyz", self.start_timeout if timeout is None else timeout, self.proc)
         except Exception:
             self.stop()
             raise
@@ -70,7 +81,7 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM the master, wait, kill the group if it hangs; returns the exit code."""
+        """SIGTERM the master, wait, kill the group if it hangs; returns the exit code. Idempotent."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:

@@ -8,6 +8,7 @@ import requests
 
 from daemon.cli.stack import alertmanager_proc, binary, prometheus_config, prometheus_proc
 from daemon.monitoring import alertmanager, rules
+from support.processes import track
 from support.servers import free_port
 
 PROMETHEUS = binary("prometheus")
@@ -31,10 +32,14 @@ class Monitoring:
             targets, f"127.0.0.1:{self.am_port}", rule_files, interval_s, interval_s), self.prom_port)
 
     def start(self) -> "Monitoring":
-        """Start Alertmanager, then Prometheus; wait until both say ready."""
+        """Start Alertmanager, then Prometheus; wait until both say ready. Starts once (raises after)."""
+        if self.am.popen is not None:
+            raise RuntimeError("this Monitoring was started already")
         try:
-            self.am.start().wait_http(self.am_url + "/-/ready", 60)
-            self.prom.start().wait_http(self.prom_url + "/-/ready", 60)
+            track(self.am.start().popen)
+            self.am.wait_http(self.am_url + "/-/ready", 60)
+            track(self.prom.start().popen)
+            self.prom.wait_http(self.prom_url + "/-/ready", 60)
         except Exception:
             self.stop()
             raise

@@ -1,10 +1,10 @@
-"""Metrics: contract names, what moves when, HTTP instrumentation, promtool, multiprocess folder hygiene."""
+"""Metrics: contract names, what moves when, HTTP instrumentation, promtool, multiprocess folder hygiene
+(the memory budget and cgroup readers the sampler reads through: tests/memory/test_budget.py)."""
 from __future__ import annotations
 
 import gc
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tracemalloc
@@ -20,13 +20,14 @@ from daemon.services import get_services
 from daemon.sessions import StoreStats
 from daemon.config import Config
 from daemon.memory import budget as memory_budget
-from daemon.memory.cgroup import CgroupMemory
-from daemon.telemetry import process
 from daemon.telemetry.labels import TURN_INDEX_BUCKETS, turn_index_bucket
 from daemon.telemetry.listeners import Recorder
 from daemon.telemetry.metrics import Metrics
 from daemon.telemetry.sampler import Sampler
 from support import REPO_ROOT
+from support.metrics import metric_value, samples, series_of
+from support.processes import track
+from support.servers import free_port
 
 ROOT = REPO_ROOT
 
@@ -50,26 +51,6 @@ HISTOGRAMS = {"edgechat_turn_history_messages", "edgechat_turn_prompt_tokens",
               "edgechat_gc_pause_seconds", "edgechat_turn_duration_seconds",
               "edgechat_time_to_first_token_seconds", "edgechat_time_per_output_token_seconds",
               "edgechat_queue_wait_seconds", "edgechat_http_request_duration_seconds"}
-
-
-# --- reading scrapes -----------------------------------------------------------------------------
-def samples(text: str) -> dict[tuple, float]:
-    """{(sample name, sorted labels): value} of an exposition."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels) -> float:
-    """One sample's value (KeyError when absent)."""
-    return samples(text)[(name, tuple(sorted(labels.items())))]
-
-
-def series_of(text: str, name: str) -> dict[tuple, float]:
-    """Every sample of one name: {sorted labels: value}."""
-    return {labels: v for (n, labels), v in samples(text).items() if n == name}
 
 
 class Telemetry:
@@ -96,12 +77,6 @@ def tel():
     t = Telemetry()
     yield t
     t.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cfg(**kw) -> Config:
@@ -139,7 +114,7 @@ def test_observe_turn_moves_the_right_series(tel):
     after = scrape(tel)
 
     def grew(name, **labels):
-        return value(after, name, **labels) - value(before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     assert grew("edgechat_turns_total", outcome="length") == 1
     assert grew("edgechat_turns_total", outcome="ok") == 1
@@ -166,8 +141,8 @@ def test_unknown_label_values_stay_bounded(tel):
                          prompt_tokens=1, queue_wait_s=0, history_messages=None)
     tel.recorder.on_truncate("whim", 3)
     text = scrape(tel)
-    assert value(text, "edgechat_turns_total", outcome="other") == 1
-    assert value(text, "edgechat_history_truncations_total", reason="other") == 3
+    assert metric_value(text, "edgechat_turns_total", outcome="other") == 1
+    assert metric_value(text, "edgechat_history_truncations_total", reason="other") == 3
 
 
 def test_store_and_engine_listeners(tel):
@@ -177,15 +152,15 @@ def test_store_and_engine_listeners(tel):
     tel.recorder.on_evict("ttl", 1)
     tel.recorder.on_queue(waiting=2, running=1)
     text = scrape(tel)
-    assert value(text, "edgechat_history_truncations_total", reason="turns") == 2
-    assert value(text, "edgechat_history_truncations_total", reason="tokens") == 5
-    assert value(text, "edgechat_sessions_evicted_total", reason="lru") == 3
-    assert value(text, "edgechat_sessions_evicted_total", reason="ttl") == 1
-    assert value(text, "edgechat_sessions_evicted_total", reason="deleted") == 0
-    assert value(text, "edgechat_queue_depth") == 2
-    assert value(text, "edgechat_generations_in_progress") == 1
+    assert metric_value(text, "edgechat_history_truncations_total", reason="turns") == 2
+    assert metric_value(text, "edgechat_history_truncations_total", reason="tokens") == 5
+    assert metric_value(text, "edgechat_sessions_evicted_total", reason="lru") == 3
+    assert metric_value(text, "edgechat_sessions_evicted_total", reason="ttl") == 1
+    assert metric_value(text, "edgechat_sessions_evicted_total", reason="deleted") == 0
+    assert metric_value(text, "edgechat_queue_depth") == 2
+    assert metric_value(text, "edgechat_generations_in_progress") == 1
     tel.recorder.on_queue(waiting=0, running=0)
-    assert value(scrape(tel), "edgechat_queue_depth") == 0
+    assert metric_value(scrape(tel), "edgechat_queue_depth") == 0
 
 
 def test_config_model_and_store_gauges(tel):
@@ -193,14 +168,14 @@ def test_config_model_and_store_gauges(tel):
     tel.recorder.set_model_info("builtin:tiny", "float32", "history", 1.5)
     tel.recorder.set_store_stats(StoreStats(sessions=3, messages_total=40, messages_max=22, tokens_max=900))
     text = scrape(tel)
-    assert value(text, "edgechat_history_max_turns") == 7
-    assert value(text, "edgechat_kv_cache_budget_bytes") == 5 << 20
-    assert value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", leak_mode="history") == 1
-    assert value(text, "edgechat_model_load_seconds") == 1.5
-    assert value(text, "edgechat_sessions") == 3
-    assert value(text, "edgechat_history_messages") == 40
-    assert value(text, "edgechat_history_messages_max") == 22
-    assert value(text, "edgechat_history_tokens_max") == 900
+    assert metric_value(text, "edgechat_history_max_turns") == 7
+    assert metric_value(text, "edgechat_kv_cache_budget_bytes") == 5 << 20
+    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", leak_mode="history") == 1
+    assert metric_value(text, "edgechat_model_load_seconds") == 1.5
+    assert metric_value(text, "edgechat_sessions") == 3
+    assert metric_value(text, "edgechat_history_messages") == 40
+    assert metric_value(text, "edgechat_history_messages_max") == 22
+    assert metric_value(text, "edgechat_history_tokens_max") == 900
     (build,) = series_of(text, "edgechat_build_info")
     assert {k for k, _ in build} == {"version", "python", "torch", "transformers"}
     assert dict(build)["python"] == ".".join(map(str, sys.version_info[:3]))
@@ -210,13 +185,14 @@ def test_refresh_reads_the_process_and_gc(tel):
     tel.sampler.refresh()
     tel.sampler.refresh_slow()
     first = scrape(tel)
-    assert value(first, "edgechat_process_resident_memory_bytes") > 10 << 20
-    assert value(first, "edgechat_process_unique_memory_bytes") > 0
-    assert value(first, "edgechat_process_open_fds") > 0
-    assert value(first, "edgechat_process_threads") >= 1
-    assert value(first, "edgechat_gc_tracked_objects", generation="2") > 1000
-    assert value(first, "edgechat_host_memory_total_bytes") >= value(first, "edgechat_host_memory_available_bytes") > 0
-    assert value(first, "edgechat_service_memory_bytes") > 0
+    assert metric_value(first, "edgechat_process_resident_memory_bytes") > 10 << 20
+    assert metric_value(first, "edgechat_process_unique_memory_bytes") > 0
+    assert metric_value(first, "edgechat_process_open_fds") > 0
+    assert metric_value(first, "edgechat_process_threads") >= 1
+    assert metric_value(first, "edgechat_gc_tracked_objects", generation="2") > 1000
+    assert metric_value(first, "edgechat_host_memory_total_bytes") >= \
+        metric_value(first, "edgechat_host_memory_available_bytes") > 0
+    assert metric_value(first, "edgechat_service_memory_bytes") > 0
     junk = [[i] for i in range(50_000)]  # a real gen-2 collection with something to find
     cycle = []
     cycle.append(cycle)
@@ -225,10 +201,11 @@ def test_refresh_reads_the_process_and_gc(tel):
     tel.sampler.refresh()
     second = scrape(tel)
     for name in ("edgechat_gc_collections_total", "edgechat_gc_pause_seconds_count"):
-        assert value(second, name, generation="2") > value(first, name, generation="2")
-    assert value(second, "edgechat_gc_collected_objects_total", generation="2") >= 1
-    assert value(second, "edgechat_gc_pause_seconds_sum", generation="2") > 0
-    assert value(second, "edgechat_process_cpu_seconds_total") >= value(first, "edgechat_process_cpu_seconds_total") > 0
+        assert metric_value(second, name, generation="2") > metric_value(first, name, generation="2")
+    assert metric_value(second, "edgechat_gc_collected_objects_total", generation="2") >= 1
+    assert metric_value(second, "edgechat_gc_pause_seconds_sum", generation="2") > 0
+    assert metric_value(second, "edgechat_process_cpu_seconds_total") >= \
+        metric_value(first, "edgechat_process_cpu_seconds_total") > 0
 
 
 def test_sampler_is_idempotent_and_close_cleans_up():
@@ -252,8 +229,9 @@ def test_tracemalloc_gauges_only_when_configured(tel):
         blob = [bytes(1000) for _ in range(1000)]  # ~1 MB traced
         tel.sampler.refresh()
         text = scrape(tel)
-        assert value(text, "edgechat_tracemalloc_traced_bytes") > 0
-        assert value(text, "edgechat_tracemalloc_peak_bytes") >= value(text, "edgechat_tracemalloc_traced_bytes")
+        assert metric_value(text, "edgechat_tracemalloc_traced_bytes") > 0
+        assert metric_value(text, "edgechat_tracemalloc_peak_bytes") >= \
+            metric_value(text, "edgechat_tracemalloc_traced_bytes")
         del blob
     finally:
         if not was_tracing:
@@ -284,71 +262,6 @@ def test_a_thousand_sessions_make_no_more_series_than_one():
         finally:
             t.close()
     assert run(1) == run(1000)
-
-
-# --- cgroup and limit ---------------------------------------------------------------------------
-@pytest.mark.parametrize("config_bytes,cgroup,host,expected", [
-    (2 << 30, 1 << 30, 8 << 30, (2 << 30, "config")),
-    (0, 1 << 30, 8 << 30, (1 << 30, "cgroup")),
-    (0, 64 << 30, 8 << 30, (8 << 30, "cgroup")),      # a limit above the RAM cannot be reached
-    (0, 9223372036854771712, 8 << 30, (8 << 30, "host")),  # cgroup v1's "no limit"
-    (0, None, 8 << 30, (8 << 30, "host")),
-])
-def test_memory_limit_precedence(config_bytes, cgroup, host, expected):
-    assert memory_budget.memory_limit(config_bytes, cgroup, host) == expected
-
-
-def _fake_proc(tmp_path: Path, cgroup: str, mountinfo: str) -> str:
-    proc = tmp_path / "proc"
-    proc.mkdir()
-    (proc / "cgroup").write_text(cgroup)
-    (proc / "mountinfo").write_text(mountinfo)
-    return str(proc)
-
-
-def test_cgroup_v2_limit_of_the_tightest_ancestor(tmp_path):
-    root = tmp_path / "root"
-    svc = root / "sys/fs/cgroup/edge.slice/edgechat.service"
-    svc.mkdir(parents=True)
-    for d, limit, current in ((svc, "max", "700"), (svc.parent, "2000", "900"),
-                              (svc.parent.parent, "max", "5000")):
-        (d / "memory.max").write_text(limit + "\n")
-        (d / "memory.current").write_text(current + "\n")
-        (d / "memory.stat").write_text("anon 500\ninactive_file 100\n")
-    proc = _fake_proc(tmp_path, "0::/edge.slice/edgechat.service\n",
-                      "30 23 0:26 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw\n")
-    cg = CgroupMemory.detect(proc, root=str(root))
-    assert cg.version == 2 and cg.limit_bytes() == 2000
-    assert cg.current_bytes() == 900 and cg.working_set_bytes() == 800
-    budget = memory_budget.read_memory(cg, 0, siblings=False)
-    # what counts is the working set: inactive page cache is reclaimed before any OOM kill
-    assert (budget.limit, budget.limit_source, budget.service, budget.charged) == (
-        2000, "cgroup", 800, 900)
-
-
-def test_cgroup_v1_in_a_hybrid_host(tmp_path):
-    root = tmp_path / "root"
-    mine = root / "sys/fs/cgroup/memory/docker/abc"
-    mine.mkdir(parents=True)
-    (root / "sys/fs/cgroup/unified").mkdir(parents=True)  # v2 mounted, without the memory controller
-    (mine / "memory.limit_in_bytes").write_text("1073741824\n")
-    (mine / "memory.usage_in_bytes").write_text("4096\n")
-    (mine / "memory.stat").write_text("cache 10\ntotal_inactive_file 96\n")
-    proc = _fake_proc(tmp_path, "4:memory:/docker/abc\n0::/\n",
-                      "41 31 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
-                      "35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
-    cg = CgroupMemory.detect(proc, root=str(root))
-    assert cg.version == 1 and cg.limit_bytes() == 1 << 30
-    assert cg.current_bytes() == 4096 and cg.working_set_bytes() == 4000
-    (mine / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    assert cg.limit_bytes() is None  # v1's "unlimited"
-
-
-def test_no_cgroup_means_rss_sum(tmp_path):
-    proc = _fake_proc(tmp_path, "", "")
-    assert CgroupMemory.detect(proc, root=str(tmp_path)) is None
-    budget = memory_budget.read_memory(None, 0, siblings=False)
-    assert budget.limit_source == "host" and budget.service == process.rss_of(os.getpid()) > 0
 
 
 # --- Flask integration --------------------------------------------------------------------------
@@ -386,14 +299,14 @@ def test_flask_route_labels_and_both_encodings(flask_app):
     assert text_resp.status_code == 200
     assert text_resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = text_resp.text
-    assert value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>",
+    assert metric_value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>",
                  method="GET", status="200") == 3
-    assert value(text, "edgechat_http_requests_total", route="unmatched", method="GET", status="404") == 1
-    assert value(text, "edgechat_http_requests_total", route="unmatched", method="other", status="405") == 1
-    assert value(text, "edgechat_http_request_duration_seconds_count", route="/v1/sessions/<session_id>") == 3
-    assert value(text, "edgechat_http_request_duration_seconds_count", route="/stream") == 1
+    assert metric_value(text, "edgechat_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert metric_value(text, "edgechat_http_requests_total", route="unmatched", method="other", status="405") == 1
+    assert metric_value(text, "edgechat_http_request_duration_seconds_count", route="/v1/sessions/<session_id>") == 3
+    assert metric_value(text, "edgechat_http_request_duration_seconds_count", route="/stream") == 1
     assert "a1" not in text and "no/such" not in text  # never the raw path
-    assert value(text, "edgechat_process_resident_memory_bytes") > 0
+    assert metric_value(text, "edgechat_process_resident_memory_bytes") > 0
 
     om = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert om.headers["Content-Type"].startswith("application/openmetrics-text")
@@ -469,8 +382,8 @@ sys.stdin.readline()  # live until the test closes stdin
 
 def start_worker(path: Path, turn: int = 1) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(turn)], cwd=ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = track(subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(turn)], cwd=ROOT, env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     return proc, proc.stdout.readline().strip()
 
 
@@ -509,10 +422,10 @@ def test_two_workers_two_pids_and_a_dead_one_leaves(mpdir):
     for name in ("edgechat_process_resident_memory_bytes", "edgechat_process_unique_memory_bytes",
                  "edgechat_process_start_time_seconds", "edgechat_process_cpu_seconds_total"):
         assert pids_of(text, name) == {pid_a, pid_b}, name
-    assert value(text, "edgechat_queue_depth") == 2  # livesum over workers
+    assert metric_value(text, "edgechat_queue_depth") == 2  # livesum over workers
     assert len(series_of(text, "edgechat_build_info")) == 1  # livemax: one series, no pid
     assert "pid" not in dict(next(iter(series_of(text, "edgechat_service_memory_bytes"))))
-    assert value(text, "edgechat_turns_total", outcome="ok") == 2
+    assert metric_value(text, "edgechat_turns_total", outcome="ok") == 2
     if shutil.which("promtool"):
         check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
                                capture_output=True, timeout=60)
@@ -523,10 +436,10 @@ def test_two_workers_two_pids_and_a_dead_one_leaves(mpdir):
     text = folder_scrape(path)
     assert pids_of(text, "edgechat_process_resident_memory_bytes") == {pid_b}
     assert pids_of(text, "edgechat_process_cpu_seconds_total") == {pid_b}
-    assert value(text, "edgechat_queue_depth") == 1
-    assert value(text, "edgechat_turns_total", outcome="ok") == 2  # the dead worker's turn stays
-    assert value(text, "edgechat_turn_duration_seconds_count", turn_index="1") == 1
-    assert value(text, "edgechat_turn_duration_seconds_count", turn_index="6-10") == 1
+    assert metric_value(text, "edgechat_queue_depth") == 1
+    assert metric_value(text, "edgechat_turns_total", outcome="ok") == 2  # the dead worker's turn stays
+    assert metric_value(text, "edgechat_turn_duration_seconds_count", turn_index="1") == 1
+    assert metric_value(text, "edgechat_turn_duration_seconds_count", turn_index="6-10") == 1
 
 
 def test_twenty_recycled_workers_keep_the_folder_bounded(mpdir):
@@ -541,17 +454,17 @@ def test_twenty_recycled_workers_keep_the_folder_bounded(mpdir):
         proc, pid = start_worker(path, turn=3)
         stop_worker(proc)
         worker_exited(int(pid), str(path))
-        total = value(folder_scrape(path), "edgechat_turns_total", outcome="ok")
+        total = metric_value(folder_scrape(path), "edgechat_turns_total", outcome="ok")
         assert before is None or total == before + 1  # monotonic across every recycle
         before = total
     files = sorted(p.name for p in path.glob("*.db"))
     assert len(files) == 6 + 2, files  # the live worker's files + counter/histogram archives
     assert {f.split("_")[-1][:-3] for f in files} == {live_pid, "archive"}
     text = folder_scrape(path)
-    assert value(text, "edgechat_turns_total", outcome="ok") == 21
-    assert value(text, "edgechat_turn_duration_seconds_count", turn_index="2-5") == 20
-    assert value(text, "edgechat_turn_duration_seconds_bucket", turn_index="2-5", le="0.5") == 20
-    assert value(text, "edgechat_prompt_tokens_total") == 210
+    assert metric_value(text, "edgechat_turns_total", outcome="ok") == 21
+    assert metric_value(text, "edgechat_turn_duration_seconds_count", turn_index="2-5") == 20
+    assert metric_value(text, "edgechat_turn_duration_seconds_bucket", turn_index="2-5", le="0.5") == 20
+    assert metric_value(text, "edgechat_prompt_tokens_total") == 210
     assert pids_of(text, "edgechat_process_resident_memory_bytes") == {live_pid}
     assert pids_of(text, "edgechat_process_cpu_seconds_total") == {live_pid}
 
@@ -588,7 +501,7 @@ def test_a_kept_folder_collector_reads_what_prometheus_client_reads(mpdir):
         counter.close()
     second = generate_latest(kept)
     assert second == stock() != first
-    assert value(second.decode(), "edgechat_turns_total", outcome="ok") == 42
+    assert metric_value(second.decode(), "edgechat_turns_total", outcome="ok") == 42
     stop_worker(a)
     worker_exited(int(pid_a), str(path))
     assert generate_latest(kept) == stock()
@@ -679,11 +592,11 @@ def test_gunicorn_two_workers_kill_and_twenty_recycles(tmp_path):
     base = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PROMETHEUS_MULTIPROC_DIR"] = str(path)  # the hooks read it; on_starting creates and wipes it
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:daemon.server.hooks",
-                               "--bind", f"127.0.0.1:{port}", "--workers", "2", "--max-requests", "4",
-                               "--pythonpath", str(tmp_path), "e2e_app:create()"],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=(tmp_path / "gunicorn.log").open("wb"))
+    server = track(subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "python:daemon.server.hooks",
+                                     "--bind", f"127.0.0.1:{port}", "--workers", "2", "--max-requests", "4",
+                                     "--pythonpath", str(tmp_path), "e2e_app:create()"],
+                                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                    stderr=(tmp_path / "gunicorn.log").open("wb")))
     try:
         def live_pids() -> set[str]:
             return pids_of(requests.get(base + "/metrics", timeout=5).text,
@@ -707,7 +620,7 @@ def test_gunicorn_two_workers_kill_and_twenty_recycles(tmp_path):
         assert len(files) <= 2 * 6 + 2, files  # two workers' files + counter/histogram archives
         assert sum(f.endswith("_archive.db") for f in files) == 2
         text = requests.get(base + "/metrics", timeout=5).text
-        assert value(text, "edgechat_http_requests_total", route="/pid", method="GET", status="200") == sent
+        assert metric_value(text, "edgechat_http_requests_total", route="/pid", method="GET", status="200") == sent
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -736,22 +649,22 @@ def test_real_turns_move_the_metrics(app_factory):
     text = client.get("/metrics").text
 
     def grew(name, **labels):
-        return value(text, name, **labels) - value(before, name, **labels)
+        return metric_value(text, name, **labels) - metric_value(before, name, **labels)
 
-    assert sum(value(text, "edgechat_turns_total", outcome=o) for o in ("ok", "length")) == 5
+    assert sum(metric_value(text, "edgechat_turns_total", outcome=o) for o in ("ok", "length")) == 5
     assert grew("edgechat_turn_duration_seconds_count", turn_index="1") == 2  # session turn 1 + stateless
     assert grew("edgechat_turn_duration_seconds_count", turn_index="2-5") == 3
     assert grew("edgechat_turn_history_messages_count") == 4  # session turns only
     assert grew("edgechat_prompt_tokens_total") > 0 and grew("edgechat_completion_tokens_total") > 0
     assert grew("edgechat_time_to_first_token_seconds_count") == 5
-    assert value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>/messages",
+    assert metric_value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>/messages",
                  method="POST", status="200") == 4
     dtype = get_services(app).engine.dtype  # auto: bfloat16 where the CPU has it
-    assert value(text, "edgechat_model_info", model="builtin:tiny", dtype=dtype, leak_mode="off") == 1
-    assert value(text, "edgechat_history_max_turns") == 2
-    assert value(text, "edgechat_sessions") == 1
-    assert value(text, "edgechat_history_truncations_total", reason="turns") > 0
-    assert value(text, "edgechat_process_resident_memory_bytes") > 50 << 20
+    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype=dtype, leak_mode="off") == 1
+    assert metric_value(text, "edgechat_history_max_turns") == 2
+    assert metric_value(text, "edgechat_sessions") == 1
+    assert metric_value(text, "edgechat_history_truncations_total", reason="turns") > 0
+    assert metric_value(text, "edgechat_process_resident_memory_bytes") > 50 << 20
 
 
 @pytest.mark.parametrize("leak_mode", ["off", "history"])
@@ -761,9 +674,9 @@ def test_history_gauges_grow_only_with_the_history_leak(app_factory, leak_mode):
     sid, longest = None, []
     for _ in range(4):
         sid = _turns(client, 1, sid)
-        longest.append(value(client.get("/metrics").text, "edgechat_history_messages_max"))
+        longest.append(metric_value(client.get("/metrics").text, "edgechat_history_messages_max"))
     if leak_mode == "history":
         assert [b - a for a, b in zip(longest, longest[1:])] == [2, 2, 2]
     else:
         assert max(longest) <= 3  # system + the one kept turn
-    assert value(client.get("/metrics").text, "edgechat_history_max_turns") == 1  # config, not growth
+    assert metric_value(client.get("/metrics").text, "edgechat_history_max_turns") == 1  # config, not growth
