@@ -274,7 +274,7 @@ def ensure_built(name: str, cache_dir: str, *, log: Log = print, isolate: bool =
 
 def _build_in_child(name: str, folder: str, log: Log) -> None:
     """Run build() in a fresh interpreter and relay its log lines."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     code = "import sys; from daemon.model.builtin import build; build(sys.argv[1], sys.argv[2])"
