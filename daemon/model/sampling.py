@@ -101,6 +101,7 @@ def run_turn(decoder: Any, pool: KVPool | None, prompt_ids: list[int], sampler: 
         todo = prompt_ids[reused:]
         for start in range(0, len(todo), PREFILL_CHUNK):
             if interrupted():
+                logits = None  # a partly prefilled prompt's logits predict nothing: no token
                 break
             logits = decoder.forward(todo[start:start + PREFILL_CHUNK], state)
             counts.prefilled += min(PREFILL_CHUNK, len(todo) - start)

@@ -213,8 +213,6 @@ def test_interrupted_before_the_prefill_runs_nothing():
     assert tokens == [] and decoder.calls == [] and (counts.prefilled, counts.produced) == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="run_turn samples a token from the logits of a partly prefilled "
-                   "prompt when interrupted() stops the prefill between chunks (daemon/model/sampling.py)")
 def test_interrupted_between_prefill_chunks_produces_no_token():
     asked = []
 
