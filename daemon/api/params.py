@@ -161,3 +161,16 @@ def markdown(table: Mapping[str, Field]) -> str:
     for name, spec in sorted(table.items(), key=lambda kv: (order[kv[1].fate], kv[0])):
         rows.append(f"| `{name}` | {spec.fate} | {spec.note} |")
     return "\n".join(rows) + "\n"
+
+
+def document() -> str:
+    """The fate tables of docs/api.md."""
+    parts = []
+    for title, table in (("POST /v1/chat/completions", CHAT), ("POST /v1/completions", COMPLETIONS),
+                         ("POST /v1/sessions/{id}/messages", SESSION_MESSAGE)):
+        parts.append(f"### {title}\n\n{markdown(table)}")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(document(), end="")

@@ -90,16 +90,16 @@ class Sampler:
         logits -= self._counts * self.s.frequency_penalty + (self._counts > 0) * self.s.presence_penalty
 
     def _process(self, logits: torch.Tensor, produced: int, last: int | None) -> torch.Tensor:
-        """Everything before temperature: penalties, bias, eos and banned masks, the constraint."""
+        """Everything before temperature: bias, penalties, eos and banned masks, the constraint."""
         s = self.s
+        if self._bias is not None:  # the client's prior first, so penalties act on the biased logits
+            ids, values = self._bias
+            keep = ids < logits.shape[0]
+            logits.index_add_(0, ids[keep], values[keep])
         if s.repetition_penalty != 1.0:
             self._penalize(logits, last)
         if self._counting:
             self._penalize_counts(logits, last)
-        if self._bias is not None:
-            ids, values = self._bias
-            keep = ids < logits.shape[0]
-            logits.index_add_(0, ids[keep], values[keep])
         if produced < s.min_new:
             logits[self._eos[self._eos < logits.shape[0]]] = float("-inf")
         if self.banned is not None:
