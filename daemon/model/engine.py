@@ -14,7 +14,7 @@ from .builtin import ensure_built, is_builtin, read_marker
 from ..config import Config
 from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
 from .forward import make_decoder
-from .sampling import Constraint, Sampler, Sampling, TurnCounts, run_turn
+from .sampling import Constraint, Sampler, Sampling, TurnCounts, run_turn, sampling_for
 from .tokens import TokenTable
 from .streaming import Generation, GenerationFailed, GenerationParams, GenerationStats, Plan, plain_text_mask
 from ..memory.hygiene import Hygiene, rss_bytes
@@ -244,19 +244,6 @@ class Engine:
         """The dtype as edgechat_model_info shows it: "bfloat16", or "bfloat16+int8" for int8 weights."""
         return self.dtype if self.quantize == "none" else f"{self.dtype}+{self.quantize}"
 
-    def _sampling(self, params: GenerationParams, max_new: int) -> Sampling:
-        conf = self._generation_config
-        sample = params.temperature > 0
-        top_k = (conf.top_k or 0) if params.top_k is None else params.top_k  # the model's unless asked
-        repetition = params.repetition_penalty or float(getattr(conf, "repetition_penalty", None) or 1.0)
-        return Sampling(
-            max_new=max_new, min_new=min(self.cfg.min_new_tokens, max_new),
-            temperature=params.temperature if sample else 0.0, top_p=params.top_p if sample else 1.0,
-            top_k=top_k if sample else 0, min_p=params.min_p if sample else 0.0,
-            repetition_penalty=repetition, presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty, logit_bias=params.logit_bias,
-            top_logprobs=params.top_logprobs)
-
     def _decode(self, prompt_ids: list[int], sampling: Sampling, on_token: Callable[[int], bool],
                 interrupted: Callable[[], bool], constraint: Constraint | None = None,
                 logprobs: list | None = None) -> int:
@@ -296,7 +283,7 @@ class Engine:
         max_new = min(params.max_new_tokens, self.cfg.max_new_tokens, self.context_length - len(prompt_ids))
         if max_new < 1:
             raise ContextTooLong(len(prompt_ids), self.context_length)
-        sampling = self._sampling(params, max_new)
+        sampling = sampling_for(params, max_new, self._generation_config, self.cfg.min_new_tokens)
         constraint = params.constraint() if params.constraint is not None else None
         logprobs: list | None = [] if params.top_logprobs is not None else None
         waited = self._slot.acquire(self.cfg.queue_timeout_s)

@@ -34,6 +34,21 @@ class Sampling:
     top_logprobs: int | None = None  # record logprobs (with this many alternatives) when set
 
 
+def sampling_for(params: Any, max_new: int, conf: Any, min_new: int) -> Sampling:
+    """A request's GenerationParams as Sampling; top_k and repetition_penalty default to the model's
+    generation config; greedy requests drop the truncations that cannot change the argmax."""
+    sample = params.temperature > 0
+    top_k = (conf.top_k or 0) if params.top_k is None else params.top_k
+    repetition = params.repetition_penalty or float(getattr(conf, "repetition_penalty", None) or 1.0)
+    return Sampling(
+        max_new=max_new, min_new=min(min_new, max_new),
+        temperature=params.temperature if sample else 0.0, top_p=params.top_p if sample else 1.0,
+        top_k=top_k if sample else 0, min_p=params.min_p if sample else 0.0,
+        repetition_penalty=repetition, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, logit_bias=params.logit_bias,
+        top_logprobs=params.top_logprobs)
+
+
 class Constraint(Protocol):
     """Restricts which tokens may come next (constrained decoding); one per generation."""
 
