@@ -6,6 +6,7 @@ import typing
 import pytest
 
 from daemon.api import params
+from support import REPO_ROOT
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -32,8 +33,7 @@ def test_every_legacy_completions_field_of_the_sdk_has_a_fate():
 
 
 def test_fate_tables_are_in_the_api_docs():
-    import pathlib
-    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    doc = (REPO_ROOT / "docs" / "api.md").read_text()
     assert params.document() in doc, "regenerate: python -m daemon.api.params"
 
 

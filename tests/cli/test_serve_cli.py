@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
 import pytest
 
 from daemon.config import Config, to_env
+from support import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 
 
 def test_help_shows_real_defaults_choices_booleans_and_groups(runner):
