@@ -65,6 +65,14 @@ def serve_default(model: str, cache_dir: str, tokens: int) -> None:
         print(json.dumps([n, s]), flush=True)
 
 
+def baseline(child, rates: dict, tokens: int) -> None:
+    """One default greedy generation on the baseline tree (the child process)."""
+    child.stdin.write(json.dumps({"temperature": 0.0}) + "\n")
+    child.stdin.flush()
+    n, s = json.loads(child.stdout.readline())
+    rates["baseline tree, default greedy"].append((n - 1) / s)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.request_options", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="builtin:tiny")
@@ -96,15 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {name: [] for name in todo}
     if child:
         rates["baseline tree, default greedy"] = []
-    for _ in range(ns.rounds):
+    for i in range(ns.rounds):
+        if child and i % 2:  # alternate which tree goes first, so drifting load favours neither
+            baseline(child, rates, ns.tokens)
         for name, params in todo.items():
             n, s = run_one(engine, params, ns.tokens)
             rates[name].append((n - 1) / s)
-        if child:
-            child.stdin.write(json.dumps({"temperature": 0.0}) + "\n")
-            child.stdin.flush()
-            n, s = json.loads(child.stdout.readline())
-            rates["baseline tree, default greedy"].append((n - 1) / s)
+        if child and not i % 2:
+            baseline(child, rates, ns.tokens)
     if child:
         child.stdin.close()
         child.wait(60)

@@ -345,7 +345,7 @@ def test_serve_stops_with_one_message_on_a_corrupt_store(tmp_path, cache_dir):
          "--session-store", f"sqlite://{tmp_path}/s.db"],
         capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("edgechat: session_store:")]
+    lines = [line for line in proc.stderr.splitlines() if "edgechat.serve: session_store:" in line]
     assert len(lines) == 1 and "corrupt" in lines[0], proc.stderr[-2000:]
 
 
