@@ -62,6 +62,15 @@ def test_secrets_from_files_and_credentials_directory(tmp_path):
         Config.from_env({"EDGECHAT_ADMIN_KEY_FILE": str(tmp_path / "missing")})
 
 
+def test_every_secret_has_a_file_setting():
+    import dataclasses
+
+    from daemon.config import SECRETS
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert set(SECRETS) >= {"api_keys", "admin_key"}
+    assert all(name + "_file" in names for name in SECRETS)
+
+
 def test_offline_without_the_model_fails_fast(tmp_path):
     """Not cached, hub unreachable: the existing message, at once (a closed local port stands in
     for the hub, so the test never waits for DNS)."""
