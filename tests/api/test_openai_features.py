@@ -185,3 +185,14 @@ def test_cors_is_opt_in(app_factory):
     other = client.get("/v1/models", headers={"Origin": "https://evil.example",
                                              "Authorization": "Bearer k1"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_sessions_share_the_fates(client):
+    sid = client.post("/v1/sessions", json={}).get_json()["id"]
+    url = f"/v1/sessions/{sid}/messages"
+    turn = client.post(url, json={"content": "Hi", "max_tokens": 4, "temperature": 0, "top_k": 5,
+                                  "logprobs": True, "top_logprobs": 1}).get_json()
+    assert "".join(e["token"] for e in turn["logprobs"]["content"]) == turn["message"]["content"]
+    refused = client.post(url, json={"content": "Hi", "tools": []})
+    assert refused.get_json()["error"]["code"] == "unknown_field"
+    assert client.get(f"/v1/sessions/{sid}").get_json()["turns"] == 1  # the refusal changed nothing
