@@ -3,12 +3,18 @@ VENV ?= .venv
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# Where the CPU build of torch comes from. Empty: pip's own sources (a local wheel folder or an index
+# that serves the CPU build). On an ordinary networked machine the default index serves the CUDA build
+# (gigabytes of GPU libraries): make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PIN := $(shell sed -n 's/^ *\(torch==[0-9.]*\).*/\1/p' setup.cfg)
 
 .PHONY: venv serve test test-fast test-deps
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch is pinned in setup.cfg to the CPU build (from a local wheel folder or the PyTorch CPU index); unpinned it pulls CUDA wheels
+	# torch is pinned in setup.cfg; installed first from TORCH_INDEX when set, it is the CPU build
+	$(if $(TORCH_INDEX),$(VENV)/bin/pip install -q --index-url $(TORCH_INDEX) '$(TORCH_PIN)')
 	$(VENV)/bin/pip install -q -e '.[test,soak]'
 	touch $@
 

@@ -17,7 +17,7 @@ log = logging.getLogger("edgechat")
 def create_app(config: Config | None = None) -> Flask:
     """Build a ready-to-serve app; loads the model, so call it in the worker, never the master."""
     cfg = config if config is not None else Config.from_env()
-    logs.setup(cfg.log_level, cfg.log_format)
+    logs.setup(cfg.log_level, cfg.log_format, cfg.access_log)
     app = Flask("daemon")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -62,6 +62,8 @@ def _load(cfg: Config, metrics, recorder, sampler, budget) -> Services:
     """Load the model, open the session store, set up diagnostics: the worker's Services."""
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # a tqdm bar per load is noise in a daemon's log
+    hf_logging.disable_default_handler()  # transformers' lines go through edgechat's handler
+    hf_logging.enable_propagation()
 
     from .api.stats import RecentTurns
     from .memory.tracing import Diagnostics
@@ -82,10 +84,12 @@ def _load(cfg: Config, metrics, recorder, sampler, budget) -> Services:
 
 def _init_concerns(app: Flask, services: Services) -> None:
     """Start the background threads and register every blueprint, each concern by its init_app."""
-    from .api import admin, completions, errors, exposition, health, sessions, stats, ui
+    from .api import (admin, completions, cors, errors, exposition, health, legacy, sessions, stats,
+                      tokenize, ui)
     from .memory import tracing, watchdog
     cfg = services.config
     errors.init_app(app)
+    cors.init_app(app, cfg.cors_origins)
     exposition.init_app(app, cfg, services.metrics, services.sampler)
     tracing.start(services.diagnostics, services.metrics.track_tracemalloc, cfg.metrics_refresh_s,
                   services.stop)
@@ -93,7 +97,7 @@ def _init_concerns(app: Flask, services: Services) -> None:
                                        store=services.store, metrics=services.recorder,
                                        stop=services.stop)
     _start_housekeeping(services)
-    for bp in (health.bp, completions.bp, sessions.bp, stats.bp, ui.bp):
+    for bp in (health.bp, completions.bp, legacy.bp, tokenize.bp, sessions.bp, stats.bp, ui.bp):
         app.register_blueprint(bp)
     if cfg.admin_key:  # without a key the /debug/memory endpoints do not exist at all
         app.register_blueprint(admin.bp)

@@ -1,7 +1,6 @@
 """One frozen, validated configuration, built once from env vars (EDGECHAT_*) and CLI flags."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -14,6 +13,10 @@ QUANTIZE = ("none", "int8")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 SESSION_STORE_PREFIXES = ("memory", "sqlite:///", "redis://", "rediss://", "unix://")
+# (title, first setting) of each group of settings, in field order: --help groups flags by these
+SECTIONS = (("model", "model"), ("server", "host"), ("history policy", "max_history_turns"),
+            ("generation", "max_new_tokens"), ("per-turn memory hygiene", "gc_after_turn"),
+            ("security", "api_keys"), ("observability", "metrics_path"))
 
 
 def _xdg(var: str, fallback: str) -> str:
@@ -30,11 +33,18 @@ def _runtime_default() -> str:
     return os.path.join(_xdg("XDG_STATE_HOME", "~/.local/state"), "metrics")
 
 
-def _opt(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None):
-    """A dataclass field carrying its documentation (used by --help, the README table and env example)."""
+def _opt(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None,
+         choices: tuple | None = None, secret: bool = False):
+    """A dataclass field carrying its documentation (used by --help, the README table and env example).
+
+    choices: the allowed values (validated, and offered by --help); secret: also readable from the
+    file named by the `<name>_file` setting or systemd's $CREDENTIALS_DIRECTORY, never handed to
+    workers through their environment.
+    """
+    meta = {"help": help, "choices": choices, "secret": secret}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -44,10 +54,13 @@ class Config:
     # --- model -----------------------------------------------------------------------------
     model: str = _opt("Qwen/Qwen2.5-0.5B-Instruct",
                       help="Hub id, local folder, or builtin:tiny / builtin:qwen2.5-0.5b-shape.")
-    dtype: str = _opt("auto", help="auto | float32 | bfloat16; auto = the checkpoint's bfloat16 where "
-                                   "the CPU has AVX512-BF16/AMX, else float32.")
+    served_model_name: str = _opt("", help="The model's name in the API (/v1/models, the `model` "
+                                           "field, the edgechat_model_info label); empty = `model`, "
+                                           "or a local folder's own name rather than its path.")
+    dtype: str = _opt("auto", choices=DTYPES, help="auto | float32 | bfloat16; auto = the checkpoint's "
+                                                   "bfloat16 where the CPU has AVX512-BF16/AMX, else float32.")
     threads: int = _opt(0, help="torch intra-op threads per worker; 0 = physical cores.")
-    quantize: str = _opt("none", help="none | int8: int8 weight-only linears (half the weight bytes of "
+    quantize: str = _opt("none", choices=QUANTIZE, help="none | int8: int8 weight-only linears (half the weight bytes of "
                                       "bfloat16; Qwen2/Llama-family models only).")
     warmup: bool = _opt(True, help="Run a short generation before /readyz turns ready.")
     # --- server ----------------------------------------------------------------------------
@@ -64,6 +77,8 @@ class Config:
                           factory=lambda: _xdg("XDG_STATE_HOME", "~/.local/state"))
     cache_dir: str = _opt(help="Folder for built-in models and other caches.",
                           factory=lambda: _xdg("XDG_CACHE_HOME", "~/.cache"))
+    cors_origins: tuple = _opt((), help="Comma-separated origins a browser app may call the API from "
+                                        "(CORS), or * for any; empty = no CORS headers.")
     # --- history policy --------------------------------------------------------------------
     max_history_turns: int = _opt(5, help="User+assistant turns kept per session; 0 = unbounded.")
     max_history_tokens: int = _opt(0, help="Prompt token budget (system + history + new message); "
@@ -93,9 +108,14 @@ class Config:
     malloc_trim_after_turn: bool = _opt(True, help="Call glibc malloc_trim(0) after every turn to "
                                                    "return freed heap to the OS.")
     # --- security --------------------------------------------------------------------------
-    api_keys: tuple = _opt((), help="Comma-separated bearer keys for /v1; empty = open.")
-    admin_key: str = _opt("", help="Bearer key for the /debug/memory admin endpoints; empty = those "
-                                   "endpoints do not exist.")
+    api_keys: tuple = _opt((), secret=True, help="Comma-separated bearer keys for /v1, /tokenize and "
+                                                 "/detokenize; empty = open.")
+    api_keys_file: str = _opt("", help="File holding api_keys (comma- or line-separated); default: "
+                                       "$CREDENTIALS_DIRECTORY/api_keys when systemd provides it.")
+    admin_key: str = _opt("", secret=True, help="Bearer key for the /debug/memory admin endpoints; "
+                                                "empty = those endpoints do not exist.")
+    admin_key_file: str = _opt("", help="File holding admin_key; default: "
+                                        "$CREDENTIALS_DIRECTORY/admin_key when systemd provides it.")
     # --- observability ---------------------------------------------------------------------
     metrics_path: str = _opt("/metrics", help="Path of the Prometheus endpoint.")
     metrics_port: int = _opt(0, help="Serve /metrics on this separate port too; 0 = main port only.")
@@ -112,17 +132,20 @@ class Config:
                                                      "watchdog frees caches and idle sessions.")
     memory_hard_limit_ratio: float = _opt(0.95, help="Share of the memory limit above which new turns "
                                                      "get 503 and /readyz fails.")
-    leak_mode: str = _opt("off", help="off | history | tensors: deliberately leak, for demos and tests.")
-    log_level: str = _opt("INFO", help="DEBUG | INFO | WARNING | ERROR.")
-    log_format: str = _opt("text", help="text | json.")
+    leak_mode: str = _opt("off", choices=LEAK_MODES, help="off | history | tensors: deliberately leak, for demos and tests.")
+    log_level: str = _opt("INFO", choices=LOG_LEVELS, help="DEBUG | INFO | WARNING | ERROR.")
+    log_format: str = _opt("text", choices=LOG_FORMATS, help="text | json: one JSON object per line "
+                                                            "for every line, gunicorn's included.")
+    access_log: bool = _opt(False, help="One log line per HTTP request (gunicorn's access log, with "
+                                        "the request id).")
 
     def __post_init__(self) -> None:
-        """Reject invalid values at startup, naming the setting."""
-        _choice(self, "dtype", DTYPES)
-        _choice(self, "leak_mode", LEAK_MODES)
-        _choice(self, "quantize", QUANTIZE)
-        _choice(self, "log_level", LOG_LEVELS)
-        _choice(self, "log_format", LOG_FORMATS)
+        """Read secrets from their files; reject invalid values at startup, naming the setting."""
+        for f in dataclasses.fields(self):
+            if f.metadata["choices"]:
+                _choice(self, f.name, f.metadata["choices"])
+            if f.metadata["secret"]:
+                _read_secret(self, f)
         for name in ("threads", "max_history_turns", "max_history_tokens", "max_sessions",
                      "min_new_tokens", "queue_limit", "memory_limit_bytes", "max_requests",
                      "max_requests_jitter", "kv_cache_bytes"):
@@ -165,6 +188,15 @@ class Config:
         if not self.memory_hard_limit_ratio <= 1:
             raise ValueError(f"memory_hard_limit_ratio must be <= 1, got {self.memory_hard_limit_ratio!r}")
 
+    @property
+    def served_name(self) -> str:
+        """The model's name in the API: served_model_name, else `model` (a folder's own name)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if os.path.isdir(self.model) or self.model.startswith(("/", ".", "~")):
+            return os.path.basename(os.path.normpath(self.model))
+        return self.model
+
     def session_store_url(self) -> str:
         """The session store to open: session_store, else the SQLite file in state_dir."""
         if self.session_store:
@@ -185,7 +217,33 @@ class Config:
             if raw is not None:
                 values[f.name] = parse_value(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        credentials = environ.get("CREDENTIALS_DIRECTORY")  # systemd's LoadCredential=
+        for name in SECRETS if credentials else ():
+            path = os.path.join(credentials, name)
+            if not values.get(name) and not values.get(name + "_file") and os.path.isfile(path):
+                values[name + "_file"] = path
         return cls(**values)
+
+
+SECRETS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["secret"])
+
+
+def _read_secret(cfg: Config, f: dataclasses.Field) -> None:
+    """Fill a secret from the file its `<name>_file` setting names (never both)."""
+    path = getattr(cfg, f.name + "_file")
+    if not path:
+        return
+    if getattr(cfg, f.name):
+        raise ValueError(f"{f.name} and {f.name}_file are both set; keep one")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = fh.read().replace("\n", ",")
+    except OSError as exc:
+        raise ValueError(f"{f.name}_file: cannot read {path}: {exc.strerror}") from None
+    value = parse_value(f, raw)
+    if not value:
+        raise ValueError(f"{f.name}_file: {path} is empty")
+    object.__setattr__(cfg, f.name, value.strip(",") if isinstance(value, str) else value)
 
 
 def _choice(cfg: Config, name: str, allowed: tuple) -> None:
@@ -229,33 +287,12 @@ def parse_value(f: dataclasses.Field, raw: str) -> Any:
         raise ValueError(f"{f.name}: invalid value {raw!r} ({exc})") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one --flag per config field; unset flags stay None so env vars and defaults apply."""
-    for f in dataclasses.fields(Config):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            metavar=f.name.upper(), type=_flag_parser(f),
-                            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]")
-
-
-def _flag_parser(f: dataclasses.Field):
-    def parse(raw: str) -> Any:
-        try:
-            return parse_value(f, raw)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    return parse
-
-
-def from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
-    """Build the config from parsed flags over the environment."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config.from_env(environ, **{k: v for k, v in vars(ns).items() if k in names})
-
-
 def to_env(cfg: Config) -> dict[str, str]:
-    """Render a config as EDGECHAT_* variables (hand-off from `edgechat serve` to its workers)."""
+    """Render a config as EDGECHAT_* variables, secrets left out (their *_file settings stay)."""
     out = {}
     for f in dataclasses.fields(Config):
+        if f.metadata["secret"]:  # workers get secrets from memory (fork) or their files, never env
+            continue
         value = getattr(cfg, f.name)
         if isinstance(value, bool):
             value = "true" if value else "false"

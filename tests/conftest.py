@@ -146,3 +146,42 @@ def redis_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# --- scripted output and a live HTTP app ---------------------------------------------------------
+@pytest.fixture
+def scripted(monkeypatch):
+    """Make the model say exactly `text` (then end of text), whatever its weights: for tool calls
+    and other replies the random built-in models never produce. Everything after the sampler (text
+    streaming, stop strings, parsing, the API) runs for real."""
+    from daemon.model.sampling import Sampler
+
+    def script(app, text: str) -> None:
+        from daemon.services import get_services
+        engine = get_services(app).engine
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"] + [min(engine.eos_ids)]
+
+        def call(self, logits, produced, last):
+            return ids[min(produced, len(ids) - 1)]
+        monkeypatch.setattr(Sampler, "__call__", call)
+    return script
+
+
+@pytest.fixture
+def live_app(app_factory):
+    """An app served over real HTTP in this process (werkzeug, a free loopback port): for clients
+    like the openai SDK, with in-process test hooks (`scripted`) still in reach. Returns (app, url)."""
+    import threading
+
+    from werkzeug.serving import make_server
+    servers = []
+
+    def serve(**overrides):
+        app = app_factory(**overrides)
+        server = make_server("127.0.0.1", 0, app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return app, f"http://127.0.0.1:{server.server_port}"
+    yield serve
+    for server in servers:
+        server.shutdown()

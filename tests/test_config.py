@@ -1,6 +1,7 @@
 """Config: env vars and flags, validation naming the setting, generated docs kept current."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import pathlib
 import re
@@ -8,23 +9,24 @@ import re
 import pytest
 
 from daemon import config as cfgmod
+from daemon.cli import flags
 from daemon.config import Config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_env_and_flags_flags_win(runner):
-    parser = cfgmod.argparse.ArgumentParser()
-    cfgmod.add_arguments(parser)
-    ns = parser.parse_args(["--port", "9001", "--api-keys", "a,b", "--warmup", "false"])
-    cfg = cfgmod.from_args(ns, {"EDGECHAT_PORT": "9000", "EDGECHAT_LEAK_MODE": "history",
+    parser = argparse.ArgumentParser()
+    flags.add_arguments(parser)
+    ns = parser.parse_args(["--port", "9001", "--api-keys", "a,b", "--no-warmup"])
+    cfg = flags.from_args(ns, {"EDGECHAT_PORT": "9000", "EDGECHAT_LEAK_MODE": "history",
                                 "EDGECHAT_MAX_HISTORY_TURNS": "0"})
     assert cfg.port == 9001 and cfg.api_keys == ("a", "b") and cfg.warmup is False
     assert cfg.leak_mode == "history" and cfg.max_history_turns == 0
 
 
 def test_every_field_round_trips_through_env():
-    cfg = Config(api_keys=("x",), leak_mode="tensors", session_ttl_s=5.5, tracemalloc=True)
+    cfg = Config(leak_mode="tensors", session_ttl_s=5.5, tracemalloc=True, cors_origins=("a", "b"))
     assert Config.from_env(cfgmod.to_env(cfg)) == cfg
 
 

@@ -7,6 +7,8 @@ import uuid
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from ..server.logs import REQUEST_ID
+
 log = logging.getLogger("edgechat.api")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -56,9 +58,16 @@ def request_id() -> str:
 def init_app(app: Flask) -> None:
     """Install the handlers that turn every error into the JSON shape."""
 
+    @app.before_request
+    def _log_context():
+        # every log line of this request (its generation thread's too) carries the id
+        REQUEST_ID.set(request_id())
+
     @app.after_request
     def _tag(resp):
         resp.headers["X-Request-Id"] = request_id()
+        # kept while a streamed body is sent and gunicorn logs the access line; gone after
+        resp.call_on_close(lambda: REQUEST_ID.set(None))
         return resp
 
     @app.errorhandler(ApiError)
@@ -77,5 +86,5 @@ def init_app(app: Flask) -> None:
     def _unexpected(err: Exception):
         # Anything else is our bug: log the traceback with the request id, send only the id.
         rid = request_id()
-        log.exception("unhandled error request_id=%s path=%s", rid, request.path)
+        log.exception("unhandled error on %s (request id %s)", request.path, rid)
         return error_response(ApiError(500, f"internal error (request id {rid})", code="internal_error"))

@@ -8,7 +8,7 @@ from flask import Blueprint, g, jsonify
 
 from ..services import Services, get_services
 from ..sessions import ContextTooLong, SessionBusy, SessionNotFound
-from . import turns, validate
+from . import logprobs, params, turns, validate
 from .auth import protect
 from .errors import ApiError, invalid
 
@@ -28,10 +28,7 @@ def _publish_stats(services: Services) -> None:
 def create():
     """Start a conversation, optionally with a system prompt."""
     body = validate.json_body()
-    unknown = set(body) - {"system"}
-    if unknown:
-        raise invalid(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0],
-                      "unknown_field")
+    params.check(body, params.SESSION_CREATE, "sessions")
     system = validate.text(body, "system", required=False)
     services = get_services()
     snap = services.store.create(g.owner, system)
@@ -79,24 +76,21 @@ def _summary(session_id: str, result, stats) -> dict:
 def message(session_id: str):
     """Take one turn: the reply is committed to history only once it is complete."""
     body = validate.json_body()
-    unknown = set(body) - {"content", "max_tokens", "max_completion_tokens", "temperature",
-                           "top_p", "seed", "stream"}
-    if unknown:
-        raise invalid(f"unknown field(s): {', '.join(sorted(unknown))}", sorted(unknown)[0],
-                      "unknown_field")
+    params.check(body, params.SESSION_MESSAGE, "sessions")
     content = validate.text(body, "content", required=True)
-    params = turns.sampling_params(body, allow_stop=False)
+    sampling = turns.sampling_params(body, allow_stop=False)
     streaming = validate.boolean(body, "stream")
 
     started = time.perf_counter()
     services = get_services()
+    tokenizer = services.engine.tokenizer
     store = services.store
     stack = ExitStack()
     try:
         turn = stack.enter_context(store.turn(session_id, g.owner, content,
                                               timeout=services.config.queue_timeout_s))
-        turns.check_context(turn.prompt_tokens, params)
-        gen = turns.start(turn.prompt, params)
+        turns.check_context(turn.prompt_tokens, sampling)
+        gen = turns.start(turn.prompt, sampling)
     except SessionNotFound:
         stack.close()
         raise _not_found(session_id) from None
@@ -132,10 +126,18 @@ def message(session_id: str):
                                 "stored", code="cancelled", retry_after=1)
         out = _summary(session_id, result, gen.stats)
         out["message"] = {"role": "assistant", "content": text}
+        if sampling.top_logprobs is not None:
+            out["logprobs"] = logprobs.chat(tokenizer, gen.take_logprobs(final=True))
         return jsonify(out)
 
-    def tail(g_) -> list[dict]:
-        return [_summary(session_id, finish(g_), g_.stats)]
+    def delta(piece: str) -> list[dict]:
+        if sampling.top_logprobs is None:
+            return [{"delta": piece}]
+        return [{"delta": piece, "logprobs": logprobs.chat(tokenizer, gen.take_logprobs())}]
 
-    return turns.stream(gen, stack, turn=turn.index, head=[],
-                        delta=lambda piece: {"delta": piece}, tail=tail)
+    def tail(g_) -> list[dict]:
+        rest = g_.take_logprobs(final=True)
+        events = [{"delta": "", "logprobs": logprobs.chat(tokenizer, rest)}] if rest else []
+        return events + [_summary(session_id, finish(g_), g_.stats)]
+
+    return turns.stream(gen, stack, turn=turn.index, head=[], delta=delta, tail=tail)

@@ -27,16 +27,42 @@ def outcome_of(stats) -> str:
                                                                             "error")
 
 
-def sampling_params(body: dict, *, allow_stop: bool) -> GenerationParams:
-    """GenerationParams from a request body, validated against the server's caps."""
-    cfg = get_services().config
+def sampling_params(body: dict, *, allow_stop: bool, legacy: bool = False,
+                    default_max: int | None = None) -> GenerationParams:
+    """GenerationParams from a request body, validated against the server's caps.
+
+    legacy: /v1/completions (logprobs is a count there)."""
+    services = get_services()
+    cap = services.config.max_new_tokens
+    max_new = validate.max_tokens(body, cap)
+    if default_max is not None and body.get("max_tokens") is None:
+        max_new = min(default_max, cap)
+    repetition = validate.number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True)
     return GenerationParams(
-        max_new_tokens=validate.max_tokens(body, cfg.max_new_tokens),
+        max_new_tokens=max_new,
         temperature=validate.number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=validate.number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         stop=validate.stop_list(body) if allow_stop else (),
         seed=validate.integer(body, "seed", None, 0, 2**63 - 1),
+        top_k=validate.top_k(body),
+        min_p=validate.number(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=repetition if body.get("repetition_penalty") is not None else None,
+        presence_penalty=validate.number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=validate.number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=validate.logit_bias(body, services.engine.vocab_rows),
+        top_logprobs=validate.top_logprobs(body, legacy=legacy),
     )
+
+
+def check_model(body: dict) -> None:
+    """`model`, when sent, must name the served model (its served name or the `model` setting)."""
+    services = get_services()
+    model, served = body.get("model"), services.engine.model_id
+    if model is not None and not isinstance(model, str):
+        raise invalid("'model' must be a string", "model", "invalid_type")
+    if model not in (None, "", served, services.config.model):
+        raise ApiError(404, f"model {model[:200]!r} is not served here; GET /v1/models lists "
+                            f"{served!r}", code="model_not_found", param="model")
 
 
 def check_context(prompt_tokens: int, params: GenerationParams) -> None:
@@ -48,7 +74,7 @@ def check_context(prompt_tokens: int, params: GenerationParams) -> None:
                       "context_length_exceeded")
 
 
-def start(messages: list[dict], params: GenerationParams):
+def start(messages: list[dict] | str, params: GenerationParams, tools: list[dict] | None = None):
     """Take the model (bounded queue) and start generating; 503 + Retry-After when saturated or
     when the memory watchdog refuses turns (above the hard memory limit)."""
     pressure = get_services().watchdog
@@ -58,7 +84,7 @@ def start(messages: list[dict], params: GenerationParams):
                             "memory falls back; retry later", code="memory_pressure",
                        retry_after=pressure.retry_after_s)
     try:
-        return get_services().engine.generate(messages, params)
+        return get_services().engine.generate(messages, params, tools)
     except EngineBusy as busy:
         get_services().metrics.requests_rejected_total.labels(reason=busy.reason).inc()
         raise ApiError(503, f"the model is busy ({busy.reason.replace('_', ' ')}); retry later",
@@ -95,9 +121,11 @@ def sse(data) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callable[[str], dict],
+def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callable[[str], list[dict]],
            tail: Callable[[object], list[dict]]) -> Response:
     """Stream a generation as SSE; the ExitStack (session lock, generation) closes on any exit.
+
+    `delta` turns each text piece into the events to send now (none while text is held back).
 
     `tail` runs once the generation finished: it commits, observes metrics and returns the last
     events. A stream that ends any other way (disconnect, error) is observed here, uncommitted.
@@ -120,7 +148,8 @@ def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callabl
                 yield sse(event)
             for piece in gen:
                 if piece:
-                    yield sse(delta(piece))
+                    for event in delta(piece):
+                        yield sse(event)
             last = tail(gen)
             state["committed"] = True
             for event in last:

@@ -8,8 +8,10 @@ from flask import request
 
 from .errors import ApiError, invalid
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
 
 
 def json_body() -> dict:
@@ -99,9 +101,44 @@ def stop_list(body: dict) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _content(value: Any, index: int) -> str:
+def logit_bias(body: dict, rows: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: token id (as a string) -> a bias in [-100, 100], ids below `rows`."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise invalid(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids",
+                      "logit_bias", "invalid_type")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < rows):
+            raise invalid(f"'logit_bias' key {key[:20]!r} is not a token id of this model "
+                          f"(0..{rows - 1})", "logit_bias")
+        out.append((int(key), number(value, key, 0.0, -100.0, 100.0)))
+    return tuple(out)
+
+
+def top_logprobs(body: dict, *, legacy: bool = False) -> int | None:
+    """None when no logprobs are asked; else how many alternatives per token."""
+    if legacy:  # /v1/completions: logprobs is the count, 0..5
+        return integer(body, "logprobs", None, 0, 5)
+    if not boolean(body, "logprobs"):
+        if body.get("top_logprobs") is not None:
+            raise invalid("'top_logprobs' needs logprobs=true", "top_logprobs")
+        return None
+    return integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+
+
+def top_k(body: dict) -> int | None:
+    """vLLM's top_k: None (the model's default), 0 or -1 (off), or k."""
+    value = integer(body, "top_k", None, -1, 1 << 20)
+    return None if value is None else max(value, 0)
+
+
+def _content(value: Any, param: str, *, nullable: bool = False) -> str:
     """Message content: a string, or OpenAI's list of text parts."""
-    param = f"messages[{index}].content"
+    if value is None and nullable:
+        return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and value and all(
@@ -111,26 +148,40 @@ def _content(value: Any, index: int) -> str:
     raise invalid(f"'{param}' must be a string or a list of text parts", param, "invalid_type")
 
 
+def _message(msg: Any, i: int) -> dict:
+    if not isinstance(msg, dict):
+        raise invalid(f"'messages[{i}]' must be an object", f"messages[{i}]", "invalid_type")
+    role = msg.get("role")
+    if role not in ROLES:
+        raise invalid(f"'messages[{i}].role' must be one of {', '.join(ROLES)}; got {role!r}",
+                      f"messages[{i}].role")
+    calls = msg.get("tool_calls") if role == "assistant" else None
+    if "content" not in msg and not calls:
+        raise invalid(f"'messages[{i}].content' is required", f"messages[{i}].content",
+                      "missing_field")
+    out = {"role": "system" if role == "developer" else role,
+           "content": _content(msg.get("content"), f"messages[{i}].content", nullable=bool(calls))}
+    if calls:
+        from .tools import history_calls  # the tool-call shape lives with the tools
+        out["tool_calls"] = history_calls(calls, f"messages[{i}].tool_calls")
+    if role == "tool":
+        call_id = msg.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise invalid(f"'messages[{i}].tool_call_id' must be a string",
+                          f"messages[{i}].tool_call_id", "invalid_type")
+        out["tool_call_id"] = call_id
+    return out
+
+
 def messages(body: dict) -> list[dict]:
-    """OpenAI `messages`: non-empty, known roles, string content, ending with a user turn."""
+    """OpenAI `messages`: non-empty, known roles, text content; `developer` becomes `system`."""
     value = body.get("messages")
     if value is None:
         raise invalid("'messages' is required", "messages", "missing_field")
     if not isinstance(value, list) or not value:
         raise invalid("'messages' must be a non-empty list", "messages",
                       "invalid_type" if not isinstance(value, list) else "invalid_value")
-    out = []
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict):
-            raise invalid(f"'messages[{i}]' must be an object", f"messages[{i}]", "invalid_type")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise invalid(f"'messages[{i}].role' must be one of {', '.join(ROLES)}; got {role!r}",
-                          f"messages[{i}].role")
-        if "content" not in msg:
-            raise invalid(f"'messages[{i}].content' is required", f"messages[{i}].content",
-                          "missing_field")
-        out.append({"role": role, "content": _content(msg["content"], i)})
+    out = [_message(msg, i) for i, msg in enumerate(value)]
     if out[-1]["role"] == "assistant" and len(out) == 1:
         raise invalid("'messages' must contain a user message", "messages")
     return out

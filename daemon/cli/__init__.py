@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (imports only the light CLI modules)."""
     parser = argparse.ArgumentParser(prog="edgechat", description="Chat inference daemon for "
                                      "edge devices, with memory-leak telemetry.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"edgechat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

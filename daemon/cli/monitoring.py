@@ -27,8 +27,8 @@ def add_parsers(sub) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--webhook-url", metavar="URL", help="the receiver's webhook URL")
     source.add_argument("--webhook-url-file", metavar="PATH", help="a file holding the webhook URL")
-    p.add_argument("--watchdog-url", metavar="URL", default=os.environ.get(alertmanager.WATCHDOG_URL_ENV),
-                   help=f"heartbeat URL for the Watchdog alert [env {alertmanager.WATCHDOG_URL_ENV}] "
+    p.add_argument("--heartbeat-url", metavar="URL", default=os.environ.get(alertmanager.HEARTBEAT_URL_ENV),
+                   help=f"heartbeat URL for the EdgechatHeartbeat alert [env {alertmanager.HEARTBEAT_URL_ENV}] "
                         "(default: a null receiver)")
     p.add_argument("--template", default=alertmanager.TEMPLATE, metavar="PATH", help="template to render")
     p.add_argument("--out", metavar="FILE", help="write here (mode 0640, atomically) instead of stdout")
@@ -51,7 +51,7 @@ def run_alertmanager(ns: argparse.Namespace) -> int:
     """Render the Alertmanager config to a file or stdout."""
     try:
         url = alertmanager.resolve_url(ns.webhook_url, ns.webhook_url_file)
-        text = alertmanager.render(url, ns.watchdog_url, ns.template)
+        text = alertmanager.render(url, ns.heartbeat_url, ns.template)
     except alertmanager.WebhookURLError as exc:
         print(f"edgechat render-alertmanager: {exc}", file=sys.stderr)
         return 2

@@ -2,27 +2,46 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
+from urllib.parse import urlsplit
 
-from ..config import Config, add_arguments, from_args, to_env
+from ..config import ENV_PREFIX, SECRETS, Config, to_env
+from ..server import logs
 from ..server.options import gunicorn_options
 from ..telemetry.multiproc import MULTIPROC_ENV
+from .flags import add_arguments, from_args
+
+log = logging.getLogger("edgechat.serve")
+HUB_PROBE_S = 3.0  # how long to try reaching the model hub before calling it unreachable
 
 
 def add_parsers(sub) -> None:
     """Register `serve` with one flag per config field."""
     p = sub.add_parser("serve", help="serve chat over HTTP (gunicorn)",
                        description="Serve chat over HTTP. Every flag is also an EDGECHAT_* "
-                                   "environment variable; flags win.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "environment variable; flags win.")
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def _fail(message: str) -> int:
-    print(f"edgechat: {message}", file=sys.stderr)
+    log.error(message)
     return 2
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
+    """Whether the model hub answers a TCP connect within `timeout` (DNS included)."""
+    from huggingface_hub import constants
+    url = urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def check_model(cfg: Config) -> str | None:
@@ -35,7 +54,7 @@ def check_model(cfg: Config) -> str | None:
     hint = "try --model builtin:tiny (generated locally, no download)"
     if is_builtin(cfg.model):
         try:
-            ensure_built(cfg.model, cfg.cache_dir, isolate=True)
+            ensure_built(cfg.model, cfg.cache_dir, log=log.info, isolate=True)
         except (OSError, RuntimeError) as exc:  # the child's failure, already logged by it
             return f"model: could not build {cfg.model}: {exc}"
         return None
@@ -45,12 +64,16 @@ def check_model(cfg: Config) -> str | None:
         return None
     if cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1:
         return f"model: {cfg.model} is not a folder; {hint}"
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(cfg.model, "config.json"), str):
+        return None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     if offline:
-        from huggingface_hub import try_to_load_from_cache
-        if not isinstance(try_to_load_from_cache(cfg.model, "config.json"), str):
-            return (f"model: {cfg.model} is not in the Hugging Face cache (HF_HOME) and "
-                    f"HF_HUB_OFFLINE is set; stage it (see README) or {hint}")
+        return (f"model: {cfg.model} is not in the Hugging Face cache (HF_HOME) and "
+                f"HF_HUB_OFFLINE is set; stage it (see README) or {hint}")
+    if not _hub_reachable():  # fail now, not after the download library's retries
+        return (f"model: {cfg.model} is not in the Hugging Face cache (HF_HOME) and the hub cannot "
+                f"be reached; stage it (see README) or {hint}")
     return None
 
 
@@ -59,12 +82,17 @@ def run(ns: argparse.Namespace) -> int:
     try:
         cfg = from_args(ns)
     except ValueError as exc:
+        logs.setup("INFO", os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text").strip().lower())
         return _fail(f"invalid configuration: {exc}")
+    logs.setup(cfg.log_level, cfg.log_format, cfg.access_log)
     problem = check_model(cfg)
     if problem:
         return _fail(problem)
-    # workers rebuild the same Config from the environment (flags already merged in)
+    # workers get `cfg` itself (forked from here); the environment says the same for anything that
+    # reads it, secrets apart: they never reach a worker's environment
     os.environ.update(to_env(cfg))
+    for name in SECRETS:
+        os.environ.pop(ENV_PREFIX + name.upper(), None)
     os.environ[MULTIPROC_ENV] = cfg.metrics_dir
     # OpenMP threads that spin while they wait cut decode 3-5x as soon as anything else wants a
     # core (docs/performance.md); sleeping waiters cost little on an idle box. An operator's value wins.
@@ -84,7 +112,7 @@ def run(ns: argparse.Namespace) -> int:
                 return create_app(cfg)
             except (ModelLoadError, ValueError) as exc:
                 # exit code 3 is gunicorn's "worker failed to boot": the master halts non-zero
-                print(f"edgechat: {exc}", file=sys.stderr)
+                log.error("%s", exc)
                 sys.exit(3)
 
     Application().run()

@@ -14,7 +14,8 @@ from .builtin import ensure_built, is_builtin, read_marker
 from ..config import Config
 from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
 from .forward import make_decoder
-from .sampling import Sampler, Sampling, TurnCounts, run_turn
+from .sampling import Constraint, Sampler, Sampling, TurnCounts, run_turn, sampling_for
+from .tokens import TokenTable
 from .streaming import Generation, GenerationFailed, GenerationParams, GenerationStats, Plan, plain_text_mask
 from ..memory.hygiene import Hygiene, rss_bytes
 from .kvpool import KVListener, KVPool
@@ -155,6 +156,7 @@ class Engine:
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
         self.kv_pool = KVPool(budget, listener, memory_pressure)
         self._warming = False
+        self._tokens: TokenTable | None = None
 
     @classmethod
     def load(cls, cfg: Config, *, listener: EngineListener | None = None, log: logging.Logger = _LOG,
@@ -180,7 +182,7 @@ class Engine:
         model.eval()
         plain = is_builtin(cfg.model) or read_marker(path) is not None
         try:
-            engine = cls(cfg, model, tokenizer, model_id=cfg.model, dtype=dtype, plain_text_only=plain,
+            engine = cls(cfg, model, tokenizer, model_id=cfg.served_name, dtype=dtype, plain_text_only=plain,
                          listener=listener, log=log, memory_pressure=memory_pressure)
         except ValueError as exc:  # quantize asked of a model the fast decoder does not support
             raise ModelLoadError(cfg.model, exc) from exc
@@ -218,14 +220,16 @@ class Engine:
         self._log.info("warm-up: %d tokens in %.2f s", gen.stats.completion_tokens if gen.stats else 0,
                        time.monotonic() - started)
 
-    def encode(self, messages: Sequence[dict]) -> list[int]:
-        """Prompt ids: the chat template with the assistant turn opened."""
-        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    def encode(self, messages: Sequence[dict], tools: list[dict] | None = None, *,
+               generation_prompt: bool = True) -> list[int]:
+        """Prompt ids: the chat template (tools rendered by it) with the assistant turn opened."""
+        text = self.tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def count_tokens(self, messages: Sequence[dict]) -> int:
+    def count_tokens(self, messages: Sequence[dict], tools: list[dict] | None = None) -> int:
         """Prompt length of these messages as the model would see them."""
-        return len(self.encode(messages))
+        return len(self.encode(messages, tools))
 
     def queue_depth(self) -> int:
         """Requests waiting for the model."""
@@ -240,47 +244,58 @@ class Engine:
         """The dtype as edgechat_model_info shows it: "bfloat16", or "bfloat16+int8" for int8 weights."""
         return self.dtype if self.quantize == "none" else f"{self.dtype}+{self.quantize}"
 
-    def _sampling(self, params: GenerationParams, max_new: int) -> Sampling:
-        conf = self._generation_config
-        sample = params.temperature > 0
-        return Sampling(
-            max_new=max_new, min_new=min(self.cfg.min_new_tokens, max_new),
-            temperature=params.temperature if sample else 0.0, top_p=params.top_p if sample else 1.0,
-            top_k=(conf.top_k or 0) if sample else 0,  # no top-k unless the model's own config asks
-            repetition_penalty=float(getattr(conf, "repetition_penalty", None) or 1.0))
-
     def _decode(self, prompt_ids: list[int], sampling: Sampling, on_token: Callable[[int], bool],
-                interrupted: Callable[[], bool]) -> int:
-        """The worker thread's loop (see decoding.run_turn); returns the prompt tokens reused."""
+                interrupted: Callable[[], bool], constraint: Constraint | None = None,
+                logprobs: list | None = None) -> int:
+        """The worker thread's loop (see sampling.run_turn); returns the prompt tokens reused."""
         counts = TurnCounts()
-        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids)
+        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids, constraint, logprobs)
         pool = self.kv_pool if self.kv_pool.enabled and not self._warming else None
         run_turn(self.decoder, pool, prompt_ids, sampler,
                  on_token, interrupted, self.eos_ids, counts,
                  retain=self.retained if self.leak_mode == "tensors" else None)
         return counts.cached
 
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the output layer: every valid token id is below this."""
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def token_table(self) -> TokenTable:
+        """Each token id's bytes (built on first use: constrained decoding and logprobs need it)."""
+        if self._tokens is None:
+            self._tokens = TokenTable(self.tokenizer, self.vocab_rows, self._banned)
+        return self._tokens
+
     def release_caches(self) -> int:
         """Drop every KV cache kept between turns (memory watchdog); returns the bytes they held."""
         return self.kv_pool.release()
 
-    def generate(self, messages: Sequence[dict], params: GenerationParams) -> Generation:
-        """Wait for the model (bounded), then start generating in a worker thread; iterate the result."""
+    def generate(self, messages: Sequence[dict] | str, params: GenerationParams,
+                 tools: list[dict] | None = None) -> Generation:
+        """Wait for the model (bounded), then start generating in a worker thread; iterate the result.
+
+        messages: a conversation for the chat template, or one text when params.raw_prompt."""
         if self._closed:
             raise RuntimeError("engine is closed")
-        prompt_ids = self.encode(messages)
+        prompt_ids = (self.tokenizer(messages, add_special_tokens=False)["input_ids"] if params.raw_prompt
+                      else self.encode(messages, tools))
         max_new = min(params.max_new_tokens, self.cfg.max_new_tokens, self.context_length - len(prompt_ids))
         if max_new < 1:
             raise ContextTooLong(len(prompt_ids), self.context_length)
-        sampling = self._sampling(params, max_new)
+        sampling = sampling_for(params, max_new, self._generation_config, self.cfg.min_new_tokens)
+        constraint = params.constraint() if params.constraint is not None else None
+        logprobs: list | None = [] if params.top_logprobs is not None else None
         waited = self._slot.acquire(self.cfg.queue_timeout_s)
         try:
             gen = Generation(Plan(
                 tokenizer=self.tokenizer, prompt_ids=prompt_ids,
-                decode=lambda on_token, interrupted: self._decode(prompt_ids, sampling, on_token, interrupted),
+                decode=lambda on_token, interrupted: self._decode(prompt_ids, sampling, on_token,
+                                                                 interrupted, constraint, logprobs),
                 stop=tuple(params.stop), seed=params.seed, eos_ids=self.eos_ids,
                 timeout_s=self.cfg.generation_timeout_s, hygiene=self._hygiene,
-                release=self._slot.release, queue_wait_s=waited, started=time.monotonic(), log=self._log))
+                release=self._slot.release, queue_wait_s=waited, started=time.monotonic(),
+                logprobs=logprobs, log=self._log))
             self._current = weakref.ref(gen)
             gen.start()
         except BaseException:

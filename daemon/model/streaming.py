@@ -1,6 +1,7 @@
 """One generation: the decode loop in a worker thread, streaming text deltas, stop strings, cancel, timeout."""
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
@@ -10,6 +11,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .tokens import byte_decoder
+
 _END = object()
 _CONTROL = frozenset(chr(c) for c in (*range(32), 127)) - {"\n", "\t"}  # not plain text
 THREAD_PREFIX = "edgechat-generate-"
@@ -17,13 +20,26 @@ THREAD_PREFIX = "edgechat-generate-"
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """What a caller may choose per request; temperature 0 means greedy."""
+    """What a caller may choose per request; temperature 0 means greedy.
+
+    top_k and repetition_penalty None: the model's generation config decides. The fields after
+    `seed` cost time only when set: they need the full logits processed every step.
+    """
 
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int | None = None  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    top_logprobs: int | None = None  # None: no logprobs; n: the chosen token's and n alternatives
+    constraint: Callable[[], Any] | None = None  # makes a fresh Constraint for the generation
+    raw_prompt: bool = False  # the prompt is one text, tokenized without the chat template
 
     def __post_init__(self) -> None:
         """Reject values generate() would choke on, naming the parameter."""
@@ -33,6 +49,12 @@ class GenerationParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
 
 
 @dataclass
@@ -54,24 +76,10 @@ class GenerationFailed(RuntimeError):
     """The worker's generate() raised; the slot has been released all the same."""
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte-to-printable-character table used by ByteLevel tokenizers."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
-
-
 def plain_text_mask(tokenizer: Any, vocab_rows: int, eos_ids: frozenset[int]) -> torch.Tensor:
     """Ban rows the tokenizer lacks, special tokens but eos, partial UTF-8 and control characters."""
     banned = torch.ones(vocab_rows, dtype=torch.bool)
-    decoder = _byte_decoder()
+    decoder = byte_decoder()
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), vocab_rows))))):
         if token_id in special or token is None:
@@ -184,6 +192,8 @@ class Plan:
     release: Callable[[float], None]  # frees the slot; gets the duration
     queue_wait_s: float
     started: float  # monotonic time the slot was acquired
+    # per generated token, (id, logprob, [(id, logprob) of the top alternatives]); None: not asked
+    logprobs: list | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("edgechat.engine"))
 
 
@@ -195,10 +205,14 @@ class Generation:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()
-        self._tracker = TextTracker(plan.tokenizer, plan.stop, self._queue.put)
+        self._tracker = TextTracker(plan.tokenizer, plan.stop, self._emit)
         self.stats: GenerationStats | None = None
+        self._covered = 0  # tokens whose text the consumer has been given
+        self._logprobs_taken = 0
         self._ended = False  # the consumer has seen the end; iterating again yields nothing
-        self._thread = threading.Thread(target=self._work, daemon=True,
+        # the caller's context (its request id, for log lines) goes with the work
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
+                                        daemon=True,
                                         name=f"{THREAD_PREFIX}{id(self):x}")
 
     def start(self) -> None:
@@ -209,6 +223,23 @@ class Generation:
     def text(self) -> str:
         """The text produced so far (stop strings excluded)."""
         return self._tracker.text
+
+    def _emit(self, delta: str) -> None:
+        self._queue.put((delta, len(self._tracker.ids)))
+
+    def take_logprobs(self, *, final: bool = False) -> list[tuple[int, float, list]] | None:
+        """Logprob entries of the tokens whose text was handed out since the last call (None when
+        not asked for); `final` takes the rest of the reply, without the end-of-text token."""
+        entries = self._plan.logprobs
+        if entries is None:
+            return None
+        end = self._covered
+        if final:
+            ids = self._tracker.ids
+            end = len(ids) - (1 if ids and ids[-1] in self._plan.eos_ids else 0)
+        out = entries[self._logprobs_taken:end]
+        self._logprobs_taken = max(self._logprobs_taken, end)
+        return out
 
     @property
     def token_ids(self) -> list[int]:
@@ -226,7 +257,8 @@ class Generation:
                 if isinstance(item, BaseException):
                     finished = self._ended = True
                     raise GenerationFailed(f"generation failed: {item!r}") from item
-                yield item
+                text, self._covered = item
+                yield text
         finally:
             if not finished:  # the consumer stopped listening (disconnect): stop generating
                 self.close()

@@ -175,20 +175,25 @@ def availability_alerts(t: Thresholds, n: Names) -> Group:
 
 
 def meta_alerts(t: Thresholds) -> Group:
-    """Watchdog and InfoInhibitor as kube-prometheus ships them (severity none: never a page)."""
+    """The heartbeat and the info inhibitor, named and scoped so they cannot collide with another
+    job's in a shared Prometheus (severity none: never a page)."""
+    own = f'job="{t.job}"'
+    heartbeat = _alert(t, "EdgechatHeartbeat",
+                       "Always fires: proves the whole alerting pipeline works (dead man's switch).",
+                       "vector(1)", t.heartbeat_for, "none",
+                       "edgechat alerting pipeline heartbeat.",
+                       "This alert always fires (value {{ $value }}). If the receiver stops getting it, "
+                       "Prometheus, the rules or Alertmanager are broken.")
+    heartbeat.body["labels"]["job"] = t.job  # vector(1) has no labels: say whose heartbeat it is
     return Group("edgechat.meta.alerts", [
-        _alert(t, "Watchdog", "Always fires: proves the whole alerting pipeline works (dead man's switch).",
-               "vector(1)", t.watchdog_for, "none",
-               "Alerting pipeline heartbeat.",
-               "This alert always fires (value {{ $value }}). If the receiver stops getting it, Prometheus, "
-               "the rules or Alertmanager are broken."),
-        _alert(t, "InfoInhibitor",
-               "Fires while an info alert is pending or firing on an instance with no warning or critical "
-               "alert; Alertmanager uses it to hold back lone info alerts.",
-               'count by (job, instance) (ALERTS{severity="info"})\n'
-               "unless on (instance)\n"
-               'max by (instance) (ALERTS{alertname!="InfoInhibitor", alertstate="firing", '
-               'severity=~"warning|critical"})',
+        heartbeat,
+        _alert(t, "EdgechatInfoInhibitor",
+               "Fires while one of this job's info alerts is pending or firing on an instance with no "
+               "warning or critical alert of the job; Alertmanager uses it to hold back lone info alerts.",
+               f'count by (job, instance) (ALERTS{{{own}, severity="info"}})\n'
+               "unless on (job, instance)\n"
+               f'max by (job, instance) (ALERTS{{{own}, alertname!="EdgechatInfoInhibitor", '
+               'alertstate="firing", severity=~"warning|critical"})',
                t.info_inhibitor_for, "none",
                "Info-level alert inhibition.",
                f"{{{{ $value }}}} info alert(s) on {INSTANCE} and nothing more severe: info alerts are "
@@ -197,6 +202,6 @@ def meta_alerts(t: Thresholds) -> Group:
 
 
 def alert_groups(t: Thresholds, n: Names) -> list[Group]:
-    """All alert groups; the meta group comes last so InfoInhibitor sees the others' ALERTS."""
+    """All alert groups; the meta group comes last so EdgechatInfoInhibitor sees the others' ALERTS."""
     return [memory_alerts(t, n), history_alerts(t, n), gc_alerts(t, n), turn_alerts(t, n),
             process_alerts(t, n), availability_alerts(t, n), meta_alerts(t)]

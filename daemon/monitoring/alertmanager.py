@@ -11,7 +11,7 @@ import yaml
 
 URL_ENV = "EDGECHAT_ALERT_WEBHOOK_URL"
 URL_FILE_ENV = "EDGECHAT_ALERT_WEBHOOK_URL_FILE"
-WATCHDOG_URL_ENV = "EDGECHAT_WATCHDOG_WEBHOOK_URL"
+HEARTBEAT_URL_ENV = "EDGECHAT_HEARTBEAT_WEBHOOK_URL"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEMPLATE = os.path.join(REPO_ROOT, "deploy", "alertmanager", "alertmanager.yml.tmpl")
 EXAMPLE = os.path.join(REPO_ROOT, "deploy", "alertmanager", "alertmanager.example.yml")
@@ -58,21 +58,21 @@ def resolve_url(url: str | None = None, url_file: str | None = None, env: dict |
                           "or pass --webhook-url URL / --webhook-url-file PATH")
 
 
-def render(webhook_url: str, watchdog_url: str | None = None, template: str = TEMPLATE) -> str:
-    """The Alertmanager config text for this webhook URL (and optional Watchdog heartbeat URL)."""
+def render(webhook_url: str, heartbeat_url: str | None = None, template: str = TEMPLATE) -> str:
+    """The Alertmanager config text for this webhook URL (and optional EdgechatHeartbeat heartbeat URL)."""
     url = _check_url(webhook_url, "the caller")
-    watchdog = ""
-    if watchdog_url:
-        heartbeat = _check_url(watchdog_url, "the watchdog URL")
-        watchdog = f"webhook_configs: [{{url: {json.dumps(heartbeat)}, send_resolved: false}}]"
+    heartbeat_configs = ""
+    if heartbeat_url:
+        heartbeat = _check_url(heartbeat_url, "the heartbeat URL")
+        heartbeat_configs = f"webhook_configs: [{{url: {json.dumps(heartbeat)}, send_resolved: false}}]"
     with open(template, encoding="utf-8") as handle:
         text = string.Template(handle.read()).substitute(
-            webhook_url=json.dumps(url), watchdog_webhook_configs=watchdog)
-    _verify(text, url, watchdog_url)
+            webhook_url=json.dumps(url), heartbeat_webhook_configs=heartbeat_configs)
+    _verify(text, url, heartbeat_url)
     return text
 
 
-def _verify(text: str, url: str, watchdog_url: str | None) -> None:
+def _verify(text: str, url: str, heartbeat_url: str | None) -> None:
     """Re-read the rendered YAML: each webhook receiver must carry exactly the URL given."""
     config = yaml.safe_load(text)
     receivers = {r["name"]: r for r in config["receivers"]}
@@ -80,9 +80,9 @@ def _verify(text: str, url: str, watchdog_url: str | None) -> None:
         urls = [c["url"] for c in receivers[name].get("webhook_configs", [])]
         if urls != [url]:
             raise RuntimeError(f"template rendered receiver {name} with URLs {urls}, expected [{url!r}]")
-    heartbeat = [c["url"] for c in receivers["watchdog"].get("webhook_configs") or []]
-    if heartbeat != ([watchdog_url.strip()] if watchdog_url else []):
-        raise RuntimeError(f"template rendered the watchdog receiver with URLs {heartbeat}")
+    heartbeat = [c["url"] for c in receivers["heartbeat"].get("webhook_configs") or []]
+    if heartbeat != ([heartbeat_url.strip()] if heartbeat_url else []):
+        raise RuntimeError(f"template rendered the heartbeat receiver with URLs {heartbeat}")
 
 
 def write(path: str, text: str) -> None:

@@ -129,10 +129,10 @@ class Thresholds:
     saturation_for: float = _window(10 * MINUTE, "for of Saturated")
 
     # -- meta --------------------------------------------------------------------------------------
-    watchdog_for: float = _window(1 * MINUTE, "for of Watchdog (heartbeat starts a minute after Prometheus)")
+    heartbeat_for: float = _window(1 * MINUTE, "for of EdgechatHeartbeat (heartbeat starts a minute after Prometheus)")
     # Must stay shorter than every info alert's `for` (a test checks it), so the inhibitor fires
     # before any info alert does.
-    info_inhibitor_for: float = _window(1 * MINUTE, "for of InfoInhibitor")
+    info_inhibitor_for: float = _window(1 * MINUTE, "for of EdgechatInfoInhibitor")
 
     def scaled(self, time_scale: float) -> "Thresholds":
         """Shrink (or stretch) every window, `for`, horizon and guard by one factor, for fast tests."""

@@ -6,7 +6,7 @@ must not run a torch operation before it forks.
 from __future__ import annotations
 
 from ..config import Config
-from . import hooks
+from . import hooks, logs
 
 # The app factory, called in each worker after fork (preload_app stays off): each worker loads its
 # own model copy, so the master never touches torch.
@@ -45,9 +45,12 @@ def gunicorn_options(cfg: Config) -> dict:
         # gunicorn >= 25.1 opens a control socket at $XDG_RUNTIME_DIR/gunicorn.ctl: unused here, and
         # two instances on one host would fight over it. Older gunicorn ignores the setting.
         "control_socket_disable": True,
-        # off: Prometheus counts requests by route and status (edgechat_http_requests_total), and an
-        # edge box's SD card should not take a line per request
-        "accesslog": None,
+        # Every line, gunicorn's own included, through edgechat's handler and format (logs.py), in
+        # the master and the workers. The access log is off unless access_log: Prometheus counts
+        # requests by route and status (edgechat_http_requests_total), and an edge box's SD card
+        # should not take a line per request.
+        "logconfig_dict": logs.dict_config(cfg.log_level, cfg.log_format, cfg.access_log),
+        "access_log_format": logs.ACCESS_FORMAT,
         "loglevel": cfg.log_level.lower(),
         **HOOKS,
     }

@@ -26,9 +26,9 @@ from simulate import GiB, MiB, STEP, Epoch, Scrapes, User, encode  # noqa: E402
 from daemon.monitoring import rules  # noqa: E402
 from daemon.monitoring.promql import duration  # noqa: E402
 
-# expected firing alerts: (alertname, severity); Watchdog is the pipeline heartbeat, always firing
-W = ("Watchdog", "none")
-II = ("InfoInhibitor", "none")
+# expected firing alerts: (alertname, severity); EdgechatHeartbeat is the pipeline heartbeat, always firing
+W = ("EdgechatHeartbeat", "none")
+II = ("EdgechatInfoInhibitor", "none")
 LEAK_W, LEAK_C = ("EdgechatMemoryLeakSuspected", "warning"), ("EdgechatMemoryLeakSuspected", "critical")
 NEAR_W, NEAR_C = ("EdgechatMemoryNearLimit", "warning"), ("EdgechatMemoryNearLimit", "critical")
 HISTORY = ("EdgechatHistoryUnbounded", "warning")
@@ -118,7 +118,7 @@ SCENARIOS = [
              [(5, {W}), (35, {W}), (60, {W}), (90, {W}), (180, {W})]),
     Scenario("restart", "healthy",
              "Two gunicorn workers (pid labels) at 1.45 GB after a day are restarted at 60 min: a minute "
-             "down, new pids, RSS back to its 1.1 GB baseline. Only the info alert fires, and InfoInhibitor "
+             "down, new pids, RSS back to its 1.1 GB baseline. Only the info alert fires, and EdgechatInfoInhibitor "
              "holds it back in Alertmanager.",
              180, [Epoch(-86400, lambda t: 1.45 * GiB + sawtooth(t), chatters(2, 30), pids=("101", "102"), end=3600),
                    Epoch(3660, startup(lambda t: 1.1 * GiB + sawtooth(t)), chatters(2, 300), pids=("201", "202"))],
@@ -136,7 +136,8 @@ TIME_VALUED = ("edgechat_process_start_time_seconds", "edgechat_gc_pause_seconds
 
 def _alerts_sample(alert: tuple[str, str]) -> dict:
     name, severity = alert
-    where = "" if alert == W else ', instance="127.0.0.1:8000", job="edgechat"'
+    # the heartbeat (vector(1)) carries only its job; the others the instance's labels
+    where = ', job="edgechat"' if alert == W else ', instance="127.0.0.1:8000", job="edgechat"'
     return {"labels": f'ALERTS{{alertname="{name}", alertstate="firing"{where}, severity="{severity}"}}',
             "value": 1}
 

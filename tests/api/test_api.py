@@ -114,7 +114,7 @@ BAD_COMPLETIONS = [
     ({"messages": USER, "seed": -1}, 400, "invalid_value"),
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_type"),
     ({"messages": USER, "stream": "yes"}, 400, "invalid_type"),
-    ({"messages": USER, "n": 2}, 400, "invalid_value"),
+    ({"messages": USER, "n": 2}, 400, "unsupported_parameter"),
     ({"messages": USER, "stream_options": {"include_usage": True}}, 400, "invalid_value"),
     ({"messages": USER, "model": "gpt-4"}, 404, "model_not_found"),
     ({"messages": USER, "model": 7}, 400, "invalid_type"),

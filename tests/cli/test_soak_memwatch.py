@@ -99,7 +99,7 @@ def _rows(path) -> list[dict]:
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_soak_against_real_daemons_writes_csv_table_and_plot(tmp_path, cache_dir, runner):
-    serve = ("--max-new-tokens", "16", "--warmup", "false")
+    serve = ("--max-new-tokens", "16", "--no-warmup")
     (tmp_path / "default").mkdir()
     (tmp_path / "leak").mkdir()
     with Daemon(tmp_path / "default", cache_dir, *serve) as d, \

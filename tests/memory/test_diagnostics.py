@@ -219,7 +219,7 @@ def test_diagnose_reports_unreachable_daemon(runner):
 
 @pytest.mark.e2e
 def test_diagnose_gathers_every_worker_of_a_real_daemon(tmp_path, cache_dir):
-    # tracing switched on at run time, as the runbook says: with --tracemalloc true each worker also
+    # tracing switched on at run time, as the runbook says: with --tracemalloc each worker also
     # traces its ~115 MiB of import-time allocations, and every snapshot then takes tens of seconds here
     with Daemon(tmp_path, cache_dir, "--admin-key", KEY, "--workers", "2", "--leak-mode", "tensors",
                 "--max-new-tokens", "8") as d:

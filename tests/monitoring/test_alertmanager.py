@@ -34,7 +34,7 @@ def amtool(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def clean_env(monkeypatch):
     """No webhook settings leak in from the caller's environment."""
-    for name in (alertmanager.URL_ENV, alertmanager.URL_FILE_ENV, alertmanager.WATCHDOG_URL_ENV):
+    for name in (alertmanager.URL_ENV, alertmanager.URL_FILE_ENV, alertmanager.HEARTBEAT_URL_ENV):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -60,7 +60,7 @@ def test_render_from_env(runner, clean_env, tmp_path):
     urls = receiver_urls(out)
     assert {name: urls[name] for name in alertmanager.WEBHOOK_RECEIVERS} == \
         {name: [URL] for name in alertmanager.WEBHOOK_RECEIVERS}
-    assert urls["watchdog"] == [] and urls["null"] == []
+    assert urls["heartbeat"] == [] and urls["null"] == []
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o640   # the URL may carry a token
     result = amtool("check-config", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -73,13 +73,13 @@ def test_render_from_file_flag_and_file_env(runner, clean_env, tmp_path):
     assert code == 0, err
     assert yaml.safe_load(stdout)["receivers"][0]["webhook_configs"][0]["url"] == "http://10.0.0.5:9095/hook"
     clean_env.setenv(alertmanager.URL_FILE_ENV, str(url_file))
-    clean_env.setenv(alertmanager.WATCHDOG_URL_ENV, "https://hc-ping.example/abc")
+    clean_env.setenv(alertmanager.HEARTBEAT_URL_ENV, "https://hc-ping.example/abc")
     out = tmp_path / "am.yml"
     code, _, err = runner("render-alertmanager", "--out", str(out))
     assert code == 0, err
     urls = receiver_urls(out)
     assert urls["webhook-critical"] == ["http://10.0.0.5:9095/hook"]
-    assert urls["watchdog"] == ["https://hc-ping.example/abc"]
+    assert urls["heartbeat"] == ["https://hc-ping.example/abc"]
     result = amtool("check-config", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -132,8 +132,8 @@ def test_route_tree_shape(rendered):
     ({"alertname": "EdgechatMemoryNearLimit", "severity": "critical", "instance": "127.0.0.1:8000"}, "webhook-critical"),
     ({"alertname": "EdgechatMemoryLeakSuspected", "severity": "warning", "instance": "127.0.0.1:8000"}, "webhook-warning"),
     ({"alertname": "EdgechatHistoryLimitDisabled", "severity": "info", "instance": "127.0.0.1:8000"}, "webhook-info"),
-    ({"alertname": "Watchdog", "severity": "none"}, "watchdog"),
-    ({"alertname": "InfoInhibitor", "severity": "none", "instance": "127.0.0.1:8000"}, "null"),
+    ({"alertname": "EdgechatHeartbeat", "severity": "none"}, "heartbeat"),
+    ({"alertname": "EdgechatInfoInhibitor", "severity": "none", "instance": "127.0.0.1:8000"}, "null"),
     ({"alertname": "SomethingNew", "severity": "page"}, "webhook-warning"),   # unclassified still notifies
 ])
 def test_amtool_routes(rendered, labels, receiver):
@@ -145,7 +145,7 @@ def test_amtool_routes(rendered, labels, receiver):
 
 @pytest.mark.e2e
 def test_inhibition_in_a_real_alertmanager(tmp_path, rendered):
-    """Critical inhibits warning/info of the same alert and instance; InfoInhibitor mutes lone info alerts."""
+    """Critical inhibits warning/info of the same alert and instance; EdgechatInfoInhibitor mutes lone info alerts."""
     binary = tool("prometheus-alertmanager", "alertmanager")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -160,7 +160,7 @@ def test_inhibition_in_a_real_alertmanager(tmp_path, rendered):
             "warn": {"alertname": "EdgechatMemoryNearLimit", "severity": "warning", "instance": "a"},
             "other_alert": {"alertname": "EdgechatMemoryLeakSuspected", "severity": "warning", "instance": "a"},
             "other_instance": {"alertname": "EdgechatMemoryNearLimit", "severity": "warning", "instance": "b"},
-            "inhibitor": {"alertname": "InfoInhibitor", "severity": "none", "instance": "c"},
+            "inhibitor": {"alertname": "EdgechatInfoInhibitor", "severity": "none", "instance": "c"},
             "lone_info": {"alertname": "EdgechatRestarted", "severity": "info", "instance": "c"},
             "info_with_context": {"alertname": "EdgechatRestarted", "severity": "info", "instance": "d"},
             "its_warning": {"alertname": "EdgechatRestarted", "severity": "warning", "instance": "d"},

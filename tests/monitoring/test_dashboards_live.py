@@ -39,7 +39,7 @@ def family(name: str) -> str:
 def live(tmp_path_factory, cache_dir):
     """A daemon (tracemalloc on, so its gauges exist) with traffic, scraped by Prometheus."""
     tmp = tmp_path_factory.mktemp("live")
-    daemon = Daemon(tmp, cache_dir, "--tracemalloc", "true", "--max-history-turns", "1")
+    daemon = Daemon(tmp, cache_dir, "--tracemalloc", "--max-history-turns", "1")
     with daemon:
         target = daemon.url.removeprefix("http://")
         with Monitoring(tmp / "monitoring", [target], f"http://127.0.0.1:{free_port()}/hook",

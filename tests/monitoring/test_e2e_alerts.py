@@ -64,7 +64,7 @@ def _matching(alerts: list[dict], name: str, instance: str) -> list[dict]:
 @pytest.mark.timeout(480)
 def test_history_leak_alert_reaches_receiver_and_bounded_daemon_stays_quiet(tmp_path, cache_dir):
     scaled = Thresholds().scaled(TIME_SCALE)
-    serve = ("--max-new-tokens", "16", "--warmup", "false")
+    serve = ("--max-new-tokens", "16", "--no-warmup")
     for name in ("leak", "bounded"):
         (tmp_path / name).mkdir()
     leak_d = Daemon(tmp_path / "leak", cache_dir, "--leak-mode", "history", *serve)

@@ -25,8 +25,8 @@ ALERT_NAMES = {
     "EdgechatMemoryLeakSuspected", "EdgechatMemoryNearLimit", "EdgechatHistoryUnbounded",
     "EdgechatHistoryLimitDisabled", "EdgechatGCUncollectableGrowing", "EdgechatGCPausesHigh",
     "EdgechatTurnLatencyCreep", "EdgechatTurnLatencyHigh", "EdgechatRestarted", "EdgechatOOMKilled",
-    "EdgechatDown", "EdgechatHighErrorRate", "EdgechatSaturated", "Watchdog", "InfoInhibitor"}
-META = {"Watchdog", "InfoInhibitor"}
+    "EdgechatDown", "EdgechatHighErrorRate", "EdgechatSaturated", "EdgechatHeartbeat", "EdgechatInfoInhibitor"}
+META = {"EdgechatHeartbeat", "EdgechatInfoInhibitor"}
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -134,7 +134,7 @@ def test_scenario_matrix_covers_leaks_and_healthy_runs():
         doc = yaml.safe_load(handle)["tests"][0]
     listed = {(t["eval_time"], t["alertname"]) for t in doc["alert_rule_test"] if t["exp_alerts"] == []}
     for t in {t["eval_time"] for t in doc["alert_rule_test"]}:
-        assert {name for time, name in listed if time == t} == ALERT_NAMES - {"Watchdog"}
+        assert {name for time, name in listed if time == t} == ALERT_NAMES - {"EdgechatHeartbeat"}
 
 
 def test_alert_names_and_contract():
@@ -190,7 +190,7 @@ def test_unit_tests_evaluate_groups_in_dependency_order():
 
 def test_info_inhibitor_fires_before_any_info_alert():
     alerts = _alerts()
-    [inhibitor] = [a for a in alerts if a["alert"] == "InfoInhibitor"]
+    [inhibitor] = [a for a in alerts if a["alert"] == "EdgechatInfoInhibitor"]
     infos = [a for a in alerts if a["labels"]["severity"] == "info"]
     assert infos and all(seconds(inhibitor["for"]) < seconds(a["for"]) for a in infos)
 

@@ -281,7 +281,7 @@ def test_stack_starts_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir):
     cmd = [sys.executable, "-m", "daemon", "stack", "--time-scale", "0.01", "--scrape-interval", "1"]
     for name, port in ports.items():
         cmd += [f"--{name}", str(port)]
-    cmd += ["--", "--cache-dir", cache_dir, "--threads", "1", "--warmup", "false"]
+    cmd += ["--", "--cache-dir", cache_dir, "--threads", "1", "--no-warmup"]
     err = open(tmp_path / "stack.err", "w+")
     proc = track(subprocess.Popen(cmd, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=err,
                                   start_new_session=True))

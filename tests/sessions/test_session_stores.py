@@ -341,11 +341,11 @@ def test_serve_stops_with_one_message_on_a_corrupt_store(tmp_path, cache_dir):
     _garbage(tmp_path / "s.db")
     proc = subprocess.run(
         [sys.executable, "-m", "daemon", "serve", "--model", "builtin:tiny", "--cache-dir", cache_dir,
-         "--port", "0", "--warmup", "false", "--metrics-dir", str(tmp_path / "m"),
+         "--port", "0", "--no-warmup", "--metrics-dir", str(tmp_path / "m"),
          "--session-store", f"sqlite://{tmp_path}/s.db"],
         capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("edgechat: session_store:")]
+    lines = [line for line in proc.stderr.splitlines() if "edgechat.serve: session_store:" in line]
     assert len(lines) == 1 and "corrupt" in lines[0], proc.stderr[-2000:]
 
 
@@ -411,7 +411,7 @@ def _turn(url: str, sid: str, content: str, **extra) -> dict:
 def test_two_workers_share_one_store(backend, tmp_path, cache_dir, request):
     store = _store_arg(backend, tmp_path, request)
     with Daemon(tmp_path, cache_dir, "--workers", "2", "--session-store", store,
-                "--max-history-turns", "0", "--warmup", "false") as d:
+                "--max-history-turns", "0", "--no-warmup") as d:
         workers = _workers(d, 2)
         sid = requests.post(d.url + "/v1/sessions", json={"system": "terse"}).json()["id"]
         answered = []
@@ -460,7 +460,7 @@ def test_kill_9_mid_turn_keeps_every_committed_turn(backend, tmp_path, cache_dir
     store = _store_arg(backend, tmp_path, request)
     args = ("--workers", "1", "--session-store", store, "--max-history-turns", "0",
             "--max-new-tokens", "20000", "--min-new-tokens", "20000", "--generation-timeout-s", "30",
-            "--queue-timeout-s", "2", "--warmup", "false")
+            "--queue-timeout-s", "2", "--no-warmup")
     d = Daemon(tmp_path, cache_dir, *args).start()
     try:
         sid = requests.post(d.url + "/v1/sessions", json={}).json()["id"]

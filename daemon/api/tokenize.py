@@ -1,0 +1,49 @@
+"""POST /tokenize and POST /detokenize in vLLM's shapes, behind the same keys and size limits as /v1."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from ..services import get_services
+from . import params, tools, turns, validate
+from .auth import protect
+from .errors import invalid
+
+bp = protect(Blueprint("tokenize", __name__))
+
+
+@bp.post("/tokenize")
+def tokenize():
+    """Token ids of a prompt (as is) or of messages (through the chat template)."""
+    body = validate.json_body()
+    params.check(body, params.TOKENIZE, "tokenize")
+    turns.check_model(body)
+    engine = get_services().engine
+    if ("prompt" in body) == ("messages" in body):
+        raise invalid("send exactly one of 'prompt' and 'messages'", "prompt", "missing_field")
+    if "prompt" in body:
+        prompt = validate.text(body, "prompt", required=True, allow_empty=True)
+        special = validate.boolean(body, "add_special_tokens", True)
+        ids = engine.tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    else:
+        wanted = tools.request(body, engine.tokenizer.chat_template)
+        ids = engine.encode(validate.messages(body), wanted.rendered if wanted else None,
+                            generation_prompt=validate.boolean(body, "add_generation_prompt", True))
+    out = {"count": len(ids), "max_model_len": engine.context_length, "tokens": ids}
+    if validate.boolean(body, "return_token_strs"):
+        out["token_strs"] = engine.tokenizer.convert_ids_to_tokens(ids)
+    return jsonify(out)
+
+
+@bp.post("/detokenize")
+def detokenize():
+    """The text of token ids."""
+    body = validate.json_body()
+    params.check(body, params.DETOKENIZE, "detokenize")
+    turns.check_model(body)
+    engine = get_services().engine
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                            and 0 <= i < len(engine.tokenizer) for i in ids):
+        raise invalid(f"'tokens' must be a list of token ids (0..{len(engine.tokenizer) - 1})",
+                      "tokens", "invalid_type" if not isinstance(ids, list) else "invalid_value")
+    return jsonify({"prompt": engine.tokenizer.decode(ids)})
