@@ -3,9 +3,14 @@
 Each variant runs in its own child process with its own copy of the model (the lean decoder takes
 its copy's weights over; OpenMP settings are read once per process), and every round asks each
 child in turn for one measurement: a 512-token prompt from position 0 (llama-bench's pp512), then
-64 greedy tokens (its tg64). Used by bench.fast_turns; runnable alone:
+64 greedy tokens (its tg64). Each variant's decode also shows the weight bytes it moves per second
+(tok/s × bytes read per token). With --llama-bench and --gguf (bench/llamacpp/build.sh builds both),
+llama.cpp's `llama-bench -t N -p 512 -n 64` runs on the same model as GGUF F32/BF16/Q8_0/Q4_K_M in
+the same run, and each variant is compared with the peer of its precision. Used by bench.fast_turns;
+runnable alone:
 
     .venv/bin/python -m bench.decode_options [--rounds 3] [--variants a,b,...]
+        [--llama-bench PATH --gguf DIR]
 """
 from __future__ import annotations
 
@@ -29,9 +34,19 @@ VARIANTS = {
     "lean-packed-bf16": ("bfloat16", "packed", 0),
     "lean-packed-bf16-1thread": ("bfloat16", "packed", 1),
     "lean-packed-fp32": ("float32", "packed", 0),
-    "lean-int8": ("bfloat16", "int8", 0),
+    "lean-int8-torch": ("bfloat16", "int8-torch", 0),
     "lean-packed-bf16-spin": ("bfloat16", "packed", 0),
+    "lean-native-bf16": ("bfloat16", "native", 0),
+    "lean-native-fp32": ("float32", "native", 0),
+    "lean-native-int8": ("bfloat16", "int8", 0),
+    "lean-native-int4": ("bfloat16", "int4", 0),
 }
+# how -> FastDecoder's (quantize, kernel)
+DECODERS = {"plain": ("none", "plain"), "packed": ("none", "onednn"), "native": ("none", "native"),
+            "int8-torch": ("int8", "onednn"), "int8": ("int8", "native"), "int4": ("int4", "native")}
+# llama.cpp's file for each precision (bench/llamacpp/build.sh's names) and its llama-bench type label
+PEERS = {"float32": ("q05-f32.gguf", "F32"), "bfloat16": ("q05-bf16.gguf", "BF16"),
+         "int8": ("q05-q8_0.gguf", "Q8_0"), "int4": ("q05-q4_k_m.gguf", "Q4_K_M")}
 # Every child runs with OpenMP's waiters asleep, as `edgechat serve` sets it; "-spin" shows libgomp's
 # default (waiters spin), the setting the engine used to run under.
 BASE_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,10 +60,31 @@ WHAT = {
     "lean-packed-bf16": "lean decoder, oneDNN-prepacked weights, bf16 — edgechat's default here",
     "lean-packed-bf16-1thread": "the default at 1 intra-op thread instead of 2 (physical cores)",
     "lean-packed-fp32": "lean decoder, prepacked, fp32 (dtype auto on CPUs without AVX512-BF16/AMX)",
-    "lean-int8": "lean decoder, int8 weight-only (`quantize=int8`), bf16 activations",
+    "lean-int8-torch": "lean decoder, int8 rows through torch's `_weight_int8pack_mm` (`quantize=int8 "
+                       "kernel=onednn`)",
     "lean-packed-bf16-spin": "the default with libgomp's default wait policy (waiting threads spin) "
                              "instead of OMP_WAIT_POLICY=PASSIVE",
+    "lean-native-bf16": "lean decoder, bf16 weights streamed by edgechat's compiled GEMV (`kernel=native`)",
+    "lean-native-fp32": "the same GEMV over fp32 weights (bf16 widened: exact)",
+    "lean-native-int8": "int8 rows (`quantize=int8`), compiled GEMV; int8 embeddings/lm_head",
+    "lean-native-int4": "int4 groups of 32 (`quantize=int4`), compiled GEMV; int8 embeddings/lm_head",
 }
+
+
+def precision(name: str) -> str:
+    """float32 | bfloat16 | int8 | int4: what a variant's weights are, for its peer and bytes per token."""
+    dtype, how, _ = VARIANTS[name]
+    return "int8" if how.startswith("int8") else "int4" if how == "int4" else dtype
+
+
+def bytes_per_token(config, prec: str) -> float:
+    """Weight bytes one decode step reads: every projection and the lm_head (embedding rows are noise)."""
+    from daemon.model.tune import parameters
+    head = config.vocab_size * config.hidden_size
+    layers = parameters(config) - head * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    per = {"float32": (4, 4), "bfloat16": (2, 2), "int8": (1 + 2 / config.hidden_size, 1), "int4": (0.625, 1)}
+    layer_b, head_b = per[prec]
+    return layers * layer_b + head * head_b
 
 
 def _model_path(cache_dir: str) -> str:
@@ -81,8 +117,12 @@ def load(path: str, dtype: str, how: str) -> Callable[[list[int]], tuple[float, 
                                stopping_criteria=StoppingCriteriaList([first]))
             return first.at - started, time.perf_counter() - first.at
         return run_generate
-    decoder = HFDecoder(model) if how == "hf" else FastDecoder(
-        model, "int8" if how == "int8" else "none", pack=how != "plain")
+    if how == "hf":
+        decoder = HFDecoder(model)
+    else:
+        from daemon.model import kernels
+        kernels.load(common.default_cache_dir(), log=lambda line: print(line, file=sys.stderr))
+        decoder = FastDecoder(model, *DECODERS[how])
 
     def run_decoder(ids: list[int]) -> tuple[float, float]:
         with torch.inference_mode():
@@ -167,16 +207,57 @@ def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[st
     return results
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: variant, prefill and decode tok/s as median (p10–p90), and decode against the default
-    measured in the same rounds."""
+def llama_bench(binary: str, gguf_dir: str, threads: int, repetitions: int) -> dict[str, dict]:
+    """llama.cpp's pp512/tg64 per precision: {precision: {"prefill", "decode", "bytes"}} (bytes: the
+    model's tensor bytes, all read per generated token)."""
+    files = [(prec, os.path.join(gguf_dir, f)) for prec, (f, _) in PEERS.items()]
+    files = [(prec, f) for prec, f in files if os.path.exists(f)]
+    if not files:
+        raise FileNotFoundError(f"no q05-*.gguf in {gguf_dir} (bench/llamacpp/build.sh writes them)")
+    cmd = [binary, "-t", str(threads), "-p", str(PROMPT), "-n", str(NEW), "-r", str(repetitions), "-o", "json"]
+    for _, f in files:
+        cmd += ["-m", f]
+    rows = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600).stdout)
+    out: dict[str, dict] = {}
+    for prec, f in files:
+        for r in rows:
+            if os.path.basename(r["model_filename"]) == os.path.basename(f):
+                key = "prefill" if r["n_prompt"] else "decode"
+                out.setdefault(prec, {"bytes": r["model_size"]})[key] = r["avg_ts"]
+    return out
+
+
+def table(results: dict[str, dict], config=None, peers: dict[str, dict] | None = None) -> str:
+    """Markdown: variant, prefill and decode tok/s as median (p10–p90), decode against the default
+    measured in the same rounds, the weight GB/s decode moves, and the ratios to llama.cpp's peer."""
     rows = []
+    peers = peers or {}
     for name, r in results.items():
         ref = common.median(r["ref_decode"]) if r["ref_decode"] else common.median(r["decode"])
-        rows.append((f"`{name}`", WHAT[name], common.spread(r["prefill"], "{:.0f}"),
-                     common.spread(r["decode"], "{:.1f}"), common.ratio(common.median(r["decode"]), ref)))
-    return common.markdown_table(("variant", "what", f"prefill tok/s (pp{PROMPT})", f"decode tok/s (tg{NEW})",
-                                  "decode / default's in the same rounds"), rows)
+        decode, prefill = common.median(r["decode"]), common.median(r["prefill"])
+        prec = precision(name)
+        gbs = decode * bytes_per_token(config, prec) / 1e9 if config is not None else float("nan")
+        peer = peers.get(prec)
+        row = [f"`{name}`", WHAT[name], common.spread(r["prefill"], "{:.0f}"), common.spread(r["decode"], "{:.1f}"),
+               common.ratio(decode, ref), f"{gbs:.1f}"]
+        if peers:
+            row += (["—"] * 4 if peer is None else
+                    [PEERS[prec][1], common.ratio(decode, peer["decode"]), common.ratio(prefill, peer["prefill"]),
+                     common.ratio(gbs, peer["decode"] * peer["bytes"] / 1e9)])
+        rows.append(row)
+    headers = ["variant", "what", f"prefill tok/s (pp{PROMPT})", f"decode tok/s (tg{NEW})",
+               "decode / default's in the same rounds", "weight GB/s in decode"]
+    if peers:
+        headers += ["llama.cpp peer", "decode / peer's", "prefill / peer's", "weight GB/s / peer's"]
+    return common.markdown_table(headers, rows)
+
+
+def peer_table(peers: dict[str, dict]) -> str:
+    """Markdown: llama.cpp's own figures."""
+    rows = [(PEERS[p][1], f"{v['prefill']:.0f}", f"{v['decode']:.1f}", f"{v['bytes'] / 1e6:.0f}",
+             f"{v['decode'] * v['bytes'] / 1e9:.1f}") for p, v in peers.items()]
+    return common.markdown_table(("llama.cpp GGUF", f"prefill tok/s (pp{PROMPT})", f"decode tok/s (tg{NEW})",
+                                  "weight MB", "weight GB/s in decode"), rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench, run on the same model")
+    p.add_argument("--gguf", default=None, help="folder of q05-{f32,bf16,q8_0,q4_k_m}.gguf")
+    p.add_argument("--llama-repetitions", type=int, default=3)
     p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # child mode, used by measure()
     args = p.parse_args(argv)
     if args.serve:
@@ -194,9 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants: {', '.join(unknown)}")
+    if bool(args.llama_bench) != bool(args.gguf):
+        p.error("--llama-bench and --gguf go together")
     print(f"{common.today()}: {common.machine_note()}; {common.code_note()}", flush=True)
-    results = measure(names, args.rounds, args.cache_dir or common.default_cache_dir())
-    print(table(results))
+    cache_dir = args.cache_dir or common.default_cache_dir()
+    results = measure(names, args.rounds, cache_dir)
+    peers = None
+    if args.llama_bench:
+        from daemon.model.cpu import physical_cores
+        print(f"  llama-bench -t {physical_cores()} -p {PROMPT} -n {NEW} ...", flush=True)
+        peers = llama_bench(args.llama_bench, args.gguf, physical_cores(), args.llama_repetitions)
+        print(peer_table(peers))
+    from transformers import AutoConfig
+    print(table(results, AutoConfig.from_pretrained(_model_path(cache_dir)), peers))
     print(common.machine_note())
     return 0
 

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 ENV_PREFIX = "EDGECHAT_"
 DTYPES = ("auto", "float32", "bfloat16")
 LEAK_MODES = ("off", "history", "tensors")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4", "auto")
+KERNELS = ("auto", "native", "onednn", "plain")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 SESSION_STORE_PREFIXES = ("memory", "sqlite:///", "redis://", "rediss://", "unix://")
@@ -55,13 +56,21 @@ class Config:
     model: str = _opt("Qwen/Qwen2.5-0.5B-Instruct",
                       help="Hub id, local folder, or builtin:tiny / builtin:qwen2.5-0.5b-shape.")
     served_model_name: str = _opt("", help="The model's name in the API (/v1/models, the `model` "
-                                           "field, the edgechat_model_info label); empty = `model`, "
-                                           "or a local folder's own name rather than its path.")
-    dtype: str = _opt("auto", choices=DTYPES, help="auto | float32 | bfloat16; auto = the checkpoint's "
-                                                   "bfloat16 where the CPU has AVX512-BF16/AMX, else float32.")
+                                          "field, the edgechat_model_info label); empty = `model`, "
+                                          "or a local folder's own name rather than its path.")
+    dtype: str = _opt("auto", choices=DTYPES, help="auto | float32 | bfloat16; auto = the faster of the "
+                                                   "checkpoint's bfloat16 and float32 on this CPU (timed at "
+                                                   "first start, cached; float32 only where it fits the "
+                                                   "memory budget).")
     threads: int = _opt(0, help="torch intra-op threads per worker; 0 = physical cores.")
-    quantize: str = _opt("none", choices=QUANTIZE, help="none | int8: int8 weight-only linears (half the weight bytes of "
-                                      "bfloat16; Qwen2/Llama-family models only).")
+    quantize: str = _opt("none", choices=QUANTIZE, help="none | int8 | int4 | auto: weight-only int8 rows or "
+                                                        "int4 groups of 32 (half / under a third of bfloat16's "
+                                                        "weight bytes; Qwen2/Llama-family models only); auto = "
+                                                        "the fastest of all, timed at first start.")
+    kernel: str = _opt("auto", choices=KERNELS, help="auto | native | onednn | plain: how decode runs the "
+                                                     "projections (native = edgechat's compiled GEMV, built at "
+                                                     "first start with the C++ compiler; auto = the fastest, "
+                                                     "timed at first start and cached).")
     warmup: bool = _opt(True, help="Run a short generation before /readyz turns ready.")
     # --- server ----------------------------------------------------------------------------
     host: str = _opt("127.0.0.1", help="Address to listen on.")

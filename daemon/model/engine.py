@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 from .builtin import ensure_built, is_builtin, read_marker
 from ..config import Config
 from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
+from . import tune
 from .forward import make_decoder
 from .sampling import Constraint, Sampler, Sampling, TurnCounts, run_turn, sampling_for
 from .tokens import TokenTable
@@ -126,8 +127,12 @@ class Engine:
 
     def __init__(self, cfg: Config, model: Any, tokenizer: Any, *, model_id: str, dtype: str,
                  plain_text_only: bool, listener: EngineListener | None = None,
-                 log: logging.Logger = _LOG, memory_pressure: Callable[[], bool] | None = None) -> None:
+                 log: logging.Logger = _LOG, memory_pressure: Callable[[], bool] | None = None,
+                 choice: tune.Choice | None = None) -> None:
         self.cfg = cfg
+        if choice is None:  # built directly (tests): what the settings force, else the decoder's default
+            choice = tune.Choice(dtype, "none" if cfg.quantize == "auto" else cfg.quantize,
+                                 "" if cfg.kernel == "auto" else cfg.kernel)
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -150,8 +155,10 @@ class Engine:
         self._generation_config = copy.deepcopy(model.generation_config)
         rows = model.get_input_embeddings().weight.shape[0]
         self._banned = plain_text_mask(tokenizer, rows, self.eos_ids) if plain_text_only else None
-        self.decoder = make_decoder(model, cfg.quantize)
-        self.quantize = cfg.quantize
+        self.decoder = make_decoder(model, choice.quantize, choice.kernel if choice.kernel not in ("", "hf") else None)
+        self.quantize = choice.quantize
+        self.kernel = getattr(self.decoder, "kernel", "hf")
+        self.choice = choice
         # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
         self.kv_pool = KVPool(budget, listener, memory_pressure)
@@ -173,7 +180,9 @@ class Engine:
         try:
             path = ensure_built(cfg.model, cfg.cache_dir, log=log.info) if is_builtin(cfg.model) else cfg.model
             tokenizer = AutoTokenizer.from_pretrained(path)
-            dtype = resolve_dtype(cfg.dtype, getattr(AutoConfig.from_pretrained(path), "dtype", None))
+            model_config = AutoConfig.from_pretrained(path)
+            choice = tune.for_config(cfg, path, model_config, threads, log.info)
+            dtype = choice.dtype
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             # OSError: missing path, offline and not cached, unreadable files; ValueError/KeyError:
@@ -183,13 +192,13 @@ class Engine:
         plain = is_builtin(cfg.model) or read_marker(path) is not None
         try:
             engine = cls(cfg, model, tokenizer, model_id=cfg.served_name, dtype=dtype, plain_text_only=plain,
-                         listener=listener, log=log, memory_pressure=memory_pressure)
+                         listener=listener, log=log, memory_pressure=memory_pressure, choice=choice)
         except ValueError as exc:  # quantize asked of a model the fast decoder does not support
             raise ModelLoadError(cfg.model, exc) from exc
-        log.info("loaded model %s from %s: %s%s, %s decoder, %d threads, context %d, KV cache budget "
-                 "%.0f MB, in %.1f s, RSS %.0f MB", cfg.model, path, dtype,
-                 "" if cfg.quantize == "none" else f" with {cfg.quantize} weights",
-                 type(engine.decoder).__name__, threads, engine.context_length,
+        log.info("loaded model %s from %s: %s%s, %s decoder (%s kernel, %s), %d threads, context %d, KV cache "
+                 "budget %.0f MB, in %.1f s, RSS %.0f MB", cfg.model, path, dtype,
+                 "" if engine.quantize == "none" else f" with {engine.quantize} weights",
+                 type(engine.decoder).__name__, engine.kernel, choice.source, threads, engine.context_length,
                  engine.kv_pool.budget_bytes / 2**20, time.monotonic() - started, rss_bytes() / 2**20)
         if cfg.leak_mode == "tensors":
             log.warning("LEAK MODE 'tensors' IS ON: every turn's generation outputs (KV cache, scores) are "
@@ -241,7 +250,8 @@ class Engine:
 
     @property
     def dtype_label(self) -> str:
-        """The dtype as edgechat_model_info shows it: "bfloat16", or "bfloat16+int8" for int8 weights."""
+        """The dtype as edgechat_model_info shows it: "bfloat16", or "bfloat16+int8" for int8 weights
+        ("+int4" for int4)."""
         return self.dtype if self.quantize == "none" else f"{self.dtype}+{self.quantize}"
 
     def _decode(self, prompt_ids: list[int], sampling: Sampling, on_token: Callable[[int], bool],

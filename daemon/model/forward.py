@@ -12,11 +12,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .kvpool import BLOCK, KVState
-from .weights import (can_pack, drop_float_weights, fuse, linear, own_small_weights, quantize_rows,
-                      release_file_pages)
+from .quant import quantize_rows
+from .weights import can_pack, drop_float_weights, fuse, linear, own_small_weights, release_file_pages
 
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
+# how the projections run: gemv.cpp (compiled), oneDNN prepacked, or plain F.linear
+KERNELS = ("native", "onednn", "plain")
+
+
+def default_kernel() -> str:
+    """The kernel a decoder built without one uses: native where compiled, else oneDNN where it packs."""
+    return "native" if kernels.current() is not None else "onednn" if can_pack() else "plain"
 
 
 def fast_path_reason(model: Any) -> str | None:
@@ -44,15 +52,25 @@ class _Layer:
 class FastDecoder:
     """Forward passes of a Qwen2/Llama-family model over a KVState; fills and reads the cache itself."""
 
-    def __init__(self, model: Any, quantize: str = "none", pack: bool | None = None) -> None:
-        """Take over the model's weights: fused, prepacked (pack None = where oneDNN can) or int8.
-        Packed or int8, the float weights are freed layer by layer and the HF model cannot run."""
+    def __init__(self, model: Any, quantize: str = "none", kernel: str | None = None) -> None:
+        """Take over the model's weights: fused, then streamed by gemv.cpp, prepacked for oneDNN, or
+        quantized (kernel None = default_kernel()). Unless plain, the float weights are freed layer by
+        layer and the HF model cannot run. int4 keeps the embeddings and lm_head int8 (per row)."""
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
+        kernel = kernel or default_kernel()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+        lib = kernels.current() if kernel == "native" else None
+        if kernel == "native" and lib is None:
+            raise ValueError("kernel 'native' needs the compiled decode kernels (none were built)")
         cfg, inner = model.config, model.model
         self.dtype = model.dtype
         self.quantize = quantize
-        mode = "int8" if quantize == "int8" else "packed" if (can_pack() if pack is None else pack) else "plain"
+        self.kernel = kernel
+        mode = quantize if quantize != "none" else {"native": "native", "onednn": "packed"}.get(kernel, "plain")
+        if mode == "packed" and not can_pack():
+            raise ValueError("kernel 'onednn' needs a torch build whose oneDNN prepacks weights")
         self.mode = mode
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -72,11 +90,11 @@ class FastDecoder:
             layer = _Layer()
             layer.ln1 = block.input_layernorm.weight.detach()
             layer.ln2 = block.post_attention_layernorm.weight.detach()
-            layer.qkv = linear(*fuse([attn.q_proj, attn.k_proj, attn.v_proj]), mode, self.dtype)
+            layer.qkv = linear(*fuse([attn.q_proj, attn.k_proj, attn.v_proj]), mode, self.dtype, lib=lib)
             layer.o = linear(attn.o_proj.weight.detach(), None if attn.o_proj.bias is None
-                              else attn.o_proj.bias.detach(), mode, self.dtype)
-            layer.gate_up = linear(fuse([mlp.gate_proj, mlp.up_proj])[0], None, mode, self.dtype)
-            layer.down = linear(mlp.down_proj.weight.detach(), None, mode, self.dtype)
+                              else attn.o_proj.bias.detach(), mode, self.dtype, lib=lib)
+            layer.gate_up = linear(fuse([mlp.gate_proj, mlp.up_proj])[0], None, mode, self.dtype, lib=lib)
+            layer.down = linear(mlp.down_proj.weight.detach(), None, mode, self.dtype, lib=lib)
             self.layers.append(layer)
             if mode != "plain":  # free this layer's float weights now: the peak stays one layer
                 drop_float_weights(block, self.dtype)
@@ -87,11 +105,12 @@ class FastDecoder:
         tied = head.data_ptr() == embed.data_ptr()
         self.embed: torch.Tensor | None = embed
         self._embed_q: tuple[torch.Tensor, torch.Tensor] | None = None
-        if mode == "int8" and tied:  # one int8 copy serves the lm_head and the row lookups
+        head_mode = "int8" if mode == "int4" else mode  # the lm_head stays int8 (as llama.cpp's Q4_K_M keeps Q6_K)
+        if head_mode == "int8" and tied:  # one int8 copy serves the lm_head and the row lookups
             self._embed_q = quantize_rows(embed, self.dtype)
             self.embed = None
-        # packed and tied: the plain embedding stays for row lookups beside the packed lm_head
-        self.lm_head = linear(head, None, mode, self.dtype, self._embed_q)
+        # packed or native and tied: the plain embedding stays for row lookups beside the lm_head's copy
+        self.lm_head = linear(head, None, head_mode, self.dtype, self._embed_q, lib=lib)
         del head, embed
         if mode != "plain":
             drop_float_weights(model, self.dtype, keep=self.embed)
@@ -224,11 +243,11 @@ class HFDecoder:
         return out.logits[0, -1].float()
 
 
-def make_decoder(model: Any, quantize: str = "none") -> FastDecoder | HFDecoder:
+def make_decoder(model: Any, quantize: str = "none", kernel: str | None = None) -> FastDecoder | HFDecoder:
     """FastDecoder where the model allows it, else HFDecoder (which cannot quantize)."""
     reason = fast_path_reason(model)
     if reason is None:
-        return FastDecoder(model, quantize)
+        return FastDecoder(model, quantize, kernel)
     if quantize != "none":
         raise ValueError(f"quantize={quantize!r} needs a Qwen2/Llama-family model ({reason})")
     return HFDecoder(model)

@@ -14,19 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_ROWS_PER_CHUNK = 8192  # rows quantized at a time, so the float32 copy stays small
+from . import kernels
+from .quant import dequantize_int4, dequantize_rows, equalize, quantize_int4, quantize_rows
 
-
-def quantize_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 weights and their scales (in the activation dtype)."""
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scales = torch.empty(weight.shape[0], dtype=torch.float32)
-    for start in range(0, weight.shape[0], _ROWS_PER_CHUNK):
-        rows = weight[start:start + _ROWS_PER_CHUNK].float()
-        s = rows.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        q[start:start + _ROWS_PER_CHUNK] = (rows / s[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        scales[start:start + _ROWS_PER_CHUNK] = s
-    return q, scales.to(dtype)
+# rows of x up to which the streaming GEMV runs; above (prefill), oneDNN's GEMM on the (dequantized) weight
+GEMV_ROWS = 8
+MODES = ("plain", "packed", "native", "int8", "int4")
 
 
 def can_pack() -> bool:
@@ -34,19 +27,63 @@ def can_pack() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _streaming(lib: kernels.Library, kind: str, weights: tuple, bias: torch.Tensor | None,
+               n: int, big: Callable[[torch.Tensor], torch.Tensor], col: torch.Tensor | None = None) -> Linear:
+    """A linear running gemv.cpp's `kind` kernel at up to GEMV_ROWS rows, `big` above; x is multiplied
+    by `col` first where the weight's outlier columns were divided by it."""
+    bias32 = None if bias is None else bias.float().contiguous()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] > GEMV_ROWS:
+            return big(x)
+        x32 = x2.float().contiguous() if col is None else torch.mul(x2, col)
+        out = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        kernels.gemv(lib, kind, weights, bias32, x32, out)
+        return out.to(x.dtype).view(*x.shape[:-1], n)
+    return run
+
+
 def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: torch.dtype,
-           int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+           int8: tuple[torch.Tensor, torch.Tensor] | None = None,
+           lib: kernels.Library | None = None) -> Linear:
     """y = x W^T + b. mode "plain": F.linear; "packed": oneDNN with the weight prepacked once (plain bf16
-    F.linear reorders it on every call: half the speed); "int8": per-row int8 weights (`int8` when
-    already quantized)."""
+    F.linear reorders it on every call: half the speed); "native": gemv.cpp on the plain weight in decode
+    (`lib` required); "int8": per-row int8 weights (`int8` when already quantized), gemv.cpp where `lib`
+    is given, else torch's int8 kernel; "int4": groups of 32 (gemv.cpp, else dequantized per call)."""
+    col = None
+    if mode in ("int8", "int4") and int8 is None:
+        weight, col = equalize(weight)
+
+    def restore(w: torch.Tensor) -> torch.Tensor:  # the dequantized weight with its outlier columns back
+        return w if col is None else w * col.to(w.dtype)
     if mode == "int8":
         q, scales = int8 if int8 is not None else quantize_rows(weight, dtype)
+        if lib is not None:
+            scales32 = scales.float()
+
+            def big_int8(x: torch.Tensor) -> torch.Tensor:
+                return F.linear(x, restore(dequantize_rows(q, scales, x.dtype)), bias)
+            return _streaming(lib, "int8", (q, scales32), bias, q.shape[0], big_int8, col)
+        if col is not None:
+            q, scales = quantize_rows(restore(weight), dtype)  # torch's int8 kernel takes no column factors
         mm = torch._weight_int8pack_mm
 
         def run_int8(x: torch.Tensor) -> torch.Tensor:
             y = mm(x.reshape(-1, x.shape[-1]), q, scales).view(*x.shape[:-1], -1)
             return y if bias is None else y + bias
         return run_int8
+    if mode == "int4":
+        packed, scales, mins = quantize_int4(weight)
+
+        def big_int4(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, restore(dequantize_int4(packed, scales, mins, x.dtype)), bias)
+        if lib is None:
+            return big_int4
+        return _streaming(lib, "int4", (packed, scales, mins), bias, packed.shape[0], big_int4, col)
     if mode == "packed":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         op = torch.ops.mkldnn._linear_pointwise
@@ -54,6 +91,14 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
         def run_packed(x: torch.Tensor) -> torch.Tensor:
             return op(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "").view(*x.shape[:-1], -1)
         return run_packed
+    if mode == "native":
+        if lib is None:
+            raise ValueError("mode 'native' needs the compiled decode kernels")
+        w = weight.clone(memory_format=torch.contiguous_format)  # owned: not a view of the file mapping
+        kind = "f32" if w.dtype == torch.float32 else "bf16"
+        if kind == "bf16" and w.dtype != torch.bfloat16:
+            raise ValueError(f"mode 'native' runs bfloat16 or float32 weights, not {w.dtype}")
+        return _streaming(lib, kind, (w,), bias, w.shape[0], lambda x: F.linear(x, w, bias))
     return lambda x: F.linear(x, weight, bias)
 
 
