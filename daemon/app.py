@@ -70,7 +70,8 @@ def _load(cfg: Config, metrics, recorder, sampler, budget) -> Services:
     from .model.engine import Engine
     # after each turn, above the soft memory limit, the engine keeps no KV cache idle
     engine = Engine.load(cfg, listener=recorder, memory_pressure=budget.above_soft)
-    recorder.set_model_info(engine.model_id, engine.dtype_label, cfg.leak_mode, engine.load_seconds)
+    recorder.set_model_info(engine.model_id, engine.dtype_label, cfg.leak_mode, engine.load_seconds,
+                            engine.kernel)
     try:
         store = open_store(cfg, engine.count_tokens, engine.context_length, recorder)
     except BaseException:

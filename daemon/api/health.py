@@ -28,7 +28,10 @@ def readyz():
     if pressure is not None:  # above the hard memory limit turns get 503: take the worker out of rotation
         checks["memory_below_hard_limit"] = not pressure.refusing
     ready = all(checks.values())
+    choice = engine.choice
     body = {"ready": ready, "checks": checks, "model": engine.model_id, "dtype": engine.dtype,
+            "decode": {"dtype": engine.dtype, "quantize": engine.quantize, "kernel": engine.kernel,
+                       "chosen": choice.source, "step_ms": choice.step_ms},
             "queue_depth": waiting, "pid": os.getpid()}
     if cfg.leak_mode != "off":
         body["leak_mode"] = cfg.leak_mode

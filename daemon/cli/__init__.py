@@ -10,7 +10,7 @@ import sys
 
 # each module exposes add_parsers(subparsers); subparsers set func(namespace) -> exit code
 COMMANDS = ("serve", "chat", "build_model", "monitoring", "stack", "soak", "memwatch", "alertsink",
-            "diagnose")
+            "diagnose", "tune")
 
 
 def build_parser() -> argparse.ArgumentParser:

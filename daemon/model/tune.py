@@ -193,7 +193,8 @@ def parameters(config: Any) -> int:
     return layers * per_layer + embed * (1 if getattr(config, "tie_word_embeddings", False) else 2)
 
 
-def for_config(cfg: Any, path: str, model_config: Any, threads: int, log: Callable[[str], None]) -> Choice:
+def for_config(cfg: Any, path: str, model_config: Any, threads: int, log: Callable[[str], None],
+               retune: bool = False) -> Choice:
     """The decode path to load: what the settings force, else the fastest on this CPU (tuned once, cached)."""
     from ..memory.budget import MemoryBudget
     from .cpu import resolve_dtype
@@ -206,4 +207,4 @@ def for_config(cfg: Any, path: str, model_config: Any, threads: int, log: Callab
         return Choice(resolve_dtype(cfg.dtype, getattr(model_config, "dtype", None)),
                       "none" if cfg.quantize == "auto" else cfg.quantize, "hf")
     limit = MemoryBudget.from_config(cfg, siblings=False).read().limit
-    return choose(cfg, path, model_config, parameters(model_config), limit, threads, lib, log)
+    return choose(cfg, path, model_config, parameters(model_config), limit, threads, lib, log, retune)

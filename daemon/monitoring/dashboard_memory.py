@@ -249,8 +249,8 @@ def _process_rows():
         stat("Model and leak mode",
              "The model served, its dtype, and the deliberate leak mode (off in production; the leak modes "
              "exist to test these dashboards and the alerts).", "none",
-             [target(f"max by (instance, model, dtype, leak_mode) ({sel('edgechat_model_info')})",
-                     "{{model}} {{dtype}} leak_mode={{leak_mode}}")],
+             [target(f"max by (instance, model, dtype, kernel, leak_mode) ({sel('edgechat_model_info')})",
+                     "{{model}} {{dtype}} {{kernel}} leak_mode={{leak_mode}}")],
              [(None, "blue")], w=12, h=8, text_mode="name"),
     ]
 

@@ -75,9 +75,10 @@ class Recorder:
         self.m.history_max_turns.set(cfg.max_history_turns)
         self.m.kv_cache_budget_bytes.set(cfg.kv_cache_bytes)
 
-    def set_model_info(self, model: str, dtype: str, leak_mode: str, load_seconds: float) -> None:
-        """Record what this worker serves and how long loading took."""
-        labels = (model, dtype, leak_mode)
+    def set_model_info(self, model: str, dtype: str, leak_mode: str, load_seconds: float,
+                       kernel: str = "") -> None:
+        """Record what this worker serves, the decode kernel it runs, and how long loading took."""
+        labels = (model, dtype, kernel, leak_mode)
         if self._model_labels not in (None, labels):
             # multiprocess files cannot forget a series: 0 marks the old one replaced
             self.m.model_info.labels(*self._model_labels).set(0)

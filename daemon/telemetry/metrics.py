@@ -140,7 +140,8 @@ class Metrics:
         # --- info (value 1; gauges because Info does not work in multiprocess mode)
         self.build_info = g("build_info", "Versions.", ("version", "python", "torch", "transformers"),
                             mode="livemax")
-        self.model_info = g("model_info", "The served model.", ("model", "dtype", "leak_mode"),
+        self.model_info = g("model_info", "The served model and its decode path.",
+                            ("model", "dtype", "kernel", "leak_mode"),
                             mode="livemax")
         self.tracemalloc_traced_bytes: Gauge | None = None
         self.tracemalloc_peak_bytes: Gauge | None = None

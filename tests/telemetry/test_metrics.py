@@ -170,7 +170,8 @@ def test_config_model_and_store_gauges(tel):
     text = scrape(tel)
     assert metric_value(text, "edgechat_history_max_turns") == 7
     assert metric_value(text, "edgechat_kv_cache_budget_bytes") == 5 << 20
-    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", leak_mode="history") == 1
+    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", kernel="",
+                        leak_mode="history") == 1
     assert metric_value(text, "edgechat_model_load_seconds") == 1.5
     assert metric_value(text, "edgechat_sessions") == 3
     assert metric_value(text, "edgechat_history_messages") == 40
@@ -659,8 +660,9 @@ def test_real_turns_move_the_metrics(app_factory):
     assert grew("edgechat_time_to_first_token_seconds_count") == 5
     assert metric_value(text, "edgechat_http_requests_total", route="/v1/sessions/<session_id>/messages",
                  method="POST", status="200") == 4
-    dtype = get_services(app).engine.dtype  # auto: bfloat16 where the CPU has it
-    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype=dtype, leak_mode="off") == 1
+    engine = get_services(app).engine  # dtype and kernel auto: what the tuner chose on this CPU
+    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype=engine.dtype_label,
+                        kernel=engine.kernel, leak_mode="off") == 1
     assert metric_value(text, "edgechat_history_max_turns") == 2
     assert metric_value(text, "edgechat_sessions") == 1
     assert metric_value(text, "edgechat_history_truncations_total", reason="turns") > 0
