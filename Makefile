@@ -25,11 +25,13 @@ serve: venv
 	$(VENV)/bin/edgechat serve --model $(MODEL) $(ARGS)
 
 # Debian packages the tests drive for real: promtool/prometheus, amtool/alertmanager, headless chromium,
-# redis-server (the tests start their own on a free loopback port)
+# redis-server (the tests start their own on a free loopback port), g++ (the compiled decode kernels;
+# serving without it falls back to torch's kernels)
 test-deps:
 	@command -v promtool >/dev/null && command -v amtool >/dev/null && command -v prometheus-alertmanager >/dev/null \
 	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v redis-server >/dev/null \
-	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager chromium chromium-driver redis-server; }
+	  && command -v g++ >/dev/null \
+	  || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus prometheus-alertmanager chromium chromium-driver redis-server g++; }
 
 test: venv test-deps
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

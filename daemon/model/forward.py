@@ -22,9 +22,9 @@ QUANTIZE = ("none", "int8", "int4")
 KERNELS = ("native", "onednn", "plain")
 
 
-def default_kernel() -> str:
+def default_kernel(dtype: torch.dtype = torch.bfloat16) -> str:
     """The kernel a decoder built without one uses: native where compiled, else oneDNN where it packs."""
-    return "native" if kernels.current() is not None else "onednn" if can_pack() else "plain"
+    return "native" if kernels.current() is not None else "onednn" if can_pack(dtype) else "plain"
 
 
 def fast_path_reason(model: Any) -> str | None:
@@ -58,7 +58,7 @@ class FastDecoder:
         layer and the HF model cannot run. int4 keeps the embeddings and lm_head int8 (per row)."""
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}; got {quantize!r}")
-        kernel = kernel or default_kernel()
+        kernel = kernel or default_kernel(model.dtype)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
         lib = kernels.current() if kernel == "native" else None
@@ -69,7 +69,7 @@ class FastDecoder:
         self.quantize = quantize
         self.kernel = kernel
         mode = quantize if quantize != "none" else {"native": "native", "onednn": "packed"}.get(kernel, "plain")
-        if mode == "packed" and not can_pack():
+        if mode == "packed" and not can_pack(self.dtype):
             raise ValueError("kernel 'onednn' needs a torch build whose oneDNN prepacks weights")
         self.mode = mode
         self.heads = cfg.num_attention_heads

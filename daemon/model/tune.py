@@ -63,12 +63,16 @@ def candidates(cfg: Any, checkpoint_dtype: str, params: int, limit_bytes: int,
     if cfg.kernel != "auto":
         kinds = [cfg.kernel]
     else:
-        kinds = (["native"] if lib is not None else []) + (["onednn"] if can_pack() else []) or ["plain"]
+        kinds = ["native", "onednn"] if lib is not None else ["onednn"]
     out = []
     for q in quants:
         for d in dtypes if q == "none" else dtypes[:1]:  # quantized weights: the activations' dtype barely matters
             if weight_bytes(params, d, q) <= WEIGHT_SHARE * limit_bytes or (q, d) == (quants[0], dtypes[0]):
-                out.extend((d, q, k) for k in kinds)
+                usable = kinds
+                if cfg.kernel == "auto":  # oneDNN where it packs this dtype; plain only where nothing else runs
+                    usable = [k for k in kinds if k == "native" or (k == "onednn" and can_pack(getattr(torch, d)))]
+                    usable = usable or ["plain"]
+                out.extend((d, q, k) for k in usable)
     return out
 
 

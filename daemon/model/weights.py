@@ -8,6 +8,7 @@ alone took ~40 ms a token on one core here). Prepacking once removes that (docs/
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Callable
 
 import torch
@@ -22,9 +23,17 @@ GEMV_ROWS = 8
 MODES = ("plain", "packed", "native", "int8", "int4")
 
 
-def can_pack() -> bool:
-    """Whether oneDNN can hold weights prepacked for its GEMV kernels (x86 builds of torch)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+@functools.lru_cache(maxsize=None)
+def can_pack(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether oneDNN can hold `dtype` weights prepacked for its GEMV kernels: x86 builds of torch, and
+    for bf16 a CPU (or ONEDNN_MAX_CPU_ISA) with AVX512BW/VL/DQ or AVX-NE-CONVERT (tried once)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), 1)
+    except RuntimeError:  # "bf16 path needs the cpu support ..."
+        return False
+    return True
 
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
