@@ -14,7 +14,6 @@ from daemon.services import get_services
 from daemon.model import cpu, engine as engine_mod
 from daemon.config import Config
 from daemon.model.forward import FastDecoder, HFDecoder
-from daemon.model.weights import can_pack, release_file_pages
 from daemon.model.engine import Engine, GenerationParams
 from daemon.model.kvpool import KVPool, KVState
 from daemon.sessions import HistoryPolicy, MemoryStore
@@ -78,14 +77,15 @@ def chat(e: Engine, store: MemoryStore, turns: int) -> list:
     return out
 
 
-@pytest.mark.parametrize("pack", [None, False], ids=["default", "plain"])
-def test_fast_decoder_matches_transformers(make_engine, reference, pack):
+@pytest.mark.parametrize("kernel", [None, "plain"], ids=["default", "plain"])
+def test_fast_decoder_matches_transformers(make_engine, reference, kernel):
     e = make_engine(kv_cache_bytes=0)
-    if pack is False:
-        e.decoder = FastDecoder(copy.deepcopy(reference), pack=False)
+    if kernel is not None:
+        e.decoder = FastDecoder(copy.deepcopy(reference), kernel=kernel)
     assert isinstance(e.decoder, FastDecoder)
-    assert e.decoder.mode == ("packed" if can_pack() and pack is None else "plain")
-    if e.decoder.mode == "packed":  # the float copies were freed, all but the embedding rows
+    expected = {"native": "native", "onednn": "packed", "plain": "plain"}[e.decoder.kernel]
+    assert e.decoder.mode == expected and (kernel is None or e.decoder.kernel == kernel)
+    if e.decoder.mode != "plain":  # the float copies were freed, all but the embedding rows
         assert e.model.lm_head.weight.numel() and not e.model.model.layers[0].mlp.down_proj.weight.numel()
     ids = e.encode([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello, how are you?"}])
     state = e.decoder.new_state()
