@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import add_arguments, from_args
+from .flags import add_arguments, from_args
 
 
 def add_parsers(sub) -> None:

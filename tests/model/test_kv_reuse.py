@@ -16,6 +16,7 @@ from daemon.config import Config
 from daemon.model.forward import FastDecoder, HFDecoder
 from daemon.model.engine import Engine, GenerationParams
 from daemon.model.kvpool import KVPool, KVState
+from daemon.model.weights import release_file_pages
 from daemon.sessions import HistoryPolicy, MemoryStore
 from support.fakes import count_words
 from support.metrics import metric_value
