@@ -1,6 +1,7 @@
 """The app factory: builds this worker's Services (telemetry, memory budget, model, store) and the HTTP API."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -65,6 +66,7 @@ def _load(cfg: Config, metrics, recorder, sampler, budget) -> Services:
     hf_logging.disable_default_handler()  # transformers' lines go through edgechat's handler
     hf_logging.enable_propagation()
 
+    from .api.limits import TenantLimits
     from .api.stats import RecentTurns
     from .memory.tracing import Diagnostics
     from .model.engine import Engine
@@ -73,24 +75,30 @@ def _load(cfg: Config, metrics, recorder, sampler, budget) -> Services:
     recorder.set_model_info(engine.model_id, engine.dtype_label, cfg.leak_mode, engine.load_seconds,
                             engine.kernel)
     try:
-        store = open_store(cfg, engine.count_tokens, engine.context_length, recorder)
+        # counts stop early once past the context: a huge message is refused without tokenizing it all
+        count = functools.partial(engine.count_tokens, limit=engine.context_length)
+        store = open_store(cfg, count, engine.context_length, recorder)
     except BaseException:
         engine.close()
         raise
     recorder.set_store_stats(store.stats())
     return Services(config=cfg, metrics=metrics, recorder=recorder, sampler=sampler, budget=budget,
                     engine=engine, store=store, recent_turns=RecentTurns.for_config(cfg),
-                    diagnostics=Diagnostics.for_config(cfg, recorder, metrics.multiprocess_dir))
+                    diagnostics=Diagnostics.for_config(cfg, recorder, metrics.multiprocess_dir),
+                    limits=TenantLimits(cfg.turns_in_flight_per_key(),
+                                        cfg.max_requests_per_minute_per_key))
 
 
 def _init_concerns(app: Flask, services: Services) -> None:
     """Start the background threads and register every blueprint, each concern by its init_app."""
-    from .api import (admin, completions, cors, errors, exposition, health, legacy, sessions, stats,
-                      tokenize, ui)
+    from .api import (admin, completions, cors, errors, exposition, health, legacy, openapi,
+                      sessions, stats, tokenize, ui)
     from .memory import tracing, watchdog
+    from .server import worker
     cfg = services.config
     errors.init_app(app)
     cors.init_app(app, cfg.cors_origins)
+    worker.set_listener(_ServerEvents(services))  # the server's refusals, its large requests
     exposition.init_app(app, cfg, services.metrics, services.sampler)
     tracing.start(services.diagnostics, services.metrics.track_tracemalloc, cfg.metrics_refresh_s,
                   services.stop)
@@ -98,10 +106,24 @@ def _init_concerns(app: Flask, services: Services) -> None:
                                        store=services.store, metrics=services.recorder,
                                        stop=services.stop)
     _start_housekeeping(services)
-    for bp in (health.bp, completions.bp, legacy.bp, tokenize.bp, sessions.bp, stats.bp, ui.bp):
+    for bp in (health.bp, completions.bp, legacy.bp, tokenize.bp, sessions.bp, stats.bp, ui.bp,
+               openapi.bp):
         app.register_blueprint(bp)
     if cfg.admin_key:  # without a key the /debug/memory endpoints do not exist at all
         app.register_blueprint(admin.bp)
+
+
+class _ServerEvents:
+    """The gunicorn worker's listener (server.worker.ServerListener): metrics, memory hygiene."""
+
+    def __init__(self, services: Services) -> None:
+        self._services = services
+
+    def on_reject(self, reason: str) -> None:
+        self._services.recorder.on_reject(reason)
+
+    def after_large_request(self) -> None:
+        self._services.engine.give_back_memory()
 
 
 def history_token_budget(cfg: Config, context_length: int) -> int:
@@ -119,6 +141,7 @@ def open_store(cfg: Config, count_tokens, context_length: int, listener):
     policy = HistoryPolicy(max_turns=cfg.max_history_turns,
                            max_tokens=history_token_budget(cfg, context_length),
                            ttl_s=cfg.session_ttl_s, max_sessions=cfg.max_sessions,
+                           max_sessions_per_key=cfg.max_sessions_per_key,
                            trim=cfg.leak_mode != "history",
                            # with KV reuse, trim in blocks so most turns keep their cached prefix
                            trim_to=cfg.history_trim_to if cfg.kv_cache_bytes else 1.0)

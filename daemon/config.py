@@ -93,7 +93,10 @@ class Config:
     max_history_tokens: int = _opt(0, help="Prompt token budget (system + history + new message); "
                                            "0 = model context minus max_new_tokens.")
     session_ttl_s: float = _opt(600.0, help="Idle seconds before a session expires; 0 = never.")
-    max_sessions: int = _opt(1000, help="Sessions kept; the least recently active is evicted beyond.")
+    max_sessions: int = _opt(1000, help="Sessions kept; beyond, the least recently active session of "
+                                        "the key holding the most is evicted.")
+    max_sessions_per_key: int = _opt(0, help="Sessions one API key may hold; at it, that key's own "
+                                             "least recently active one is evicted. 0 = max_sessions.")
     history_trim_to: float = _opt(0.5, help="Over a history limit, cut to this share of it at once, so "
                                             "the kept prefix (and its KV cache) lasts several turns; "
                                             "1 = drop only what must go. Needs kv_cache_bytes.")
@@ -109,6 +112,11 @@ class Config:
     queue_limit: int = _opt(4, help="Requests that may wait for the model; more get 503.")
     queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for the model before 503.")
     max_body_bytes: int = _opt(1_048_576, help="Largest accepted request body; larger gets 413.")
+    request_read_timeout_s: float = _opt(10.0, help="Seconds a client has to send a request's head; "
+                                                    "its body gets as long again plus its size at "
+                                                    "request_read_min_rate. Later gets 408.")
+    request_read_min_rate: int = _opt(65_536, help="Bytes/s a request body must arrive at, at least "
+                                                   "(see request_read_timeout_s).")
     kv_cache_bytes: int = _opt(134_217_728, help="Per-worker budget for KV caches kept between turns "
                                                  "(a turn then prefills only its new tokens; LRU); "
                                                  "0 = off.")
@@ -125,6 +133,18 @@ class Config:
                                                 "empty = those endpoints do not exist.")
     admin_key_file: str = _opt("", help="File holding admin_key; default: "
                                         "$CREDENTIALS_DIRECTORY/admin_key when systemd provides it.")
+    metrics_key: str = _opt("", secret=True, help="Bearer key Prometheus must send to metrics_path; "
+                                                  "empty = open (cannot be combined with metrics_port, "
+                                                  "which has no auth).")
+    metrics_key_file: str = _opt("", help="File holding metrics_key; default: "
+                                          "$CREDENTIALS_DIRECTORY/metrics_key when systemd provides it.")
+    max_turns_in_flight_per_key: int = _opt(0, help="Turns (running or waiting) one API key may have "
+                                                    "per worker; more get 429. 0 = half the model "
+                                                    "queue (1 + queue_limit, rounded up) when api_keys "
+                                                    "is set, else no limit. Without api_keys, limits "
+                                                    "apply per client address.")
+    max_requests_per_minute_per_key: int = _opt(0, help="/v1 requests one API key may make per "
+                                                        "minute per worker; more get 429. 0 = no limit.")
     # --- observability ---------------------------------------------------------------------
     metrics_path: str = _opt("/metrics", help="Path of the Prometheus endpoint.")
     metrics_port: int = _opt(0, help="Serve /metrics on this separate port too; 0 = main port only.")
@@ -157,16 +177,18 @@ class Config:
                 _read_secret(self, f)
         for name in ("threads", "max_history_turns", "max_history_tokens", "max_sessions",
                      "min_new_tokens", "queue_limit", "memory_limit_bytes", "max_requests",
-                     "max_requests_jitter", "kv_cache_bytes"):
+                     "max_requests_jitter", "kv_cache_bytes", "max_sessions_per_key",
+                     "max_turns_in_flight_per_key", "max_requests_per_minute_per_key"):
             _at_least(self, name, 0)
-        for name in ("workers", "worker_threads", "max_new_tokens", "max_body_bytes"):
+        for name in ("workers", "worker_threads", "max_new_tokens", "max_body_bytes",
+                     "request_read_min_rate"):
             _at_least(self, name, 1)
         for name in ("session_ttl_s",):
             _at_least(self, name, 0)
         if not 0 < self.history_trim_to <= 1:
             raise ValueError(f"history_trim_to must be in (0, 1], got {self.history_trim_to!r}")
         for name in ("generation_timeout_s", "queue_timeout_s", "graceful_timeout_s",
-                     "metrics_refresh_s"):
+                     "metrics_refresh_s", "request_read_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
@@ -187,8 +209,12 @@ class Config:
             # never echo the value: a Redis URL may carry a password
             raise ValueError(f"session_store must be memory, sqlite:///abs/path.db or "
                              f"redis://host:port/db; got scheme {scheme!r}")
-        if any(c.isspace() for c in self.admin_key):
-            raise ValueError("admin_key must not contain spaces")
+        for name in ("admin_key", "metrics_key"):
+            if any(c.isspace() or not c.isprintable() for c in getattr(self, name)):
+                raise ValueError(f"{name} must not contain spaces or control characters")
+        if self.metrics_key and self.metrics_port:
+            raise ValueError("metrics_key guards metrics_path only: metrics_port would serve the same "
+                             "metrics without it; set one of the two")
         if not 1 <= self.tracemalloc_frames <= 100:
             raise ValueError(f"tracemalloc_frames must be 1..100, got {self.tracemalloc_frames!r}")
         if not 0 < self.memory_soft_limit_ratio < self.memory_hard_limit_ratio:
@@ -205,6 +231,12 @@ class Config:
         if os.path.isdir(self.model) or self.model.startswith(("/", ".", "~")):
             return os.path.basename(os.path.normpath(self.model))
         return self.model
+
+    def turns_in_flight_per_key(self) -> int:
+        """The effective per-key limit on turns in flight (0 = none); see max_turns_in_flight_per_key."""
+        if self.max_turns_in_flight_per_key or not self.api_keys:
+            return self.max_turns_in_flight_per_key
+        return (self.queue_limit + 2) // 2
 
     def session_store_url(self) -> str:
         """The session store to open: session_store, else the SQLite file in state_dir."""

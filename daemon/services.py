@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from flask import Flask, current_app
 
 if TYPE_CHECKING:  # only for annotations: importing these costs torch and prometheus_client
+    from .api.limits import TenantLimits
     from .api.stats import RecentTurns
     from .config import Config
     from .memory.budget import MemoryBudget
@@ -35,6 +36,7 @@ class Services:
     store: SessionStore
     recent_turns: RecentTurns
     diagnostics: Diagnostics
+    limits: TenantLimits
     watchdog: MemoryWatchdog | None = None  # None when memory_watchdog is off
     stop: threading.Event = field(default_factory=threading.Event)  # ends the background threads
 

@@ -17,6 +17,10 @@ from ..memory import tracing
 from ..memory.tracing import Diagnostics
 from ..services import get_services
 from .errors import ApiError, error_body, invalid
+from .openapi import documented
+from . import params
+from .fields import Boolean, Integer, Query, Text
+from .validate import json_body
 
 bp = Blueprint("admin", __name__, url_prefix="/debug/memory")
 DEFAULT_LIMIT = 10
@@ -37,7 +41,7 @@ def _authorize() -> None:
         raise ApiError(401, "missing admin key: send 'Authorization: Bearer <admin key>'",
                        code="missing_admin_key")
     # bytes: compare_digest on str accepts ASCII only, and a key is compared in constant time
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
+    if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), key.encode()):
         get_services().metrics.requests_rejected_total.labels(reason="unauthorized").inc()
         raise ApiError(401, "invalid admin key", code="invalid_admin_key")
 
@@ -59,34 +63,17 @@ def _name_the_worker(resp):
     return resp
 
 
-def _limit() -> int:
-    raw = request.args.get("limit", str(DEFAULT_LIMIT))
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise invalid(f"limit must be an integer 1..{MAX_LIMIT}, got {raw!r}", "limit") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise invalid(f"limit must be an integer 1..{MAX_LIMIT}, got {limit}", "limit")
-    return limit
+LIMIT = Integer(1, MAX_LIMIT, DEFAULT_LIMIT, doc="Entries to return.")
+GROUP_BY = Text(choices=tracing.GROUP_BY, default="lineno", doc="How allocations are grouped.")
+SITES = Query({"limit": LIMIT, "group_by": GROUP_BY})
+CENSUS = Query({"limit": LIMIT, "holders": Boolean(True, doc="Also name what holds new tensors.")})
+SWITCH = {"enabled": params.Field(params.HONOURED, "Trace allocations from now on (true), or stop "
+                                                  "(false).", spec=Boolean(None))}
+ADMIN = "admin_key"
 
 
-def _group_by() -> str:
-    value = request.args.get("group_by", "lineno")
-    if value not in tracing.GROUP_BY:
-        raise invalid(f"group_by must be one of {', '.join(tracing.GROUP_BY)}, got {value!r}",
-                      "group_by")
-    return value
-
-
-def _flag(name: str, default: bool) -> bool:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in ("1", "true", "yes"):
-        return True
-    if raw.lower() in ("0", "false", "no"):
-        return False
-    raise invalid(f"{name} must be true or false, got {raw!r}", name)
+def _query(spec: Query) -> dict:
+    return spec.parse(request.args, get_services().config)
 
 
 def _tracing_off() -> ApiError:
@@ -97,9 +84,10 @@ def _tracing_off() -> ApiError:
 
 
 @bp.get("/top")
+@documented(query=SITES, auth=ADMIN)
 def top():
     """The allocation sites holding the most traced memory now."""
-    limit, group_by = _limit(), _group_by()
+    limit, group_by = _query(SITES)["limit"], _query(SITES)["group_by"]
     tracer = _diag().tracer
     try:
         entries = tracer.top(limit, group_by)
@@ -110,9 +98,10 @@ def top():
 
 
 @bp.get("/diff")
+@documented(query=SITES, auth=ADMIN)
 def diff():
     """The allocation sites that grew most since the baseline snapshot."""
-    limit, group_by = _limit(), _group_by()
+    limit, group_by = _query(SITES)["limit"], _query(SITES)["group_by"]
     tracer = _diag().tracer
     try:
         entries = tracer.diff(limit, group_by)
@@ -126,6 +115,7 @@ def diff():
 
 
 @bp.post("/snapshot")
+@documented(auth=ADMIN)
 def snapshot():
     """Store the baseline: a tracemalloc snapshot (when tracing) and an object census."""
     diag = _diag()
@@ -140,21 +130,26 @@ def snapshot():
 
 
 @bp.get("/census")
+@documented(query=CENSUS, auth=ADMIN)
 def census():
     """Live objects by type, torch tensor bytes, growth since the baseline and what holds new tensors."""
-    limit, want_holders = _limit(), _flag("holders", True)
+    query = _query(CENSUS)
+    limit, want_holders = query["limit"], query["holders"]
     return jsonify({"pid": os.getpid(), "limit": limit, **_diag().census.report(limit, want_holders)})
 
 
 @bp.post("/tracemalloc")
+@documented(table=SWITCH, required=("enabled",), auth=ADMIN)
 def switch():
     """Start or stop tracing, {"enabled": true|false}: here at once, in the other workers of this
     server within metrics_refresh_s (daemon.memory.tracing.SHARED_SWITCH)."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("enabled"), bool):
-        raise invalid('send a JSON object {"enabled": true} or {"enabled": false}', "enabled")
+    body = json_body()
+    params.check(body, SWITCH, "debug.tracemalloc", get_services().config)
+    enabled = body.get("enabled")
+    if enabled is None:
+        raise invalid("'enabled' is required: true or false", "enabled", "missing_field")
     tracer = _diag().tracer
-    if body["enabled"]:
+    if enabled:
         changed = tracer.start()
         get_services().metrics.track_tracemalloc()
     else:

@@ -11,8 +11,10 @@ from ..services import get_services
 from . import logprobs, params, structured, tools, turns, validate
 from .auth import protect
 from .errors import ApiError, invalid
+from .openapi import documented
 
 bp = protect(Blueprint("chat", __name__, url_prefix="/v1"))
+KEYED = "api_key"
 
 
 def usage(stats) -> dict:
@@ -28,12 +30,14 @@ def _card() -> dict:
 
 
 @bp.get("/models")
+@documented(auth=KEYED)
 def models():
     """The one model this worker serves."""
     return jsonify({"object": "list", "data": [_card()]})
 
 
 @bp.get("/models/<path:model_id>")
+@documented(auth=KEYED)
 def model(model_id: str):
     """The model card, with its context length (max_model_len, as vLLM)."""
     card = _card()
@@ -52,10 +56,12 @@ def stream_options(body: dict, streaming: bool) -> bool:
 
 
 @bp.post("/chat/completions")
+@documented(table=params.CHAT, required=("messages",), auth=KEYED,
+            produces=("application/json", "text/event-stream"))
 def completions():
     """Generate a reply to the given messages; nothing is stored server-side."""
     body = validate.json_body()
-    params.check(body, params.CHAT, "chat.completions")
+    params.check(body, params.CHAT, "chat.completions", get_services().config)
     services = get_services()
     engine = services.engine
     turns.check_model(body)
@@ -74,7 +80,7 @@ def completions():
     rendered = wanted.rendered if wanted is not None else None
     streaming = validate.boolean(body, "stream")
     include_usage = stream_options(body, streaming)
-    turns.check_context(engine.count_tokens(messages, rendered), sampling)
+    turns.check_context(turns.count_prompt(messages, rendered), sampling)
 
     gen = turns.start(messages, sampling, rendered)
     tokenizer, asked = engine.tokenizer, sampling.top_logprobs is not None

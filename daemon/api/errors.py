@@ -7,13 +7,11 @@ import uuid
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from ..openai_error import error_body
 from ..server.logs import REQUEST_ID
 
 log = logging.getLogger("edgechat.api")
-
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+__all__ = ["ApiError", "error_body", "error_response", "init_app", "invalid", "request_id"]
 
 
 class ApiError(Exception):
@@ -29,13 +27,6 @@ class ApiError(Exception):
 def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     """Shorthand for a 400 about one request field."""
     return ApiError(400, message, code=code, param=param)
-
-
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    """The OpenAI-compatible error object."""
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
-                                                             else "invalid_request_error"),
-                      "param": param, "code": code}}
 
 
 def error_response(err: ApiError):

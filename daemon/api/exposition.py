@@ -12,6 +12,8 @@ from prometheus_client.exposition import choose_encoder, start_http_server
 from werkzeug.wsgi import ClosingIterator
 
 from ..telemetry.metrics import Metrics
+from .auth import bearer_matches
+from .errors import ApiError
 from ..telemetry.multiproc import scrape_registry
 from ..telemetry.sampler import Sampler
 
@@ -70,7 +72,8 @@ def init_app(app: Flask, config, metrics: Metrics, sampler: Sampler) -> Expositi
     _instrument(app, metrics)
     registry = exposition_registry(metrics, sampler)
     bp = Blueprint("edgechat_metrics", __name__)
-    bp.add_url_rule(config.metrics_path, "scrape", _scrape(registry), methods=["GET"])
+    bp.add_url_rule(config.metrics_path, "scrape", _scrape(registry, metrics, config.metrics_key),
+                    methods=["GET"])
     app.register_blueprint(bp)
     server = _serve_port(registry, config) if config.metrics_port > 0 else None
     if server is not None:
@@ -81,8 +84,13 @@ def init_app(app: Flask, config, metrics: Metrics, sampler: Sampler) -> Expositi
     return Exposition(registry, server)
 
 
-def _scrape(registry):
+def _scrape(registry, metrics: Metrics, key: str):
     def scrape() -> Response:
+        """Prometheus metrics (text exposition; OpenMetrics when asked)."""
+        if key and not bearer_matches(key):
+            metrics.requests_rejected_total.labels(reason="unauthorized").inc()
+            raise ApiError(401, "send 'Authorization: Bearer <metrics key>' (setting metrics_key)",
+                           code="invalid_metrics_key")
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return Response(encoder(registry), headers={"Content-Type": content_type})
     return scrape

@@ -13,6 +13,7 @@ from . import logprobs, params, turns, validate
 from .auth import protect
 from .completions import stream_options, usage
 from .errors import invalid
+from .openapi import documented
 
 bp = protect(Blueprint("legacy", __name__, url_prefix="/v1"))
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this route
@@ -29,10 +30,12 @@ def _prompt(body: dict) -> str:
 
 
 @bp.post("/completions")
+@documented(table=params.COMPLETIONS, required=("prompt",), auth="api_key",
+            produces=("application/json", "text/event-stream"))
 def completions():
     """Continue the prompt as plain text."""
     body = validate.json_body()
-    params.check(body, params.COMPLETIONS, "completions")
+    params.check(body, params.COMPLETIONS, "completions", get_services().config)
     services = get_services()
     engine = services.engine
     turns.check_model(body)
@@ -47,7 +50,7 @@ def completions():
     sampling = dataclasses.replace(sampling, raw_prompt=True)
     streaming = validate.boolean(body, "stream")
     include_usage = stream_options(body, streaming)
-    turns.check_context(len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]), sampling)
+    turns.check_context(turns.count_text(prompt), sampling, "prompt")
 
     gen = turns.start(prompt, sampling)
     tokenizer, asked = engine.tokenizer, sampling.top_logprobs is not None

@@ -11,8 +11,10 @@ from ..sessions import ContextTooLong, SessionBusy, SessionNotFound
 from . import logprobs, params, turns, validate
 from .auth import protect
 from .errors import ApiError, invalid
+from .openapi import documented
 
 bp = protect(Blueprint("sessions", __name__, url_prefix="/v1/sessions"))
+KEYED = "api_key"
 
 
 def _not_found(session_id: str) -> ApiError:
@@ -20,23 +22,37 @@ def _not_found(session_id: str) -> ApiError:
                     code="session_not_found", param="id")
 
 
+def _tokens(err: ContextTooLong) -> str:
+    """The count a refusal quotes: exact, or "more than N" when counting stopped early."""
+    context = get_services().engine.context_length
+    return str(err.tokens) if err.tokens <= context else f"more than {context}"
+
+
 def _publish_stats(services: Services) -> None:
     services.recorder.set_store_stats(services.store.stats())
 
 
 @bp.post("")
+@documented(table=params.SESSION_CREATE, status=201, auth=KEYED)
 def create():
     """Start a conversation, optionally with a system prompt."""
     body = validate.json_body()
-    params.check(body, params.SESSION_CREATE, "sessions")
+    params.check(body, params.SESSION_CREATE, "sessions", get_services().config)
     system = validate.text(body, "system", required=False)
     services = get_services()
-    snap = services.store.create(g.owner, system)
+    try:
+        snap = services.store.create(g.owner, system)
+    except ContextTooLong as err:
+        services.recorder.on_reject("prompt_too_long")
+        raise invalid(f"the system prompt needs {_tokens(err)} tokens with a message; the history "
+                      f"budget is {err.limit}, so no turn could ever fit", "system",
+                      "context_length_exceeded") from None
     _publish_stats(services)
     return jsonify({"id": snap.id, "created": int(snap.created)}), 201
 
 
 @bp.get("/<session_id>")
+@documented(auth=KEYED)
 def show(session_id: str):
     """The stored conversation (what the model will see next turn)."""
     try:
@@ -50,6 +66,7 @@ def show(session_id: str):
 
 
 @bp.delete("/<session_id>")
+@documented(status=204, auth=KEYED)
 def delete(session_id: str):
     """Forget a conversation."""
     services = get_services()
@@ -73,10 +90,12 @@ def _summary(session_id: str, result, stats) -> dict:
 
 
 @bp.post("/<session_id>/messages")
+@documented(table=params.SESSION_MESSAGE, required=("content",), auth=KEYED,
+            produces=("application/json", "text/event-stream"))
 def message(session_id: str):
     """Take one turn: the reply is committed to history only once it is complete."""
     body = validate.json_body()
-    params.check(body, params.SESSION_MESSAGE, "sessions")
+    params.check(body, params.SESSION_MESSAGE, "sessions", get_services().config)
     content = validate.text(body, "content", required=True)
     sampling = turns.sampling_params(body, allow_stop=False)
     streaming = validate.boolean(body, "stream")
@@ -101,7 +120,8 @@ def message(session_id: str):
                        retry_after=1) from None
     except ContextTooLong as err:
         stack.close()
-        raise invalid(f"the message needs {err.tokens} tokens with the system prompt; the "
+        services.recorder.on_reject("prompt_too_long")
+        raise invalid(f"the message needs {_tokens(err)} tokens with the system prompt; the "
                       f"history budget is {err.limit}", "content", "context_length_exceeded") from None
     except BaseException:
         stack.close()

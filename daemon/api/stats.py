@@ -20,6 +20,8 @@ from ..services import get_services
 from ..sessions import SessionNotFound
 from .auth import protect
 from .errors import ApiError
+from .openapi import documented
+from .fields import Query, Text
 
 bp = protect(Blueprint("stats", __name__, url_prefix="/v1"))
 
@@ -106,19 +108,24 @@ def session_stats(session_id: str, limit: int | str) -> dict:
             "recent_turns": [{"turn": t, "seconds": s} for t, s in get_services().recent_turns.recent(snap.id)]}
 
 
+STATS_QUERY = Query({"session": Text(doc="A session of yours: adds its history and recent turns.")})
+
+
 @bp.get("/stats")
+@documented(query=STATS_QUERY, auth="api_key")
 def stats():
-    """Worker memory, history sizes against the limit, model and leak mode; ?session=ID adds its own."""
+    """Worker memory, your sessions' history sizes, model and leak mode; ?session=ID adds one's own."""
     services = get_services()
     cfg, engine = services.config, services.engine
-    store = services.store.stats()
+    query = STATS_QUERY.parse(request.args, cfg)
+    store = services.store.owner_stats(g.owner)  # tenant data: the caller's own sessions only
     limit = history_limit(cfg.max_history_turns)
     body = {"pid": os.getpid(), "model": engine.model_id, "dtype": engine.dtype,
             "leak_mode": cfg.leak_mode, "queue_depth": engine.queue_depth(), "memory": memory(),
             "history": {"max_turns": cfg.max_history_turns, "limit": limit,
                         "sessions": store.sessions, "messages_total": store.messages_total,
                         "messages_max": store.messages_max, "tokens_max": store.tokens_max}}
-    session_id = request.args.get("session")
+    session_id = query["session"]
     if session_id is not None:
         body["session"] = session_stats(session_id, limit)
     return jsonify(body)

@@ -13,6 +13,7 @@ from ..model.engine import ContextTooLong, EngineBusy, GenerationParams
 from ..services import Services, get_services
 from .errors import ApiError, error_body, invalid
 from . import validate
+from .limits import tenant
 
 log = logging.getLogger("edgechat.api")
 
@@ -65,32 +66,58 @@ def check_model(body: dict) -> None:
                             f"{served!r}", code="model_not_found", param="model")
 
 
-def check_context(prompt_tokens: int, params: GenerationParams) -> None:
+def count_prompt(messages: list[dict], tools: list[dict] | None = None) -> int:
+    """The prompt's tokens; past the model's context, a lower bound over it (tokenized in part)."""
+    engine = get_services().engine
+    return engine.count_tokens(messages, tools, limit=engine.context_length)
+
+
+def count_text(text: str) -> int:
+    """A raw prompt's tokens, bounded the same way."""
+    engine = get_services().engine
+    return engine.count_text(text, limit=engine.context_length)
+
+
+def check_context(prompt_tokens: int, params: GenerationParams, param: str = "messages") -> None:
     """400 context_length_exceeded when prompt plus requested tokens cannot fit the model."""
     limit = get_services().engine.context_length
     if prompt_tokens + params.max_new_tokens > limit:
-        raise invalid(f"this model's context is {limit} tokens; the prompt has {prompt_tokens} and "
-                      f"{params.max_new_tokens} more were requested", "messages",
+        get_services().recorder.on_reject("prompt_too_long")
+        has = f"{prompt_tokens}" if prompt_tokens <= limit else f"more than {limit}"
+        raise invalid(f"this model's context is {limit} tokens; the prompt has {has} and "
+                      f"{params.max_new_tokens} more were requested", param,
                       "context_length_exceeded")
 
 
 def start(messages: list[dict] | str, params: GenerationParams, tools: list[dict] | None = None):
-    """Take the model (bounded queue) and start generating; 503 + Retry-After when saturated or
-    when the memory watchdog refuses turns (above the hard memory limit)."""
-    pressure = get_services().watchdog
+    """Take one of the caller's turn slots (429 when it has them all), then the model (bounded
+    queue) and start generating; 503 + Retry-After when saturated or when the memory watchdog
+    refuses turns (above the hard memory limit)."""
+    services = get_services()
+    pressure = services.watchdog
     if pressure is not None and not pressure.admits_turn():
-        get_services().metrics.requests_rejected_total.labels(reason="memory_pressure").inc()
+        services.recorder.on_reject("memory_pressure")
         raise ApiError(503, f"short of memory ({pressure.describe()}); new turns are refused until "
                             "memory falls back; retry later", code="memory_pressure",
                        retry_after=pressure.retry_after_s)
     try:
-        return get_services().engine.generate(messages, params, tools)
+        release = services.limits.hold(tenant())
+    except ApiError:
+        services.recorder.on_reject("too_many_in_flight")
+        raise
+    try:  # from here the slot is the generation's: it frees it when it ends (on_end)
+        return services.engine.generate(messages, params, tools, on_end=release)
     except EngineBusy as busy:
-        get_services().metrics.requests_rejected_total.labels(reason=busy.reason).inc()
+        release()
+        services.recorder.on_reject(busy.reason)
         raise ApiError(503, f"the model is busy ({busy.reason.replace('_', ' ')}); retry later",
                        code=busy.reason, retry_after=busy.retry_after) from None
     except ContextTooLong as err:  # the engine's own last check (check_context normally comes first)
+        release()
         raise invalid(str(err), "messages", "context_length_exceeded") from None
+    except BaseException:
+        release()
+        raise
 
 
 def observe(gen, services: Services, *, turn: int, history_messages: int | None) -> None:

@@ -1,6 +1,7 @@
 """Request-body validation shared by the chat routes: every bad field becomes a 400 naming it."""
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -12,18 +13,42 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 300
 MAX_TOP_LOGPROBS = 20
+MAX_DEPTH = 32  # JSON nesting accepted in a body; deeper is refused before any field is read
 
 
 def json_body() -> dict:
-    """The request's JSON object, or a 4xx explaining why not."""
+    """The request's JSON object, or a 4xx explaining why not (never a 500, whatever the bytes)."""
     if not request.is_json:
         raise ApiError(415, "Content-Type must be application/json", code="unsupported_media_type")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise invalid("request body is not valid JSON", code="invalid_json")
+    try:
+        body = json.loads(request.get_data(cache=True))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's stack
+        raise invalid(f"request body is not valid JSON (UTF-8, nested at most {MAX_DEPTH} levels)",
+                      code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid("request body must be a JSON object", code="invalid_json")
+    if _depth(body) > MAX_DEPTH:
+        raise invalid(f"request body is nested deeper than {MAX_DEPTH} levels", code="invalid_json")
+    try:  # "\ud800" parses as a lone surrogate: no tokenizer, store or log can take it
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid("request body holds a lone UTF-16 surrogate (\\ud800-\\udfff) outside a "
+                      "pair; send valid Unicode", code="invalid_unicode") from None
     return body
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (stops counting past MAX_DEPTH)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                return level
+            todo.extend((child, level + 1) for child in (item.values() if isinstance(item, dict)
+                                                         else item))
+    return deepest
 
 
 def number(body: dict, name: str, default: float, low: float, high: float,
@@ -32,11 +57,15 @@ def number(body: dict, name: str, default: float, low: float, high: float,
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise invalid(f"'{name}' must be a number", name, "invalid_type")
+    # an int beyond float range is out of bounds, not an error: never convert it first
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid(f"'{name}' must be a finite number", name, "invalid_type")
     if value > high or value < low or (low_open and value == low):
         bracket = "(" if low_open else "["
-        raise invalid(f"'{name}' must be in {bracket}{low}, {high}], got {value}", name)
+        shown = value if isinstance(value, float) or abs(value) < 10**12 else "a number that large"
+        raise invalid(f"'{name}' must be in {bracket}{low}, {high}], got {shown}", name)
     return float(value)
 
 

@@ -20,6 +20,7 @@ from .tokens import TokenTable
 from .streaming import Generation, GenerationFailed, GenerationParams, GenerationStats, Plan, plain_text_mask
 from ..memory.hygiene import Hygiene, rss_bytes
 from .kvpool import KVListener, KVPool
+from . import counting
 
 __all__ = ["Engine", "EngineBusy", "EngineListener", "ModelLoadError", "ContextTooLong", "Generation",
            "GenerationFailed", "GenerationParams", "GenerationStats", "cpu_has_bf16", "physical_cores",
@@ -164,6 +165,7 @@ class Engine:
         self.kv_pool = KVPool(budget, listener, memory_pressure)
         self._warming = False
         self._tokens: TokenTable | None = None
+        self.last_count: counting.Count | None = None  # the latest count (tests, benchmarks)
 
     @classmethod
     def load(cls, cfg: Config, *, listener: EngineListener | None = None, log: logging.Logger = _LOG,
@@ -229,16 +231,38 @@ class Engine:
         self._log.info("warm-up: %d tokens in %.2f s", gen.stats.completion_tokens if gen.stats else 0,
                        time.monotonic() - started)
 
+    def _prompt_text(self, messages: Sequence[dict], tools: list[dict] | None = None,
+                     generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
     def encode(self, messages: Sequence[dict], tools: list[dict] | None = None, *,
                generation_prompt: bool = True) -> list[int]:
         """Prompt ids: the chat template (tools rendered by it) with the assistant turn opened."""
-        text = self.tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        text = self._prompt_text(messages, tools, generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def count_tokens(self, messages: Sequence[dict], tools: list[dict] | None = None) -> int:
-        """Prompt length of these messages as the model would see them."""
-        return len(self.encode(messages, tools))
+    def count_tokens(self, messages: Sequence[dict], tools: list[dict] | None = None, *,
+                     limit: int | None = None) -> int:
+        """Prompt length of these messages as the model would see them; past `limit`, a number over
+        it (a lower bound), found without tokenizing the whole prompt (model/counting.py)."""
+        return self.count_text(self._prompt_text(messages, tools), limit=limit)
+
+    def count_text(self, text: str, *, limit: int | None = None) -> int:
+        """Tokens of a text as is (no template, no special tokens added), bounded like count_tokens."""
+        found = counting.count(self._count_text, text, limit)
+        self.last_count = found
+        return found.tokens
+
+    def _count_text(self, text: str) -> int:
+        # the Rust encoding's length: no Python list of ids (and no attention mask) built to be counted
+        if self.tokenizer.is_fast:
+            return len(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False))
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def give_back_memory(self) -> float:
+        """The after-turn hygiene step (gc, malloc_trim) on demand, e.g. after refusing large work."""
+        return self._hygiene()
 
     def queue_depth(self) -> int:
         """Requests waiting for the model."""
@@ -282,10 +306,12 @@ class Engine:
         return self.kv_pool.release()
 
     def generate(self, messages: Sequence[dict] | str, params: GenerationParams,
-                 tools: list[dict] | None = None) -> Generation:
+                 tools: list[dict] | None = None, *,
+                 on_end: Callable[[], None] | None = None) -> Generation:
         """Wait for the model (bounded), then start generating in a worker thread; iterate the result.
 
-        messages: a conversation for the chat template, or one text when params.raw_prompt."""
+        messages: a conversation for the chat template, or one text when params.raw_prompt.
+        on_end runs once the generation has ended and freed the model (not when this raises)."""
         if self._closed:
             raise RuntimeError("engine is closed")
         prompt_ids = (self.tokenizer(messages, add_special_tokens=False)["input_ids"] if params.raw_prompt
@@ -297,6 +323,13 @@ class Engine:
         constraint = params.constraint() if params.constraint is not None else None
         logprobs: list | None = [] if params.top_logprobs is not None else None
         waited = self._slot.acquire(self.cfg.queue_timeout_s)
+
+        def release(duration: float = 0.0) -> None:
+            try:
+                self._slot.release(duration)
+            finally:
+                if on_end is not None:
+                    on_end()
         try:
             gen = Generation(Plan(
                 tokenizer=self.tokenizer, prompt_ids=prompt_ids,
@@ -304,7 +337,7 @@ class Engine:
                                                                  interrupted, constraint, logprobs),
                 stop=tuple(params.stop), seed=params.seed, eos_ids=self.eos_ids,
                 timeout_s=self.cfg.generation_timeout_s, hygiene=self._hygiene,
-                release=self._slot.release, queue_wait_s=waited, started=time.monotonic(),
+                release=release, queue_wait_s=waited, started=time.monotonic(),
                 logprobs=logprobs, log=self._log))
             self._current = weakref.ref(gen)
             gen.start()

@@ -34,10 +34,16 @@ class Sampling:
     top_logprobs: int | None = None  # record logprobs (with this many alternatives) when set
 
 
+MIN_TEMPERATURE = 1e-4
+LOGIT_CAP = 1e30  # finite, and still finite divided by MIN_TEMPERATURE in float32
+
+
 def sampling_for(params: Any, max_new: int, conf: Any, min_new: int) -> Sampling:
     """A request's GenerationParams as Sampling; top_k and repetition_penalty default to the model's
     generation config; greedy requests drop the truncations that cannot change the argmax."""
-    sample = params.temperature > 0
+    # below MIN_TEMPERATURE sampling is greedy in all but name, and logits / 1e-38 overflow to inf
+    # (NaN probabilities): take the limit, argmax
+    sample = params.temperature >= MIN_TEMPERATURE
     top_k = (conf.top_k or 0) if params.top_k is None else params.top_k
     repetition = params.repetition_penalty or float(getattr(conf, "repetition_penalty", None) or 1.0)
     return Sampling(
@@ -94,7 +100,10 @@ class Sampler:
             self._seen[token] = True
         picked = logits[self._seen]
         penalty = self.s.repetition_penalty
-        logits[self._seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+        # a tiny penalty (the API allows any > 0) would turn a positive logit into inf, and the
+        # softmax into NaN: cap what it produces at a finite logit no real model reaches
+        logits[self._seen] = torch.where(picked < 0, picked * penalty,
+                                         (picked / penalty).clamp(max=LOGIT_CAP))
 
     def _penalize_counts(self, logits: torch.Tensor, token: int | None) -> None:
         """OpenAI's presence and frequency penalties, over the tokens of this reply."""

@@ -11,6 +11,7 @@ from . import hooks, logs
 # The app factory, called in each worker after fork (preload_app stays off): each worker loads its
 # own model copy, so the master never touches torch.
 WSGI_APP = "daemon:create_app()"
+WORKER_CLASS = "daemon.server.worker.EdgeWorker"
 # gunicorn picks hooks up by these names (from a config module's globals, or cfg.set)
 HOOKS = {"on_starting": hooks.on_starting, "when_ready": hooks.when_ready,
          "post_fork": hooks.post_fork, "child_exit": hooks.child_exit, "worker_int": hooks.worker_int}
@@ -21,16 +22,25 @@ def bind_address(cfg: Config) -> str:
     return f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
 
 
+def request_threads(cfg: Config) -> int:
+    """Threads per worker: the model queue's capacity (1 running + queue_limit) + worker_threads."""
+    return cfg.worker_threads + cfg.queue_limit + 1
+
+
 def gunicorn_options(cfg: Config) -> dict:
     """gunicorn settings derived from the config, hooks included."""
     return {
         "bind": bind_address(cfg),
         # One worker by default: each holds a full model copy, and a 2 GB box has room for one 0.5B model.
         "workers": cfg.workers,
-        # Threads, not processes, for concurrency: requests queue for the one model inside the worker,
-        # and probes and /metrics keep answering while a turn generates.
-        "worker_class": "gthread",
-        "threads": cfg.worker_threads,
+        # gthread whose event loop reads each request whole, under deadlines, before a thread takes
+        # it (server/worker.py): slow clients hold a connection, never a thread.
+        "worker_class": WORKER_CLASS,
+        # Threads, not processes, for concurrency: a thread for each turn the model queue can hold
+        # (one running, queue_limit waiting), so a burst beyond it reaches the queue and gets its
+        # 503 instead of waiting unseen for a thread, and worker_threads more for everything else
+        # (probes, /metrics, sessions) while turns generate.
+        "threads": request_threads(cfg),
         # A worker's heartbeat must survive the longest generation and, at boot, the model load and
         # warm-up that run before its loop starts; 120 s covers a 1 GB model read from eMMC.
         "timeout": int(cfg.generation_timeout_s + 120),

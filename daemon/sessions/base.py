@@ -219,7 +219,8 @@ class SessionStore(ABC):
 
     @abstractmethod
     def create(self, owner: str | None, system: str | None = None) -> SessionSnapshot:
-        """Start a session, LRU-evicting the least recently active idle ones beyond max_sessions."""
+        """Start a session, LRU-evicting the least recently active idle ones beyond max_sessions;
+        ContextTooLong (nothing stored) when the system prompt leaves no room for a message."""
 
     @abstractmethod
     def get(self, session_id: str, owner: str | None) -> SessionSnapshot:
@@ -236,6 +237,10 @@ class SessionStore(ABC):
     @abstractmethod
     def stats(self) -> StoreStats:
         """Aggregate gauges from cached per-session figures (no tokenization)."""
+
+    @abstractmethod
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        """The same figures over one owner's sessions (what /v1/stats shows that owner)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -295,7 +300,11 @@ class SessionStore(ABC):
         require_text("owner", owner, optional=True)
         require_text("system", system, optional=True)
         system = system or None
-        tokens = count_prompt(self.count_tokens, system, ())  # a system prompt over budget fails at turn()
+        tokens = count_prompt(self.count_tokens, system, ())
+        if system and self.policy.max_tokens:  # no turn could fit: refuse now, not at every turn
+            floor = count_prompt(self.count_tokens, system, (("user", ""),))
+            if floor > self.policy.max_tokens:
+                raise ContextTooLong(floor, self.policy.max_tokens)
         now = self.clock()
         return SessionRecord(new_session_id(), owner, now, now, system, (), 0, tokens, 0)
 

@@ -8,7 +8,7 @@ holding or waiting for a session's lock: such sessions are never expired or LRU-
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from .base import (SessionNotFound, SessionBusy, SessionRecord, SessionSnapshot, SessionStore, StoreStats,
                    timed)
@@ -33,18 +33,24 @@ class MemoryStore(SessionStore):
         self._mu = threading.Lock()
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
         self._messages_total = 0
+        self._owned: Counter = Counter()  # owner -> sessions held
         self._closed = False
 
     @timed("create")
     def create(self, owner: str | None, system: str | None = None) -> SessionSnapshot:
-        """Start a session; expired sessions go first, then the least recently active beyond max_sessions."""
+        """Start a session; expired sessions go first, then the owner's least recently active beyond
+        its quota, then, beyond max_sessions, the least recently active of the owner holding most."""
         record = self._new_record(owner, system)  # tokenizes: outside the map lock
         with self._mu:
             self._check_open()
             expired = self._expire_locked(record.created)
             self._slots[record.id] = _Slot(record)
-            evicted = self._evict_lru_locked(keep=record.id)
+            self._owned[owner] += 1
+            quota = self._evict_locked(record.id, lambda: self._owned[owner] - self.policy.per_key
+                                       if self.policy.per_key else 0, lambda: owner)
+            evicted = self._evict_locked(record.id, self._excess_locked, self._largest_owner_locked)
         self._notify_evict("ttl", expired)
+        self._notify_evict("quota", quota)
         self._notify_evict("lru", evicted)
         return record.snapshot()
 
@@ -86,6 +92,18 @@ class MemoryStore(SessionStore):
         self._notify_evict("ttl", expired)
         return stats
 
+    @timed("stats")
+    def owner_stats(self, owner: str | None) -> StoreStats:
+        """Gauges over one owner's live sessions."""
+        with self._mu:
+            self._check_open()
+            expired = self._expire_locked(self.clock())
+            mine = [slot.record for slot in self._slots.values() if slot.record.owner == owner]
+        self._notify_evict("ttl", expired)
+        return StoreStats(len(mine), sum(len(r.messages) for r in mine),
+                          max((len(r.messages) for r in mine), default=0),
+                          max((r.tokens for r in mine), default=0))
+
     def healthy(self) -> bool:
         """In-process: healthy until closed."""
         return not self._closed
@@ -107,6 +125,7 @@ class MemoryStore(SessionStore):
         with self._mu:
             self._closed = True
             self._slots.clear()
+            self._owned.clear()
             self._messages_total = 0
 
     # -- turn primitives ----------------------------------------------------------------------------
@@ -169,6 +188,9 @@ class MemoryStore(SessionStore):
     def _remove_locked(self, slot: _Slot) -> None:
         del self._slots[slot.record.id]
         self._messages_total -= len(slot.record.messages)
+        self._owned[slot.record.owner] -= 1
+        if not self._owned[slot.record.owner]:
+            del self._owned[slot.record.owner]
 
     def _expire_locked(self, now: float) -> int:
         if not self.policy.ttl_s:
@@ -183,18 +205,25 @@ class MemoryStore(SessionStore):
             self._remove_locked(slot)
         return len(victims)
 
-    def _evict_lru_locked(self, keep: str) -> int:
-        """Evict the least recently active idle sessions beyond max_sessions, never `keep` or a busy one.
+    def _excess_locked(self) -> int:
+        return len(self._slots) - self.policy.max_sessions if self.policy.max_sessions else 0
 
-        When every other session has a turn in progress the store stays over the bound until they end.
-        """
-        excess = len(self._slots) - self.policy.max_sessions if self.policy.max_sessions else 0
-        victims = []
-        for sid, slot in self._slots.items():
-            if len(victims) >= excess:
+    def _largest_owner_locked(self):
+        """The owner holding the most sessions (ties: whose least recently active session is oldest)."""
+        most = max(self._owned.values())
+        return next(slot.record.owner for slot in self._slots.values()
+                    if self._owned[slot.record.owner] == most)
+
+    def _evict_locked(self, keep: str, excess, owner_of) -> int:
+        """While excess() > 0, evict the least recently active idle session of owner_of(), never
+        `keep` or a busy one; stops (over the bound until turns end) when that owner has none idle."""
+        evicted = 0
+        while excess() > 0 and self._owned:
+            owner = owner_of()
+            victim = next((slot for sid, slot in self._slots.items() if slot.record.owner == owner
+                           and not slot.pending and sid != keep), None)
+            if victim is None:
                 break
-            if not slot.pending and sid != keep:
-                victims.append(slot)
-        for slot in victims:
-            self._remove_locked(slot)
-        return len(victims)
+            self._remove_locked(victim)
+            evicted += 1
+        return evicted

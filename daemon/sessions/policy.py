@@ -17,15 +17,17 @@ class HistoryPolicy:
     max_turns: int      # keep at most this many user+assistant turns (2 messages each); 0 = unbounded
     max_tokens: int     # token budget of the prompt (system + history + new user message); 0 = unbounded
     ttl_s: float        # idle seconds before a session expires; 0 = never
-    max_sessions: int   # LRU-evict the least recently active beyond this; 0 = unbounded
+    max_sessions: int   # beyond this, evict the LRU idle session of the key holding the most; 0 = unbounded
     trim: bool = True   # False = leak_mode "history": never trim by turns or tokens; limits still reported
     # Block trimming: once over a limit, cut to this share of it at once (0.5: a 5-turn history goes
     # back to 2 turns), so the kept history stays a stable prefix for several turns and KV caches keyed
     # by it survive. 1.0 drops only what must go (every turn once full: a new prefix every turn).
     trim_to: float = 1.0
+    # sessions one owner (API key) may hold; at it, the owner's own LRU idle session goes. 0 = max_sessions
+    max_sessions_per_key: int = 0
 
     def __post_init__(self):
-        for name in ("max_turns", "max_tokens", "max_sessions"):
+        for name in ("max_turns", "max_tokens", "max_sessions", "max_sessions_per_key"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"HistoryPolicy.{name} must be an integer >= 0, got {value!r}")
@@ -35,6 +37,13 @@ class HistoryPolicy:
         if isinstance(self.trim_to, bool) or not isinstance(self.trim_to, (int, float)) \
                 or not 0 < self.trim_to <= 1:
             raise ValueError(f"HistoryPolicy.trim_to must be in (0, 1], got {self.trim_to!r}")
+
+    @property
+    def per_key(self) -> int:
+        """The per-owner quota when it is tighter than max_sessions, else 0 (max_sessions alone
+        bounds an owner, and its evictions count as "lru")."""
+        quota = self.max_sessions_per_key
+        return quota if quota and (not self.max_sessions or quota < self.max_sessions) else 0
 
     def expired(self, last_active: float, now: float) -> bool:
         """Whether a session last active at `last_active` has been idle for the TTL at `now`."""

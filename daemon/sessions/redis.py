@@ -25,7 +25,7 @@ from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore
 from .leases import LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn, store_call
 
 PREFIX = "edgechat:"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sessions indexed by owner (redis_scripts.MIGRATE_OWNERS)
 ERRORS = (redis.RedisError,)
 _NO_OWNER = "-"  # owner None; a key is stored as "k:<key>" so no key can collide with it
 
@@ -75,7 +75,8 @@ class RedisStore(SessionStore):
             self._redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
                                                socket_connect_timeout=2, health_check_interval=30)
             self._scripts = {name: self._redis.register_script(getattr(lua, name))
-                             for name in ("CREATE", "GET", "ACQUIRE", "RELEASE", "COMMIT", "DELETE", "STATS")}
+                             for name in ("CREATE", "GET", "ACQUIRE", "RELEASE", "COMMIT", "DELETE", "STATS",
+                                          "OWNER_STATS", "MIGRATE_OWNERS")}
             self._check_schema()
         except (redis.RedisError, ValueError) as exc:
             password = urlsplit(url).password
@@ -90,6 +91,8 @@ class RedisStore(SessionStore):
         if found > SCHEMA_VERSION:
             raise ValueError(f"its edgechat data has schema version {found}, newer than this edgechat "
                              f"understands ({SCHEMA_VERSION})")
+        if found < 2:  # one script: atomic, and a second daemon starting meanwhile finds it done
+            self._scripts["MIGRATE_OWNERS"](args=[PREFIX])
 
     def _run(self, name: str, *args) -> object:
         if self._closed:
@@ -104,12 +107,15 @@ class RedisStore(SessionStore):
 
     @store_call("create", ERRORS)
     def create(self, owner, system=None) -> SessionSnapshot:
-        """Start a session; expired sessions go first, then the least recently active beyond max_sessions."""
+        """Start a session; expired sessions go first, then the owner's least recently active beyond
+        its quota, then, beyond max_sessions, the least recently active of the owner holding most."""
         rec = self._new_record(owner, system)
-        expired, evicted = self._run("CREATE", repr(rec.created), repr(self.policy.ttl_s),
-                                     self.policy.max_sessions, self._expire_ms(), rec.id, rec.tokens,
-                                     repr(rec.last_active), *_fields(rec))
+        expired, quota, evicted = self._run(
+            "CREATE", repr(rec.created), repr(self.policy.ttl_s), self.policy.max_sessions,
+            self._expire_ms(), rec.id, rec.tokens, repr(rec.last_active), self.policy.per_key,
+            _owner(owner), *_fields(rec))
         self._notify_evict("ttl", expired)
+        self._notify_evict("quota", quota)
         self._notify_evict("lru", evicted)
         return rec.snapshot()
 
@@ -145,6 +151,14 @@ class RedisStore(SessionStore):
     def stats(self) -> StoreStats:
         """Gauges from the index, a counter and two sorted sets (O(log n)); expires idle sessions first."""
         expired, count, total, longest, tokens = self._run("STATS", repr(self.clock()), repr(self.policy.ttl_s))
+        self._notify_evict("ttl", int(expired))
+        return StoreStats(int(count), int(total), int(float(longest)), int(float(tokens)))
+
+    @store_call("stats", ERRORS)
+    def owner_stats(self, owner) -> StoreStats:
+        """The same over one owner's sessions (its index; O(its sessions))."""
+        expired, count, total, longest, tokens = self._run("OWNER_STATS", repr(self.clock()),
+                                                           repr(self.policy.ttl_s), _owner(owner))
         self._notify_evict("ttl", int(expired))
         return StoreStats(int(count), int(total), int(float(longest)), int(float(tokens)))
 

@@ -70,13 +70,15 @@ class SQLiteStore(SessionStore):
 
     @store_call("create", ERRORS)
     def create(self, owner, system=None) -> SessionSnapshot:
-        """Start a session; expired sessions go first, then the least recently active beyond max_sessions."""
+        """Start a session; expired sessions go first, then the owner's least recently active beyond
+        its quota, then, beyond max_sessions, the least recently active of the owner holding most."""
         record = self._new_record(owner, system)
         with self._write(durable=True) as conn:
             expired = self._expire_all(conn, record.created)
             conn.execute(f"INSERT INTO sessions ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", _row(record))
-            evicted = self._evict_lru(conn, keep=record.id)
+            quota, evicted = self._evict(conn, record.id, owner)
         self._notify_evict("ttl", expired)
+        self._notify_evict("quota", quota)
         self._notify_evict("lru", evicted)
         return record.snapshot()
 
@@ -128,13 +130,22 @@ class SQLiteStore(SessionStore):
     @store_call("stats", ERRORS)
     def stats(self) -> StoreStats:
         """Gauges from cached per-row counts (no JSON parsed); expires idle sessions first."""
+        return self._aggregate("", ())
+
+    @store_call("stats", ERRORS)
+    def owner_stats(self, owner) -> StoreStats:
+        """The same over one owner's sessions (the owner index)."""
+        return self._aggregate("WHERE owner IS ?", (owner,))
+
+    def _aggregate(self, where: str, args: tuple) -> StoreStats:
         conn, now = self._conn(), self.clock()
         expired = 0
         if self.policy.ttl_s and self._expired_ids(conn, now):  # a read first: no write lock when idle
             with self._write() as conn:
                 expired = self._expire_all(conn, now)
         count, total, longest, tokens = conn.execute(
-            "SELECT count(*), total(n_messages), max(n_messages), max(tokens) FROM sessions").fetchone()
+            "SELECT count(*), total(n_messages), max(n_messages), max(tokens) FROM sessions " + where,
+            args).fetchone()
         self._notify_evict("ttl", expired)
         return StoreStats(count, int(total), longest or 0, tokens or 0, store_bytes=self.file_bytes())
 
@@ -259,14 +270,30 @@ class SQLiteStore(SessionStore):
         self._remove(conn, victims)
         return len(victims)
 
-    def _evict_lru(self, conn, keep: str) -> int:
-        """Evict the least recently active sessions beyond max_sessions, never `keep` or one in a turn."""
+    def _evict(self, conn, keep: str, owner) -> tuple[int, int]:
+        """After inserting `keep` for `owner`: (evicted for the owner's quota, evicted beyond
+        max_sessions from the owner holding most), least recently active idle sessions first."""
+        count = "SELECT count(*) FROM sessions WHERE owner IS ?"
+        quota = self._evict_owned(conn, keep, owner, conn.execute(count, (owner,)).fetchone()[0]
+                                  - self.policy.per_key) if self.policy.per_key else 0
+        evicted = 0
         limit = self.policy.max_sessions
         excess = conn.execute("SELECT count(*) FROM sessions").fetchone()[0] - limit if limit else 0
+        while excess > 0:
+            largest = conn.execute("SELECT owner FROM sessions GROUP BY owner ORDER BY count(*) DESC, "
+                                   "min(last_active) LIMIT 1").fetchone()
+            if largest is None or not self._evict_owned(conn, keep, largest[0], 1):
+                break
+            evicted, excess = evicted + 1, excess - 1
+        return quota, evicted
+
+    def _evict_owned(self, conn, keep: str, owner, excess: int) -> int:
+        """Evict up to `excess` of `owner`'s least recently active sessions, never `keep` or one in a turn."""
         victims, wall = [], time.time()
         if excess > 0:
             for sid, token, pid, host, expires in conn.execute(
-                    _LEASED + "WHERE s.id != ? ORDER BY s.last_active, s.rowid", (keep,)):
+                    _LEASED + "WHERE s.owner IS ? AND s.id != ? ORDER BY s.last_active, s.rowid",
+                    (owner, keep)):
                 if token is None or not self._live(pid, host, expires, wall):
                     victims.append(sid)
                     if len(victims) >= excess:

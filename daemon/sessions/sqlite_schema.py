@@ -4,6 +4,7 @@ Schema versions (table `schema_version`, one row):
   1  sessions (JSON messages last in the row) + leases (the cross-process turn lock)
   2  sessions rebuilt with `n_messages` cached *before* the JSON, so stats() never parses JSON nor
      reads a long history's overflow pages (SQLite reads a row's columns front to back)
+  3  an index by owner (and last_active): per-key quotas, eviction and stats
 Each migration runs in one IMMEDIATE transaction (two workers starting together: one migrates, the
 other waits on busy_timeout, then finds nothing left to do).
 """
@@ -15,7 +16,7 @@ import sqlite3
 from .base import StoreUnavailable
 
 SETTING = "session_store"
-LATEST = 2
+LATEST = 3
 
 _SESSIONS_V1 = """CREATE TABLE sessions (
     id TEXT PRIMARY KEY NOT NULL, owner TEXT, created REAL NOT NULL, last_active REAL NOT NULL,
@@ -37,6 +38,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP TABLE sessions",
         "ALTER TABLE sessions_v2 RENAME TO sessions",
         "CREATE INDEX sessions_last_active ON sessions (last_active)"),
+    3: ("CREATE INDEX sessions_owner ON sessions (owner, last_active)",),
 }
 
 

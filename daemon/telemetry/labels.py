@@ -4,11 +4,14 @@ from __future__ import annotations
 TURN_INDEX_BUCKETS = ("1", "2-5", "6-10", "11-20", "21+")
 OUTCOMES = ("ok", "length", "timeout", "cancelled", "error")
 TRUNCATE_REASONS = ("turns", "tokens")
-EVICT_REASONS = ("ttl", "lru", "deleted", "memory_pressure")
+# "quota": a key at max_sessions_per_key lost its own least recently active session
+EVICT_REASONS = ("ttl", "lru", "quota", "deleted", "memory_pressure")
 # What a session store times (daemon.sessions), one histogram series each.
 STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
-REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy",
-                  "memory_pressure")  # pre-created only
+# Why a request was refused: by the API, or by the server while reading it (daemon.server.worker).
+REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy", "memory_pressure",
+                  "read_timeout", "request_too_large", "malformed_request", "read_busy",
+                  "prompt_too_long", "rate_limited", "too_many_in_flight", "session_quota")
 # What the memory watchdog (daemon.memory.watchdog) does.
 PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_trim", "refuse_turns",
                     "resume_turns")

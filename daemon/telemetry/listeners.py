@@ -7,7 +7,7 @@ implements them all, so renaming a method breaks a type check, never silently a 
 from __future__ import annotations
 
 from .labels import (EVICT_REASONS, KV_DROP_REASONS, LIVE_OBJECT_TYPES, OUTCOMES, PRESSURE_ACTIONS,
-                     STORE_OPERATIONS, TRUNCATE_REASONS, bounded, turn_index_bucket)
+                     REJECT_REASONS, STORE_OPERATIONS, TRUNCATE_REASONS, bounded, turn_index_bucket)
 from .metrics import Metrics
 
 
@@ -30,6 +30,10 @@ class Recorder:
         """One session store call took `seconds` (operation in STORE_OPERATIONS)."""
         self.m.session_store_operation_seconds.labels(bounded(operation, STORE_OPERATIONS)).observe(
             max(seconds, 0.0))
+
+    def on_reject(self, reason: str) -> None:
+        """A request was refused (reason in REJECT_REASONS): by the API, or by the server reading it."""
+        self.m.requests_rejected_total.labels(bounded(reason, REJECT_REASONS)).inc()
 
     def on_queue(self, waiting: int, running: int) -> None:
         """The model queue changed: requests waiting, generations running."""

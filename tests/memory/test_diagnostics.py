@@ -74,7 +74,7 @@ def test_admin_endpoints_need_the_admin_key(app_factory, headers, code):
     ("GET", "/debug/memory/top?limit=abc", None), ("GET", "/debug/memory/top?limit=0", None),
     ("GET", "/debug/memory/top?limit=101", None), ("GET", "/debug/memory/diff?group_by=file", None),
     ("GET", "/debug/memory/census?limit=-3", None), ("GET", "/debug/memory/census?holders=maybe", None),
-    ("POST", "/debug/memory/tracemalloc", {"enabled": "yes"}), ("POST", "/debug/memory/tracemalloc", None),
+    ("POST", "/debug/memory/tracemalloc", {"enabled": "yes"}), ("POST", "/debug/memory/tracemalloc", {}),
 ])
 def test_bad_parameters_are_400(app_factory, method, path, body):
     client = app_factory(admin_key=KEY).test_client()

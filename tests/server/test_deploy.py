@@ -51,7 +51,9 @@ def test_gunicorn_conf_gives_gunicorn_what_edgechat_serve_gives(monkeypatch):
     conf = runpy.run_path(GUNICORN_CONF)
     expected = gunicorn_options(Config.from_env())
     assert conf["wsgi_app"] == "daemon:create_app()"
-    assert conf["worker_class"] == "gthread"
+    assert conf["worker_class"] == "daemon.server.worker.EdgeWorker"  # reads requests under deadlines
+    settings = Config.from_env()  # a thread for each turn the model queue holds, and worker_threads more
+    assert conf["threads"] == settings.worker_threads + settings.queue_limit + 1
     assert conf["timeout"] > 300, "the worker timeout must cover the longest generation"
     assert (conf["max_requests"], conf["max_requests_jitter"]) == (500, 50)
     for key, value in expected.items():
@@ -71,7 +73,9 @@ def test_gunicorns_own_loader_accepts_the_config(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["gunicorn", "-c", GUNICORN_CONF])
     cfg = WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]").cfg  # reads and validates, loads no app
     assert cfg.address == [("127.0.0.1", 9124)]
-    assert cfg.worker_class_str == "gthread"
+    assert cfg.worker_class_str == "daemon.server.worker.EdgeWorker"
+    from daemon.server.worker import EdgeWorker
+    assert cfg.worker_class is EdgeWorker  # gunicorn resolves it (in the master: no torch imported)
     assert cfg.settings["wsgi_app"].get() == "daemon:create_app()"
     assert cfg.control_socket_disable is True
     from daemon.server import hooks as server_hooks

@@ -68,7 +68,7 @@ def test_migrates_a_version_1_file(tmp_path):
     conn.close()
     store = sqlite_store(tmp_path, clock=FakeClock())
     with sqlite3.connect(path) as check:
-        assert sqlite_schema.version_of(check) == 2
+        assert sqlite_schema.version_of(check) == sqlite_schema.LATEST
         assert check.execute("SELECT n_messages FROM sessions").fetchone()[0] == 4
     snap = store.get("old-id", None)
     assert [m["content"] for m in snap.messages] == [c for _, c in history] and snap.system == "be kind"

@@ -315,14 +315,15 @@ def test_leak_mode_context_too_long_on_full_prompt(store_factory):
     assert snap.turns == committed == 7 and len(snap.messages) == 14 and snap.truncations == 0
 
 
-def test_system_prompt_over_budget_fails_every_turn(store_factory):
+def test_system_prompt_that_can_never_fit_is_refused_at_creation(store_factory):
     store = store_factory(HistoryPolicy(5, 20, 0, 0))
-    sid = store.create(None, system=words(30)).id
-    before = store.get(sid, None)
-    assert before.tokens == 3 + 30 + 4
     with pytest.raises(ContextTooLong) as err:
-        store.turn(sid, None, "hi")
-    assert (err.value.tokens, err.value.limit) == (3 + 34 + 5, 20) and store.get(sid, None) == before
+        store.create(None, system=words(30))
+    # the system prompt with an empty user message: the least any turn could need
+    assert err.value.limit == 20 and err.value.tokens > 20
+    assert store.stats().sessions == 0  # nothing stored
+    fits = store.create(None, system=words(5))
+    assert store.get(fits.id, None).tokens == 3 + 5 + 4
 
 
 def test_stale_commit_is_rejected(store_factory):
