@@ -60,11 +60,8 @@ def stream_options(body: dict, streaming: bool) -> bool:
             produces=("application/json", "text/event-stream"))
 def completions():
     """Generate a reply to the given messages; nothing is stored server-side."""
-    body = validate.json_body()
-    params.check(body, params.CHAT, "chat.completions", get_services().config)
-    services = get_services()
+    body, services = turns.read_request(params.CHAT, "chat.completions")
     engine = services.engine
-    turns.check_model(body)
     messages = validate.messages(body)
     validate.integer(body, "n", 1, 1, 1)
     wanted = tools.request(body, engine.tokenizer.chat_template)

@@ -8,7 +8,6 @@ from contextlib import ExitStack
 
 from flask import Blueprint, jsonify
 
-from ..services import get_services
 from . import logprobs, params, turns, validate
 from .auth import protect
 from .completions import stream_options, usage
@@ -34,11 +33,8 @@ def _prompt(body: dict) -> str:
             produces=("application/json", "text/event-stream"))
 def completions():
     """Continue the prompt as plain text."""
-    body = validate.json_body()
-    params.check(body, params.COMPLETIONS, "completions", get_services().config)
-    services = get_services()
+    body, services = turns.read_request(params.COMPLETIONS, "completions")
     engine = services.engine
-    turns.check_model(body)
     prompt = _prompt(body)
     validate.integer(body, "n", 1, 1, 1)
     validate.integer(body, "best_of", 1, 1, 1)

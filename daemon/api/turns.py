@@ -12,7 +12,7 @@ from flask import Response
 from ..model.engine import ContextTooLong, EngineBusy, GenerationParams
 from ..services import Services, get_services
 from .errors import ApiError, error_body, invalid
-from . import validate
+from . import params, validate
 from .limits import tenant
 
 log = logging.getLogger("edgechat.api")
@@ -53,6 +53,15 @@ def sampling_params(body: dict, *, allow_stop: bool, legacy: bool = False,
         logit_bias=validate.logit_bias(body, services.engine.vocab_rows),
         top_logprobs=validate.top_logprobs(body, legacy=legacy),
     )
+
+
+def read_request(table, name: str) -> tuple[dict, Services]:
+    """The JSON body of a generation route, checked against its fate table and the served model."""
+    services = get_services()
+    body = validate.json_body()
+    params.check(body, table, name, services.config)
+    check_model(body)
+    return body, services
 
 
 def check_model(body: dict) -> None:

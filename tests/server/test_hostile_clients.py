@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from support.metrics import metric_value
-from support.servers import Daemon
+from support.servers import Daemon, wait_for
 
 pytestmark = pytest.mark.e2e
 KEY_A, KEY_B = "key-a", "key-b"
@@ -34,15 +34,6 @@ def daemon(tmp_path_factory, cache_dir):
 def metric(url: str, name: str, **labels) -> float:
     """A sample of the daemon's /metrics, summed over its workers (0 when absent)."""
     return metric_value(url, name, combine=sum, default=0.0, **labels)
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def raw(daemon, data: bytes, *, half_close: bool = False) -> tuple[int, dict, dict | None]:

@@ -6,13 +6,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import requests
 
 from support.metrics import metric_value
-from support.servers import Daemon, free_port
+from support.servers import Daemon, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +28,6 @@ def daemon(tmp_path_factory, cache_dir):
                "--generation-timeout-s", "300")
     with d:
         yield d
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def open_stream(url: str, max_tokens: int):
