@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import pytest
 import requests
@@ -23,8 +24,23 @@ def test_two_workers_on_the_qwen_shaped_model(tmp_path, tmp_path_factory):
             return resp.json()["usage"]["completion_tokens"], requests.get(
                 d.url + "/healthz", timeout=30).json()["pid"]
 
+        # the first worker to be ready opens the door; the second may still be loading (or waiting for
+        # the first's decode-path tuning): turns sent before it listens would all land on the first
+        assert len(ready_pids(d.url, 2, 600)) == 2, d.log()[-2000:]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(turn, range(8)))
         assert all(tokens == 4 for tokens, _ in results)
         pids = {pid for _, pid in results}
         assert len(pids) == 2, f"both workers should answer, saw {pids}\n{d.log()[-2000:]}"
+
+
+def ready_pids(url: str, want: int, timeout: float) -> set[int]:
+    """Pids of workers that answered /readyz 200, polled on fresh connections until `want` are seen."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < want and time.monotonic() < deadline:
+        resp = requests.get(url + "/readyz", timeout=30)  # no session: each request may reach another worker
+        if resp.status_code == 200:
+            seen.add(resp.json()["pid"])
+        time.sleep(0.1)
+    return seen
