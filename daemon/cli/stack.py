@@ -187,8 +187,10 @@ def run(ns: argparse.Namespace) -> int:
     workdir = tempfile.mkdtemp(prefix="edgechat-stack-")
     procs: list[Proc] = []
     sink = None
-    # SIGTERM stops the stack as Ctrl-C does (systemd, `kill`, a test)
+    # SIGTERM stops the stack as Ctrl-C does (systemd, `kill`, a test); SIGINT is set too, since a
+    # process started in the background of a script inherits SIGINT ignored
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous_int = signal.signal(signal.SIGINT, _interrupt)
     try:
         if ns.webhook_url:
             url = ns.webhook_url
@@ -230,6 +232,7 @@ def run(ns: argparse.Namespace) -> int:
         if sink is not None:
             sink.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         if ns.keep:
             _say(f"kept {workdir}")
         else:

@@ -259,13 +259,13 @@ def test_a_leaking_daemon_refuses_turns_instead_of_outgrowing_its_limit(tmp_path
                                 **LARGEST) >= 1, action
         assert metric_value(d.url, "edgechat_requests_rejected_total", reason="memory_pressure", **LARGEST) >= 1
         # refusing stops the leak: memory stops growing, within the limit's margin, and the worker lives on
-        # 20 refused turns, which would have leaked ~40 MB if admitted; the margin absorbs what
-        # refusing itself costs (the server's threads, a census pass)
+        # 20 refused turns, which would have leaked ~40 MB if admitted; the margin (half that) absorbs
+        # what refusing itself costs: the server's threads and their malloc arenas, a census pass
         held = metric_value(d.url, "edgechat_service_memory_bytes", **LARGEST)
         for _ in range(20):
             assert requests.post(d.url + "/v1/chat/completions", json=body, timeout=60).status_code == 503
         time.sleep(2)  # two sampler ticks
-        assert metric_value(d.url, "edgechat_service_memory_bytes", **LARGEST) <= held + 12 * 2**20
+        assert metric_value(d.url, "edgechat_service_memory_bytes", **LARGEST) <= held + 20 * 2**20
         # (not asserted: staying under the limit itself. The last admitted turn, or a census pass,
         # can carry memory a few % past the hard limit on this tiny test budget: seen up to +6.6 %.)
         assert d.proc.poll() is None and "memory pressure" in d.log()

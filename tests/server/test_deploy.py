@@ -21,7 +21,7 @@ from daemon.config import Config
 from daemon.monitoring.thresholds import Thresholds
 from support import REPO_ROOT
 from support.processes import track
-from support.servers import free_port, wait_http
+from support.servers import free_port, wait_for, wait_http
 
 ROOT = str(REPO_ROOT)
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -302,6 +302,9 @@ def test_stack_starts_and_stops_cleanly_on_ctrl_c(tmp_path, cache_dir):
         assert [t["health"] for t in targets] == ["up"]
         ams = requests.get(prom + "/api/v1/alertmanagers", timeout=5).json()["data"]["activeAlertmanagers"]
         assert [a["url"] for a in ams] == [f"http://127.0.0.1:{ports['alertmanager-port']}/api/v2/alerts"]
+        # the stack's own readiness checks may finish after ours: Ctrl-C once it says it is up
+        wait_for(lambda: "Ctrl-C stops everything" in (tmp_path / "stack.err").read_text(), 120,
+                 "the stack's banner")
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert proc.wait(120) == 0
     finally:
