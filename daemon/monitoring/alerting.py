@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from .promql import Group, Rule, duration, number
-from .recording import Names
+from .recording import ON, Names
 from .thresholds import Thresholds
 
-ON = "on (job, instance)"
 INSTANCE = "{{ $labels.instance }}"
 
 
@@ -30,12 +29,12 @@ def _leak(t: Thresholds, n: Names, fast: bool) -> Rule:
             f"and {ON} {n.turns_traffic} > 0")
     return _alert(
         t, "EdgechatMemoryLeakSuspected",
-        f"Detects service memory rising steadily over {window} so that it reaches the limit within {horizon} "
-        f"(above {t.leak_level_floor_ratio:.0%} of the limit, after start-up, with traffic).",
+        f"Detects anonymous memory + swap rising steadily over {window} so that RAM + swap reaches the limit "
+        f"within {horizon} (above {t.leak_level_floor_ratio:.0%} of the limit, after start-up, with traffic).",
         expr, t.leak_fast_for if fast else t.leak_slow_for, "critical" if fast else "warning",
         f"edgechat memory is growing towards its limit (OOM within {horizon}).",
-        f"Service memory on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the last "
-        f"{window}; at that pace it reaches the memory limit within {horizon}.")
+        f"Anonymous memory + swap on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the "
+        f"last {window}; at that pace RAM + swap reaches the memory limit within {horizon}.")
 
 
 def memory_alerts(t: Thresholds, n: Names) -> Group:
@@ -190,9 +189,9 @@ def meta_alerts(t: Thresholds) -> Group:
         _alert(t, "EdgechatInfoInhibitor",
                "Fires while one of this job's info alerts is pending or firing on an instance with no "
                "warning or critical alert of the job; Alertmanager uses it to hold back lone info alerts.",
-               f'count by (job, instance) (ALERTS{{{own}, severity="info"}})\n'
-               "unless on (job, instance)\n"
-               f'max by (job, instance) (ALERTS{{{own}, alertname!="EdgechatInfoInhibitor", '
+               f'count by (job, instance, device) (ALERTS{{{own}, severity="info"}})\n'
+               "unless on (job, instance, device)\n"
+               f'max by (job, instance, device) (ALERTS{{{own}, alertname!="EdgechatInfoInhibitor", '
                'alertstate="firing", severity=~"warning|critical"})',
                t.info_inhibitor_for, "none",
                "Info-level alert inhibition.",
