@@ -30,15 +30,15 @@ class Thresholds:
     # A 0.5B model takes ~1 GB after load; a leak of a few MB/min (the `tensors` leak mode's is ~35
     # MB/min, a cache leak can be 1-5 MB/min) needs an hour of samples (120 at 30 s) before a slope
     # means anything, and GC/malloc sawtooth of +-50 MB averages out over 1 h.
-    leak_slow_window: float = _window(1 * HOUR, "deriv/predict_linear range of the slow leak rule")
+    leak_slow_window: float = _window(1 * HOUR, "deriv range of the slow leak rule")
     # "Reaches the limit within 4 h": time for a person to look at an edge box before it OOMs.
-    leak_slow_horizon: float = _window(4 * HOUR, "predict_linear horizon of the slow leak rule")
+    leak_slow_horizon: float = _window(4 * HOUR, "projection horizon of the slow leak rule")
     # 30 min of continuous evidence; a phase of the GC sawtooth never keeps the slope up that long.
     leak_slow_for: float = _window(30 * MINUTE, "for of the slow leak rule")
     # -- memory: fast leak (critical) --------------------------------------------------------------
     # OOM within the hour: a shorter window reacts to leaks like the tensor leak (980 MB -> 2.1 GB in 30 turns).
-    leak_fast_window: float = _window(30 * MINUTE, "deriv/predict_linear range of the fast leak rule")
-    leak_fast_horizon: float = _window(1 * HOUR, "predict_linear horizon of the fast leak rule")
+    leak_fast_window: float = _window(30 * MINUTE, "deriv range of the fast leak rule")
+    leak_fast_horizon: float = _window(1 * HOUR, "projection horizon of the fast leak rule")
     # 5 min: that leak goes from 1 GB to a 2 GB limit in ~25 min, so every minute counts; a
     # sawtooth cannot hold a 30 min regression at "limit within 1 h" that long below ~90 %.
     leak_fast_for: float = _window(5 * MINUTE, "for of the fast leak rule")
