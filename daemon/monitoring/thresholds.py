@@ -134,6 +134,29 @@ class Thresholds:
     # before any info alert does.
     info_inhibitor_for: float = _window(1 * MINUTE, "for of EdgechatInfoInhibitor")
 
+    # -- fleet (central rules, evaluated by vmalert on the central store; docs/fleet.md) -----------
+    # Device-level alerts that make a device count as leaking for its cohort.
+    fleet_leak_alerts_regex: str = "EdgechatMemoryLeakSuspected|EdgechatHistoryUnbounded"
+    # A device counts as leaking when one of those fired on it within this window: a leaking device
+    # that OOMs and restarts (its alert resolves until the uptime guard re-arms) still counts.
+    cohort_window: float = _window(1 * HOUR, "window in which a device's leak alert counts for its cohort")
+    # "A release leaks": 30 % of its devices, and at least 3, so two unlucky boxes of a 5-box pilot
+    # do not page as a cohort (their own device alerts still notify).
+    cohort_ratio: float = 0.30
+    cohort_min_devices: int = 3
+    cohort_for: float = _window(10 * MINUTE, "for of EdgechatCohortLeaking")
+    # No sample from an expected device for 15 min: 30 scrapes at 30 s, longer than a reboot (a
+    # 1 GB model reloads in 30-90 s) and than vmagent's retry backoff, shorter than an outage that matters.
+    device_silent_window: float = _window(15 * MINUTE, "window with no sample before a device is silent")
+    device_silent_for: float = _window(5 * MINUTE, "for of EdgechatDeviceSilent")
+    # The central store unreachable for 2 min pages; the alert then stays up long enough for the
+    # devices' buffered samples to land, so no device looks silent while the backlog drains.
+    store_down_for: float = _window(2 * MINUTE, "for of EdgechatCentralStoreDown")
+    store_down_keep_firing: float = _window(30 * MINUTE, "keep_firing_for of EdgechatCentralStoreDown")
+    # Scrape job names of the central side (the watcher Prometheus).
+    central_store_job: str = "edgechat-central-store"
+    fleet_rules_job: str = "edgechat-fleet-rules"
+
     def scaled(self, time_scale: float) -> "Thresholds":
         """Shrink (or stretch) every window, `for`, horizon and guard by one factor, for fast tests."""
         if not time_scale > 0:

@@ -14,7 +14,7 @@ import sys
 import pytest
 import yaml
 
-from daemon.monitoring import rules
+from daemon.monitoring import fleet_rules, rules
 from daemon.monitoring.thresholds import Thresholds, scaled_field_names
 from support import REPO_ROOT
 
@@ -256,12 +256,16 @@ def test_scaled_rules_fire_on_compressed_scenarios_as_at_full_scale(tmp_path):
 
 
 def test_cli_render_rules(runner, tmp_path):
-    code, out, err = runner("render-rules", "--time-scale", "0.05", "--out", str(tmp_path))
+    code, out, err = runner("render-rules", "--time-scale", "0.05", "--out", str(tmp_path),
+                            "--fleet-out", str(tmp_path / "fleet"))
     assert code == 0, err
     for name, text in rules.render(0.05).items():
         assert (tmp_path / name).read_text(encoding="utf-8") == text
         assert str(tmp_path / name) in out
-    code, out, err = runner("render-rules", "--time-scale", "0", "--out", str(tmp_path / "x"))
+    for name, text in fleet_rules.render(0.05).items():
+        assert (tmp_path / "fleet" / name).read_text(encoding="utf-8") == text
+    code, out, err = runner("render-rules", "--time-scale", "0", "--out", str(tmp_path / "x"),
+                            "--fleet-out", str(tmp_path / "y"))
     assert code == 2 and "time_scale" in err
 
 
