@@ -13,9 +13,7 @@ import sys
 import tempfile
 import time
 
-from ..fleet.certs import CredentialsError
 from ..fleet.procs import binary
-from ..fleet.topology import Fleet, default_layout
 from .alertsink import AlertSink, describe
 
 NEEDED = (("prometheus", ("prometheus",)), ("prometheus-alertmanager", ("prometheus-alertmanager", "alertmanager")),
@@ -61,6 +59,9 @@ def _interrupt(signum, frame) -> None:
 
 def run(ns: argparse.Namespace) -> int:
     """Start the fleet, print where everything is, print notifications until stopped."""
+    # imported here: the simulated devices load prometheus_client, which `edgechat serve`'s master
+    # must not have imported before it prepares the multiprocess folder
+    from ..fleet.topology import Fleet, default_layout
     missing = missing_binaries()
     if missing:
         _say(f"edgechat fleet: not installed: {', '.join(missing)} (apt-get install prometheus "
@@ -104,7 +105,7 @@ def run(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _say("\nstopping ...")
         return 0
-    except (RuntimeError, TimeoutError, OSError, ValueError, CredentialsError) as exc:  # a part failed to start
+    except (RuntimeError, TimeoutError, OSError, ValueError) as exc:  # a part failed to start (CredentialsError too)
         _say(f"edgechat fleet: {exc}")
         return 1
     finally:

@@ -98,13 +98,13 @@ class Central:
             cmd += ["-tls", f"-tlsCertFile={self.creds.cert_file}", f"-tlsKeyFile={self.creds.key_file}",
                     f"-httpAuth.username={self.creds.username}"]
             env["httpAuth_password"] = self.creds.password  # from the environment, not the command line
-        return Proc("victoria-metrics", cmd, self._path("store.log"), env=env)
+        return Proc("victoria-metrics", cmd, self._path("store.log"), env=env, ports=(self.ports.store,))
 
     def _inventory(self) -> Proc:
         cmd = [binary("prometheus-node-exporter", "node_exporter"), f"--web.listen-address=127.0.0.1:{self.ports.inventory}",
                "--collector.disable-defaults", "--collector.textfile",
                f"--collector.textfile.directory={self.inventory_dir}", "--log.level=warn"]
-        return Proc("expected-devices exporter", cmd, self._path("inventory.log"))
+        return Proc("expected-devices exporter", cmd, self._path("inventory.log"), ports=(self.ports.inventory,))
 
     def _alertmanager(self, i: int, webhook_url: str) -> Proc:
         workdir = self._path(f"alertmanager-{i}")
@@ -118,7 +118,8 @@ class Central:
                "--log.level=warn"]
         if self.creds:
             cmd.append(f"--web.config.file={self._write_yaml(f'alertmanager-{i}-web.yml', web_config(self.creds))}")
-        return Proc(f"alertmanager-{i}", cmd, os.path.join(workdir, "alertmanager.log"))
+        return Proc(f"alertmanager-{i}", cmd, os.path.join(workdir, "alertmanager.log"),
+                    ports=(self.ports.am[i], self.ports.cluster[i]))
 
     def _vmalert(self) -> Proc:
         interval = duration(self.interval_s)
@@ -137,7 +138,7 @@ class Central:
             for _ in self.am_urls:  # array flags: one value per notifier, in order
                 cmd += [f"-notifier.tlsCAFile={c.ca_file}", f"-notifier.basicAuth.username={c.username}",
                         f"-notifier.basicAuth.passwordFile={c.password_file}"]
-        return Proc("vmalert", cmd, self._path("vmalert.log"))
+        return Proc("vmalert", cmd, self._path("vmalert.log"), ports=(self.ports.vmalert,))
 
     def _watcher(self) -> Proc:
         t, c = self.thresholds, self.creds
@@ -158,7 +159,7 @@ class Central:
         cmd = [binary("prometheus"), f"--config.file={path}", f"--storage.tsdb.path={self._path('watcher-data')}",
                f"--web.listen-address=127.0.0.1:{self.ports.watcher}", "--log.level=warn",
                f"--rules.alert.resend-delay={self.resend}"]
-        return Proc("watcher", cmd, self._path("watcher.log"))
+        return Proc("watcher", cmd, self._path("watcher.log"), ports=(self.ports.watcher,))
 
     def _ready(self, proc: Proc, url: str, secure: bool) -> None:
         if secure and self.creds:

@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import time
 import urllib.request
 
 from ..monitoring import rules, shipping
@@ -67,7 +68,8 @@ class Station:
         self.prometheus = Proc(f"{name}-prometheus", [
             binary("prometheus"), f"--config.file={path}", f"--storage.tsdb.path={os.path.join(workdir, 'tsdb')}",
             f"--web.listen-address=127.0.0.1:{self.prom_port}", "--log.level=warn",
-            f"--rules.alert.resend-delay={central.resend}"], os.path.join(workdir, "prometheus.log"))
+            f"--rules.alert.resend-delay={central.resend}"], os.path.join(workdir, "prometheus.log"),
+            ports=(self.prom_port,))
         cmd = [binary("vmagent"), f"-httpListenAddr=127.0.0.1:{self.vmagent_port}",
                f"-remoteWrite.url={central.scheme}://{self.store_link.address}/api/v1/write",
                f"-remoteWrite.tmpDataPath={os.path.join(workdir, 'vmagent-queue')}",
@@ -75,7 +77,7 @@ class Station:
         if creds:
             cmd += [f"-remoteWrite.tlsCAFile={creds.ca_file}", f"-remoteWrite.basicAuth.username={creds.username}",
                     f"-remoteWrite.basicAuth.passwordFile={creds.password_file}"]
-        self.vmagent = Proc(f"{name}-vmagent", cmd, os.path.join(workdir, "vmagent.log"))
+        self.vmagent = Proc(f"{name}-vmagent", cmd, os.path.join(workdir, "vmagent.log"), ports=(self.vmagent_port,))
 
     def links(self) -> list[Link]:
         """Every uplink of this station."""
@@ -130,7 +132,8 @@ class RealStation(Station):
         if cache_dir:
             cmd += ["--cache-dir", cache_dir]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECHAT_") and k != MULTIPROC_ENV}
-        self.daemon = Proc(f"{spec.name}-edgechat", cmd, os.path.join(workdir, "edgechat.log"), env=env)
+        self.daemon = Proc(f"{spec.name}-edgechat", cmd, os.path.join(workdir, "edgechat.log"), env=env,
+                           ports=(self.port,))
 
     def start_daemon(self) -> None:
         """Start the daemon without waiting (model loads overlap with the rest of the fleet starting)."""
@@ -153,8 +156,10 @@ class SimStation(Station):
                  time_scale: float):
         self.specs = {s.name: s for s in specs}
         self.active = set(self.specs)
+        self.ports: dict[str, int] = {}
         os.makedirs(workdir, exist_ok=True)
         self.sd_path = os.path.join(workdir, "targets.json")
+        self.ports_path = os.path.join(workdir, "ports.json")
         self._write_targets()
         models = {s.model for s in specs}
         if len(models) != 1:
@@ -164,12 +169,12 @@ class SimStation(Station):
         spec_path = os.path.join(workdir, "devices.json")
         with open(spec_path, "w", encoding="utf-8") as handle:
             json.dump([dataclasses.asdict(s) for s in specs], handle)
-        self.sim = Proc(f"{self.name}-devices", [sys.executable, "-m", "daemon.fleet.simdevice", spec_path],
-                        os.path.join(workdir, "devices.log"))
+        self.sim = Proc(f"{self.name}-devices", [sys.executable, "-m", "daemon.fleet.simdevice", spec_path,
+                                                 self.ports_path], os.path.join(workdir, "devices.log"))
 
     def _write_targets(self) -> None:
-        targets = shipping.file_sd_targets([(f"127.0.0.1:{s.port}", s.name) for s in self.specs.values()
-                                            if s.name in self.active])
+        targets = shipping.file_sd_targets([(f"127.0.0.1:{port}", name) for name, port in sorted(self.ports.items())
+                                            if name in self.active])
         tmp = self.sd_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(targets, handle)
@@ -178,15 +183,23 @@ class SimStation(Station):
     def start(self) -> None:
         """Start the simulated devices, wait for each, then the Prometheus side."""
         self.sim.start()
-        for spec in self.specs.values():
-            self.sim.wait_http(f"http://127.0.0.1:{spec.port}/metrics", 60)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.ports_path):
+            if not self.sim.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.sim.name} did not start its devices:\n{self.sim.log_tail()}")
+            time.sleep(0.2)
+        with open(self.ports_path, encoding="utf-8") as handle:
+            self.ports = json.load(handle)
+        for port in self.ports.values():
+            self.sim.wait_http(f"http://127.0.0.1:{port}/metrics", 60)
+        self._write_targets()
         super().start()
 
     def silence(self, name: str) -> None:
         """The device goes dark: it stops answering and its Prometheus target goes away (a box powered off)."""
         self.active.discard(name)
         self._write_targets()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.specs[name].port}/-/silence", method="POST")
+        request = urllib.request.Request(f"http://127.0.0.1:{self.ports[name]}/-/silence", method="POST")
         with urllib.request.urlopen(request, timeout=5):  # noqa: S310 - loopback
             pass
 

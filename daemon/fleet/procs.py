@@ -21,24 +21,41 @@ def binary(*names: str) -> str | None:
     return None
 
 
+_HELD: dict[int, socket.socket] = {}
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback TCP port, held (bound, not listening) until the process given it starts: Proc.start
+    releases it, so no other bind(0) on the machine can take it in between."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    _HELD[port] = sock
+    return port
+
+
+def release(*ports: int) -> None:
+    """Let go of held ports (their process is about to bind them)."""
+    for port in ports:
+        sock = _HELD.pop(port, None)
+        if sock is not None:
+            sock.close()
 
 
 class Proc:
     """A child process in its own session (Ctrl-C reaches only us), logging to a file, stopped by us."""
 
-    def __init__(self, name: str, cmd: list[str], log_path: str, env: dict | None = None):
-        self.name, self.cmd, self.log_path, self.env = name, cmd, log_path, env
+    def __init__(self, name: str, cmd: list[str], log_path: str, env: dict | None = None,
+                 ports: tuple[int, ...] = ()):
+        """ports: ports from free_port() the process binds, released when it starts."""
+        self.name, self.cmd, self.log_path, self.env, self.ports = name, cmd, log_path, env, ports
         self.popen: subprocess.Popen | None = None
         self._log = None
 
     def start(self) -> "Proc":
         """Start the process (output to log_path)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        release(*self.ports)
         self.popen = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                       env=self.env, start_new_session=True)
         return self
@@ -58,6 +75,7 @@ class Proc:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, wait, then SIGKILL its process group; returns the exit code."""
         if self.popen is None:
+            release(*self.ports)  # never started: let its ports go
             return None
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)

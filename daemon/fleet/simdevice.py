@@ -4,12 +4,16 @@ One light process serves many devices, each on its own loopback port, so a fleet
 box. Time runs `time_scale` times faster than nominal, like the rules rendered for the fleet: a
 6 MB/min leak at time scale 0.02 grows 5 MB per real second.
 
-  python -m daemon.fleet.simdevice SPEC.json    # SPEC: a JSON list of DeviceSpec fields
+  python -m daemon.fleet.simdevice SPEC.json [PORTS.json]
+
+SPEC is a JSON list of DeviceSpec fields; a port of 0 lets the kernel choose, and the port each device
+got is written to PORTS.json ({name: port}) once all of them listen.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import random
 import signal
@@ -18,7 +22,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
 
 from ..telemetry.labels import turn_index_bucket
 from ..telemetry.metrics import Metrics
@@ -45,7 +49,7 @@ class DeviceSpec:
     """One simulated device: its identity, shape and clock."""
 
     name: str
-    port: int
+    port: int                    # 0: any free port (reported in the ports file)
     shape: str
     version: str
     model: str = "sim-0.5b"
@@ -145,6 +149,10 @@ class SimDevice:
         m.history_messages.set(3 * 11)
         m.history_messages_max.set(11 if self.requests >= 5 else 1 + 2 * self.requests)
         m.history_tokens_max.set(420)
+        # what the daemon's object census reports (at most every 2 min there)
+        for kind, count in (("torch.Tensor", 310), ("dict", 52_000), ("list", 21_000), ("function", 48_000)):
+            m.live_objects.labels(kind).set(count)
+        m.torch_tensor_bytes.set(self.base * 0.8)
 
     def exposition(self) -> bytes:
         """The /metrics body, as fresh as a real daemon's (its sampler refreshes before a scrape)."""
@@ -188,12 +196,18 @@ def serve(device: SimDevice) -> ThreadingHTTPServer:
 def main(argv: list[str] | None = None) -> int:
     """Serve every device of a spec file until SIGTERM."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m daemon.fleet.simdevice SPEC.json", file=sys.stderr)
+    if len(argv) not in (1, 2):
+        print("usage: python -m daemon.fleet.simdevice SPEC.json [PORTS.json]", file=sys.stderr)
         return 2
     with open(argv[0], encoding="utf-8") as handle:
         specs = [DeviceSpec(**item) for item in json.load(handle)]
+    disable_created_metrics()  # as the daemon's multiprocess exposition: no *_created series
     servers = [serve(SimDevice(spec)) for spec in specs]
+    if len(argv) == 2:
+        ports = {spec.name: server.server_address[1] for spec, server in zip(specs, servers)}
+        with open(argv[1] + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(ports, handle)
+        os.replace(argv[1] + ".tmp", argv[1])
     print(f"serving {len(servers)} simulated devices", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

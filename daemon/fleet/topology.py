@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from . import certs
 from .central import Central, write_expected
 from .devices import RealDevice, RealStation, SimStation, Station
-from .procs import free_port
 from .simdevice import LEAKING_SHAPES, DeviceSpec
 
 SITES = ("north", "south")
@@ -58,7 +57,7 @@ def default_layout(real: int = 3, sims: int = 50, time_scale: float = 0.05) -> L
         k = i // 2
         shape = LEAKY_CYCLE[k % len(LEAKY_CYCLE)] if leaky else (STEADY_ODD[k] if k < len(STEADY_ODD) else "healthy")
         site = SITES[k % 2]
-        specs.append(DeviceSpec(name=f"sim-{site}-{i + 1:03d}", port=free_port(), shape=shape,
+        specs.append(DeviceSpec(name=f"sim-{site}-{i + 1:03d}", port=0, shape=shape,
                                 version=LEAKY_VERSION if leaky else STEADY_VERSION, model=SIM_MODEL,
                                 time_scale=time_scale, seed=i + 1))
     return Layout(reals, tuple(specs))
@@ -88,6 +87,11 @@ class Fleet:
         """Every device-side Prometheus."""
         return [*self.reals, *self.sims]
 
+    def sim_url(self, device: str) -> str:
+        """Where a simulated device serves /metrics."""
+        station = self.station_of(device)
+        return f"http://127.0.0.1:{station.ports[device]}"
+
     def station_of(self, device: str) -> Station:
         """The station whose Prometheus scrapes `device`."""
         for station in self.reals:
@@ -114,8 +118,8 @@ class Fleet:
 
     def stop(self) -> None:
         """Stop every station, then the central side (whatever started)."""
-        for station in self.stations:
-            station.stop()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda s: s.stop(), self.stations))
         self.central.stop()
 
     # --- faults ------------------------------------------------------------------------------------
@@ -131,7 +135,8 @@ class Fleet:
         station.silence(device)
 
     # --- queries -----------------------------------------------------------------------------------
-    def _get(self, url: str, params: dict | None = None, secure: bool = False) -> dict:
+    def _get(self, url: str, params: dict | None = None, secure: bool = False, lines: bool = False):
+        """GET JSON (or, with lines=True, JSON lines) from a fleet component."""
         if params:
             url += "?" + urllib.parse.urlencode(params, doseq=True)
         request = urllib.request.Request(url)
@@ -142,7 +147,9 @@ class Fleet:
             context = self._context
         with urllib.request.urlopen(request, timeout=30, context=context) as resp:  # noqa: S310 - loopback
             body = resp.read()
-        return json.loads(body) if body.strip().startswith((b"{", b"[")) else {"lines": body.decode().splitlines()}
+        if lines:
+            return [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        return json.loads(body)
 
     def central_query(self, expr: str, at: float | None = None) -> list[dict]:
         """An instant query on the central store."""
@@ -152,10 +159,9 @@ class Fleet:
     def central_samples(self, selector: str, start: float, end: float) -> dict[str, list[int]]:
         """Raw sample timestamps (ms) per series between start and end, as the central store holds them."""
         out = self._get(f"{self.central.store_url}/api/v1/export",
-                        {"match[]": selector, "start": f"{start:.3f}", "end": f"{end:.3f}"}, secure=True)
+                        {"match[]": selector, "start": f"{start:.3f}", "end": f"{end:.3f}"}, secure=True, lines=True)
         series = {}
-        for line in out.get("lines", []):
-            item = json.loads(line)
+        for item in out:
             key = json.dumps(dict(sorted(item["metric"].items())))
             series[key] = sorted(item["timestamps"])
         return series

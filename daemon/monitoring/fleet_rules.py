@@ -75,9 +75,11 @@ def central_groups(t: Thresholds) -> list[Group]:
     """The watcher's groups: the central store and the fleet rule evaluator, scraped directly."""
     def down(name: str, job: str, what: str, severity: str, keep_firing: float, consequence: str) -> Rule:
         selector = f'up{{job="{job}"}}'
+        window = duration(t.store_down_for)
+        # no successful scrape over the whole window: one slow scrape of a busy store is not an outage
         return alert_rule(
-            t, name, f"Detects {what} the watcher cannot scrape (or has no target for).",
-            f"{selector} == 0 or absent({selector})", t.store_down_for, severity,
+            t, name, f"Detects {what} the watcher could not scrape once in {window} (or has no target for).",
+            f"max_over_time({selector}[{window}]) == 0 or absent({selector})", t.store_down_for, severity,
             f"The fleet's {what} is down.",
             f"The watcher has had no successful scrape of the {what} for {duration(t.store_down_for)} "
             f"(value {{{{ $value }}}}: 0 = down, 1 = no target). " + consequence, keep_firing)
