@@ -233,3 +233,13 @@ def test_uplinks_refuse_plain_and_anonymous_clients(fleet_run):
                         timeout=5).status_code == 401
     assert requests.get(f"{c.am_urls[1]}/api/v2/status", verify=fleet_run.fleet.creds.ca_file,
                         timeout=5).status_code == 401
+
+
+def test_fleet_dashboard_queries_return_data_from_the_central_store(fleet_run):
+    from daemon.monitoring import dashboard_fleet
+    empty = []
+    for title, expr in dashboard_fleet.queries():
+        query = expr.replace("$site", ".+").replace("$version", ".+").replace("$device", ".+")
+        if not fleet_run.fleet.central_query(query):
+            empty.append((title, query))
+    assert empty == [], "fleet dashboard queries without data on the central store"
