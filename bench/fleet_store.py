@@ -132,9 +132,12 @@ def main() -> int:
         c0 = {k: cpu_seconds(p) for k, p in (("vm", vm), ("prom", prom))}
         rows0 = metric(urls["vm"], "vm_rows_inserted_total")
         sent0 = metric(urls["vmagent"], "vmagent_remotewrite_bytes_sent_total") / 2
+        wal0 = du(os.path.join(work, "device", "wal"))
         t0 = time.time()
         time.sleep(ns.minutes * 60)
         elapsed = time.time() - t0
+        wal = du(os.path.join(work, "device", "wal")) - wal0
+        scraped = scalar(urls["device"], "sum(scrape_samples_scraped)") + scalar(urls["device"], "count({__name__=~\"instance.*:.*\"})")
         rows = metric(urls["vm"], "vm_rows_inserted_total") - rows0
         sent = metric(urls["vmagent"], "vmagent_remotewrite_bytes_sent_total") / 2 - sent0
         series = scalar(urls["vm"], 'count({__name__=~".+", device=~"sim-bench-.*"})')
@@ -148,6 +151,9 @@ def main() -> int:
             out[f"{key}_disk_mb"] = du(os.path.join(work, data)) / 2 ** 20
             out[f"{key}_cpu_us_per_sample"] = (cpu_seconds(proc) - c0[key]) / rows * 1e6
         out["ingest_samples_per_s"] = rows / elapsed
+        # the device's WAL: everything scraped and recorded, per device-hour at 30 s scrapes
+        out["device_wal_bytes_per_sample"] = wal / (scraped / INTERVAL_S * elapsed) if scraped else None
+        out["device_wal_bytes_per_device_hour_at_30s"] = wal / ns.devices / elapsed * 3600 * INTERVAL_S / PROD_INTERVAL_S
         # -- late samples: a new series with samples 30 min, 3 h and 30 h old, through vmagent to both
         now_ms = int(time.time() * 1000)
         ages = {"30m": 1800, "3h": 3 * 3600, "30h": 30 * 3600}
