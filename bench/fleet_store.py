@@ -157,10 +157,12 @@ def main() -> int:
         # -- late samples: a new series with samples 30 min, 3 h and 30 h old, through vmagent to both
         now_ms = int(time.time() * 1000)
         ages = {"30m": 1800, "3h": 3 * 3600, "30h": 30 * 3600}
-        body = "".join(f'edgechat_bench_late{{age="{k}"}} 1 {now_ms - s * 1000}\n' for k, s in ages.items())
-        urllib.request.urlopen(urllib.request.Request(f"{urls['vmagent']}/api/v1/import/prometheus",  # noqa: S310
-                                                      data=body.encode()), timeout=10)
-        time.sleep(15)
+        for age, seconds in ages.items():  # one write each: a receiver refuses a whole write for one bad sample
+            body = f'edgechat_bench_late{{age="{age}"}} 1 {now_ms - seconds * 1000}\n'
+            urllib.request.urlopen(urllib.request.Request(f"{urls['vmagent']}/api/v1/import/prometheus",  # noqa: S310
+                                                          data=body.encode()), timeout=10)
+            time.sleep(5)
+        time.sleep(10)
         for key in ("vm", "prom"):
             kept = get(f"{urls[key]}/api/v1/query", {"query": "count_over_time(edgechat_bench_late[31h])"})
             out[f"{key}_late_kept"] = sorted(r["metric"]["age"] for r in kept["data"]["result"])
