@@ -185,3 +185,15 @@ def live_app(app_factory):
     yield serve
     for server in servers:
         server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory, cache_dir):
+    """A simulated fleet (3 real daemons + 50 simulated devices, their Prometheus servers and vmagents,
+    the central store, vmalert, two clustered Alertmanagers), shared by one test module."""
+    from support.fleet import MISSING, FleetRun
+    if MISSING:
+        pytest.skip(f"needs Debian packages: {', '.join(MISSING)}")
+    run = FleetRun(tmp_path_factory.mktemp("fleet"), cache_dir).start()
+    yield run
+    run.stop()

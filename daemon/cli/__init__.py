@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # each module exposes add_parsers(subparsers); subparsers set func(namespace) -> exit code
-COMMANDS = ("serve", "chat", "build_model", "monitoring", "stack", "soak", "memwatch", "alertsink",
+COMMANDS = ("serve", "chat", "build_model", "monitoring", "stack", "fleet", "soak", "memwatch", "alertsink",
             "diagnose", "tune")
 
 

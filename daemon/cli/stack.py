@@ -10,14 +10,13 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import yaml
 
+from ..fleet.procs import Proc, binary
 from ..monitoring import alertmanager, rules
 from ..monitoring.promql import duration
 from ..monitoring.thresholds import Thresholds
@@ -25,15 +24,6 @@ from ..telemetry.multiproc import MULTIPROC_ENV
 from .alertsink import AlertSink, describe
 
 PROMETHEUS_YML = os.path.join(alertmanager.REPO_ROOT, "prometheus", "prometheus.yml")
-
-
-def binary(*names: str) -> str | None:
-    """The first of these executables found on PATH or in /usr/bin (Debian's packages)."""
-    for name in names:
-        found = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
-        if found:
-            return found
-    return None
 
 
 def prometheus_config(daemon_targets: list[str], alertmanager_target: str, rule_files: list[str],
@@ -56,65 +46,6 @@ def prometheus_config(daemon_targets: list[str], alertmanager_target: str, rule_
         raise ValueError(f"{base} has no scrape job {Thresholds.job!r} to point at the daemon")
     jobs[0]["static_configs"] = [{"targets": list(daemon_targets)}]
     return cfg
-
-
-class Proc:
-    """A child process in its own session (Ctrl-C reaches only us), logging to a file, stopped by us."""
-
-    def __init__(self, name: str, cmd: list[str], log_path: str, env: dict | None = None):
-        self.name, self.cmd, self.log_path, self.env = name, cmd, log_path, env
-        self.popen: subprocess.Popen | None = None
-        self._log = None
-
-    def start(self) -> "Proc":
-        """Start the process (output to log_path)."""
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                      env=self.env, start_new_session=True)
-        return self
-
-    def alive(self) -> bool:
-        """Started and not exited."""
-        return self.popen is not None and self.popen.poll() is None
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The end of what the process printed."""
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
-                return "".join(handle.readlines()[-lines:])
-        except OSError:  # never started
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL its process group; returns the exit code."""
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(10)
-        if self._log is not None:
-            self._log.close()
-        return self.popen.returncode
-
-    def wait_http(self, url: str, timeout: float = 120.0) -> None:
-        """Poll url until it answers 200; raise with the log's tail if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited ({self.popen and self.popen.returncode}) before "
-                                   f"{url} answered:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own loopback URL
-                    if resp.status == 200:
-                        return
-            except OSError:  # not listening yet, or 503 while starting
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"{self.name}: {url} did not answer 200 within {timeout:g}s:\n{self.log_tail()}")
 
 
 def prometheus_proc(workdir: str, config: dict, port: int, exe: str | None = None) -> Proc:

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 from .promql import Group, Rule, duration, number
-from .recording import Names
+from .recording import ON, Names
 from .thresholds import Thresholds
 
-ON = "on (job, instance)"
 INSTANCE = "{{ $labels.instance }}"
 
 
-def _alert(t: Thresholds, name: str, comment: str, expr: str, for_s: float, severity: str,
+def alert_rule(t: Thresholds, name: str, comment: str, expr: str, for_s: float, severity: str,
            summary: str, description: str, keep_firing_s: float = 0) -> Rule:
+    """One alert with `for`, severity, summary, templated description and runbook_url (the house contract)."""
     body = {"alert": name, "expr": expr, "for": duration(for_s)}
     if keep_firing_s:
         body["keep_firing_for"] = duration(keep_firing_s)
@@ -28,20 +28,20 @@ def _leak(t: Thresholds, n: Names, fast: bool) -> Rule:
             f"and {ON} {n.usage_ratio} > {number(t.leak_level_floor_ratio)}\n"
             f"and {ON} {n.uptime} > {number(t.leak_min_uptime)}\n"
             f"and {ON} {n.turns_traffic} > 0")
-    return _alert(
+    return alert_rule(
         t, "EdgechatMemoryLeakSuspected",
-        f"Detects service memory rising steadily over {window} so that it reaches the limit within {horizon} "
-        f"(above {t.leak_level_floor_ratio:.0%} of the limit, after start-up, with traffic).",
+        f"Detects anonymous memory + swap rising steadily over {window} so that RAM + swap reaches the limit "
+        f"within {horizon} (above {t.leak_level_floor_ratio:.0%} of the limit, after start-up, with traffic).",
         expr, t.leak_fast_for if fast else t.leak_slow_for, "critical" if fast else "warning",
         f"edgechat memory is growing towards its limit (OOM within {horizon}).",
-        f"Service memory on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the last "
-        f"{window}; at that pace it reaches the memory limit within {horizon}.")
+        f"Anonymous memory + swap on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the "
+        f"last {window}; at that pace RAM + swap reaches the memory limit within {horizon}.")
 
 
 def memory_alerts(t: Thresholds, n: Names) -> Group:
     """Leak (trend) and level alerts on the memory counted against the limit."""
     def near(severity: str, ratio: float, for_s: float) -> Rule:
-        return _alert(
+        return alert_rule(
             t, "EdgechatMemoryNearLimit",
             f"Detects service memory above {ratio:.0%} of the memory limit (never one worker's RSS).",
             f"{n.usage_ratio} > {number(ratio)}", for_s, severity,
@@ -68,14 +68,14 @@ def history_alerts(t: Thresholds, n: Names) -> Group:
                  f"  and {ON} ({n.history_delta} offset {span})\n"
                  f")")
     return Group("edgechat.history.alerts", [
-        _alert(t, "EdgechatHistoryUnbounded",
+        alert_rule(t, "EdgechatHistoryUnbounded",
                "Detects conversation history that is not trimmed: longer than 2 x max_turns + 1 messages, "
                f"or the total growing without pause for {span} (growth, not configuration).",
                unbounded, t.history_unbounded_for, "warning",
                "edgechat conversation history is growing without bound.",
                f"The longest conversation on {INSTANCE} holds {{{{ $value }}}} messages, more than the "
                f"configured turn limit allows, or the total history has grown without pause for {span}."),
-        _alert(t, "EdgechatHistoryLimitDisabled",
+        alert_rule(t, "EdgechatHistoryLimitDisabled",
                "Detects a configuration with no turn limit on conversation history (max_history_turns = 0).",
                f"{n.max_turns} == 0", t.history_limit_disabled_for, "info",
                "edgechat runs with an unbounded history turn limit.",
@@ -88,12 +88,12 @@ def gc_alerts(t: Thresholds, n: Names) -> Group:
     """Python garbage collector: objects it cannot free, time it steals from turns."""
     window = duration(t.gc_uncollectable_window)
     return Group("edgechat.gc.alerts", [
-        _alert(t, "EdgechatGCUncollectableGrowing",
+        alert_rule(t, "EdgechatGCUncollectableGrowing",
                f"Detects objects the garbage collector found unreachable but could not free, over {window}.",
                f"{n.gc_uncollectable} > 0", t.gc_uncollectable_for, "warning",
                "Python's garbage collector finds objects it cannot free in edgechat.",
                f"{{{{ $value | humanize }}}} uncollectable objects appeared on {INSTANCE} in the last {window}."),
-        _alert(t, "EdgechatGCPausesHigh",
+        alert_rule(t, "EdgechatGCPausesHigh",
                f"Detects workers spending more than {t.gc_pause_ratio:.0%} of wall time in GC pauses.",
                f"{n.gc_pause_ratio} > {number(t.gc_pause_ratio)}", t.gc_pause_for, "warning",
                "edgechat workers spend a large share of time in garbage collection.",
@@ -105,7 +105,7 @@ def gc_alerts(t: Thresholds, n: Names) -> Group:
 def turn_alerts(t: Thresholds, n: Names) -> Group:
     """Turn latency: late turns slower than early ones (creep), and plainly slow turns."""
     return Group("edgechat.turns.alerts", [
-        _alert(t, "EdgechatTurnLatencyCreep",
+        alert_rule(t, "EdgechatTurnLatencyCreep",
                f"Detects late turns (11+) at more than {number(t.creep_ratio)}x the p95 latency of early "
                "turns (1-5): prompts grow with the conversation.",
                f"{n.creep_ratio} > {number(t.creep_ratio)}\n"
@@ -115,7 +115,7 @@ def turn_alerts(t: Thresholds, n: Names) -> Group:
                f"On {INSTANCE} the p95 latency of turns 11 and later is {{{{ $value | printf \"%.1f\" }}}}x "
                f"that of turns 1-5 (late turns over {duration(t.creep_late_window)}, early over "
                f"{duration(t.creep_early_window)})."),
-        _alert(t, "EdgechatTurnLatencyHigh",
+        alert_rule(t, "EdgechatTurnLatencyHigh",
                f"Detects p95 turn latency above {number(t.latency_high_seconds)} s.",
                f"{n.p95_all} > {number(t.latency_high_seconds)}", t.latency_high_for, "warning",
                "edgechat turns are slow.",
@@ -127,7 +127,7 @@ def turn_alerts(t: Thresholds, n: Names) -> Group:
 def process_alerts(t: Thresholds, n: Names) -> Group:
     """Worker restarts and kernel OOM kills."""
     def restarted(severity: str, window: float, above: int, for_s: float, what: str) -> Rule:
-        return _alert(
+        return alert_rule(
             t, "EdgechatRestarted", f"Detects {what} in {duration(window)}: the youngest worker's start time "
             "changed (a new pid or a restarted process).",
             f"changes({n.start_time_max}[{duration(window)}]) > {above}", for_s, severity,
@@ -138,7 +138,7 @@ def process_alerts(t: Thresholds, n: Names) -> Group:
         restarted("info", t.restart_window, 0, t.restart_for, "a worker (re)start"),
         restarted("warning", t.crashloop_window, t.crashloop_restarts, t.crashloop_for,
                   f"a crash loop, more than {t.crashloop_restarts} (re)starts"),
-        _alert(t, "EdgechatOOMKilled",
+        alert_rule(t, "EdgechatOOMKilled",
                f"Detects the kernel OOM killer firing on the host within {window} (needs node_exporter).",
                f"increase(node_vmstat_oom_kill[{window}]) > 0", t.oom_for, "critical",
                "The kernel OOM-killed a process on the edgechat host.",
@@ -151,19 +151,19 @@ def availability_alerts(t: Thresholds, n: Names) -> Group:
     """Down, failing, or refusing work."""
     job = f'up{{job="{t.job}"}}'
     return Group("edgechat.availability.alerts", [
-        _alert(t, "EdgechatDown", "Detects a daemon Prometheus cannot scrape, or no daemon target at all.",
+        alert_rule(t, "EdgechatDown", "Detects a daemon Prometheus cannot scrape, or no daemon target at all.",
                f"{job} == 0 or absent({job})", t.down_for, "critical",
                "edgechat is down.",
                f"{{{{ with $labels.instance }}}}edgechat at {{{{ . }}}} has failed every scrape for "
                f"{duration(t.down_for)} (up = {{{{ $value }}}}).{{{{ else }}}}Prometheus has had no "
                f"{t.job} target for {duration(t.down_for)} (absent = {{{{ $value }}}}).{{{{ end }}}}"),
-        _alert(t, "EdgechatHighErrorRate",
+        alert_rule(t, "EdgechatHighErrorRate",
                f"Detects more than {t.error_ratio:.0%} of API requests failing with 5xx (503 rejections excluded).",
                f"{n.error_ratio} > {number(t.error_ratio)}", t.error_for, "warning",
                "edgechat answers many requests with server errors.",
                f"{{{{ $value | humanizePercentage }}}} of API requests to {INSTANCE} failed with a 5xx "
                f"over the last {duration(t.error_window)}."),
-        _alert(t, "EdgechatSaturated",
+        alert_rule(t, "EdgechatSaturated",
                f"Detects more than {t.saturation_ratio:.0%} of API requests rejected (queue full, queue "
                "timeout, memory pressure).",
                f'{n.rejected_ratio}{{reason=~"{t.saturation_reasons_regex}"}} > {number(t.saturation_ratio)}',
@@ -178,7 +178,7 @@ def meta_alerts(t: Thresholds) -> Group:
     """The heartbeat and the info inhibitor, named and scoped so they cannot collide with another
     job's in a shared Prometheus (severity none: never a page)."""
     own = f'job="{t.job}"'
-    heartbeat = _alert(t, "EdgechatHeartbeat",
+    heartbeat = alert_rule(t, "EdgechatHeartbeat",
                        "Always fires: proves the whole alerting pipeline works (dead man's switch).",
                        "vector(1)", t.heartbeat_for, "none",
                        "edgechat alerting pipeline heartbeat.",
@@ -187,12 +187,12 @@ def meta_alerts(t: Thresholds) -> Group:
     heartbeat.body["labels"]["job"] = t.job  # vector(1) has no labels: say whose heartbeat it is
     return Group("edgechat.meta.alerts", [
         heartbeat,
-        _alert(t, "EdgechatInfoInhibitor",
+        alert_rule(t, "EdgechatInfoInhibitor",
                "Fires while one of this job's info alerts is pending or firing on an instance with no "
                "warning or critical alert of the job; Alertmanager uses it to hold back lone info alerts.",
-               f'count by (job, instance) (ALERTS{{{own}, severity="info"}})\n'
-               "unless on (job, instance)\n"
-               f'max by (job, instance) (ALERTS{{{own}, alertname!="EdgechatInfoInhibitor", '
+               f'count by (job, instance, device) (ALERTS{{{own}, severity="info"}})\n'
+               "unless on (job, instance, device)\n"
+               f'max by (job, instance, device) (ALERTS{{{own}, alertname!="EdgechatInfoInhibitor", '
                'alertstate="firing", severity=~"warning|critical"})',
                t.info_inhibitor_for, "none",
                "Info-level alert inhibition.",

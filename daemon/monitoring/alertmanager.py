@@ -15,6 +15,9 @@ HEARTBEAT_URL_ENV = "EDGECHAT_HEARTBEAT_WEBHOOK_URL"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TEMPLATE = os.path.join(REPO_ROOT, "deploy", "alertmanager", "alertmanager.yml.tmpl")
 EXAMPLE = os.path.join(REPO_ROOT, "deploy", "alertmanager", "alertmanager.example.yml")
+# The fleet's config, for the clustered Alertmanager pair (docs/fleet.md).
+FLEET_TEMPLATE = os.path.join(REPO_ROOT, "deploy", "fleet", "alertmanager.yml.tmpl")
+FLEET_EXAMPLE = os.path.join(REPO_ROOT, "deploy", "fleet", "alertmanager.example.yml")
 # The URL the committed example is rendered with (a local receiver, as in the end-to-end test).
 EXAMPLE_URL = "http://127.0.0.1:9095/alerts"
 WEBHOOK_RECEIVERS = ("webhook-critical", "webhook-warning", "webhook-info")

@@ -89,11 +89,17 @@ def _memory_rows():
         timeseries("Resident memory (RSS) per worker",
                    "Resident set size of each gunicorn worker (one series per pid). A leak in one worker "
                    "shows as one line climbing; workers recycled by max_requests start new lines.", "bytes",
-                   [target(sel("edgechat_process_resident_memory_bytes"), "{{pid}}")], minimum=0),
+                   [target(sel("edgechat_process_resident_memory_bytes"), "{{pid}}")], w=8, minimum=0),
         timeseries("Unique memory (USS) per worker",
                    "Memory only this worker holds (not shared with the master or other workers). Model "
                    "weights shared after fork do not count; memory a worker leaks does.", "bytes",
-                   [target(sel("edgechat_process_unique_memory_bytes"), "{{pid}}")], minimum=0),
+                   [target(sel("edgechat_process_unique_memory_bytes"), "{{pid}}")], w=8, minimum=0),
+        timeseries("Anonymous memory and swap per worker",
+                   "Each worker's anonymous RSS (RssAnon: heap, arenas, tensors) and what the kernel swapped "
+                   "out of it (VmSwap). A leak grows their sum even when RSS looks flat because the leaked "
+                   "pages went to swap; the leak alerts follow this sum, the level alerts RAM alone.", "bytes",
+                   [target(sel("edgechat_process_anonymous_memory_bytes"), "anonymous {{pid}}"),
+                    target(sel("edgechat_process_swap_bytes"), "swap {{pid}}")], w=8, minimum=0),
     ]
 
 

@@ -5,7 +5,7 @@ import re
 import sys
 from pathlib import Path
 
-from daemon.monitoring import dashboard_memory, dashboard_turns
+from daemon.monitoring import dashboard_fleet, dashboard_memory, dashboard_turns
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "grafana" / "dashboards"
 ANNOTATION_PREFIX = "annotation: "
@@ -26,14 +26,16 @@ _HISTOGRAM_SUFFIX = re.compile(r"_(bucket|sum|count)$")
 
 
 def dashboards():
-    """Return {uid: dashboard dict} for every edgechat dashboard."""
+    """Return {uid: dashboard dict} for every device dashboard (a device's own Prometheus)."""
     return {uid: build() for uid, build in _BUILDERS.items()}
 
 
 def render():
-    """Return {file name: JSON text} (sorted keys, indent 2, trailing newline) for every dashboard."""
+    """Return {file name: JSON text} (sorted keys, indent 2, trailing newline) for every dashboard: the
+    device dashboards and the fleet one (which reads the central store, docs/fleet.md)."""
+    boards = {**dashboards(), dashboard_fleet.UID: dashboard_fleet.build()}
     return {f"{uid}.json": json.dumps(d, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            for uid, d in dashboards().items()}
+            for uid, d in boards.items()}
 
 
 def write(directory=DEFAULT_DIR):

@@ -7,10 +7,13 @@ from .promql import Group, Rule, duration, number
 from .thresholds import Thresholds
 
 # Per-worker gauges carry `pid` under gunicorn's multiprocess mode and lack it in single-process
-# mode; aggregating `by (job, instance)` gives one series per daemon either way.
-BY = "by (job, instance)"
+# mode; aggregating `by (job, instance, device)` gives one series per daemon either way. `device` is
+# the fleet's target label where one Prometheus scrapes several devices (absent, so a no-op, on a
+# device whose Prometheus sets it as an external label; see docs/fleet.md).
+BY = "by (job, instance, device)"
 EARLY_TURNS = "1|2-5"            # turn_index buckets that make the creep baseline
 NOT_LATE_TURNS = "1|2-5|6-10"    # late = every other bucket ("11-20", "21+", and any added later)
+ON = "on (job, instance, device)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +22,9 @@ class Names:
 
     service: str
     limit: str
+    swap_sum: str
+    anon_swap_sum: str
+    committed: str
     usage_ratio: str
     deriv_fast: str
     deriv_slow: str
@@ -54,16 +60,20 @@ class Names:
 def names_for(nominal: Thresholds) -> Names:
     """Derive every recording-rule name from the unscaled thresholds."""
     d = duration
-    mem = "instance:edgechat_service_memory_bytes"
+    anon_swap = "instance:edgechat_process_anonymous_swap_bytes"
+    committed = "instance:edgechat_memory_committed_bytes"
     dur = "edgechat_turn_duration_seconds"
     return Names(
-        service=f"{mem}:max",
+        service="instance:edgechat_service_memory_bytes:max",
         limit="instance:edgechat_memory_limit_bytes:max",
+        swap_sum="instance:edgechat_process_swap_bytes:sum",
+        anon_swap_sum=f"{anon_swap}:sum",
+        committed=f"{committed}:sum",
         usage_ratio="instance:edgechat_memory_usage:ratio",
-        deriv_fast=f"{mem}:deriv{d(nominal.leak_fast_window)}",
-        deriv_slow=f"{mem}:deriv{d(nominal.leak_slow_window)}",
-        predict_fast=f"{mem}:predict_linear{d(nominal.leak_fast_window)}_{d(nominal.leak_fast_horizon)}",
-        predict_slow=f"{mem}:predict_linear{d(nominal.leak_slow_window)}_{d(nominal.leak_slow_horizon)}",
+        deriv_fast=f"{anon_swap}:deriv{d(nominal.leak_fast_window)}",
+        deriv_slow=f"{anon_swap}:deriv{d(nominal.leak_slow_window)}",
+        predict_fast=f"{committed}:projected{d(nominal.leak_fast_window)}_{d(nominal.leak_fast_horizon)}",
+        predict_slow=f"{committed}:projected{d(nominal.leak_slow_window)}_{d(nominal.leak_slow_horizon)}",
         rss_sum="instance:edgechat_process_resident_memory_bytes:sum",
         rss_max="instance:edgechat_process_resident_memory_bytes:max",
         uss_sum="instance:edgechat_process_unique_memory_bytes:sum",
@@ -118,20 +128,25 @@ def recording_groups(t: Thresholds, n: Names) -> list[Group]:
     ])
     memory = Group("edgechat.memory.recording", [
         _rec(n.service, f"max {BY} (edgechat_service_memory_bytes)",
-             "Memory counted against the limit (cgroup memory.current or the workers' RSS sum)."),
+             "RAM counted against the limit (cgroup working set or the workers' RSS sum): level alerts."),
         _rec(n.limit, f"max {BY} (edgechat_memory_limit_bytes)", "The memory limit (cgroup, configured or host)."),
         _rec(n.usage_ratio, f"{n.service} / ({n.limit} > 0)",
              "Service memory as a fraction of the limit; no series while the limit is unknown (0)."),
-        _rec(n.deriv_fast, f"max {BY} (deriv(edgechat_service_memory_bytes[{d(t.leak_fast_window)}]))",
-             "Least-squares slope of service memory, bytes/s, short window."),
-        _rec(n.deriv_slow, f"max {BY} (deriv(edgechat_service_memory_bytes[{d(t.leak_slow_window)}]))",
-             "Least-squares slope of service memory, bytes/s, long window."),
-        _rec(n.predict_fast, f"max {BY} (predict_linear(edgechat_service_memory_bytes"
-                             f"[{d(t.leak_fast_window)}], {number(t.leak_fast_horizon)}))",
-             "Service memory projected one fast-horizon ahead from the short window."),
-        _rec(n.predict_slow, f"max {BY} (predict_linear(edgechat_service_memory_bytes"
-                             f"[{d(t.leak_slow_window)}], {number(t.leak_slow_horizon)}))",
-             "Service memory projected one slow-horizon ahead from the long window."),
+        _rec(n.swap_sum, f"sum {BY} (edgechat_process_swap_bytes)", "Workers' memory swapped out (VmSwap)."),
+        _rec(n.anon_swap_sum, f"sum {BY} (edgechat_process_anonymous_memory_bytes + edgechat_process_swap_bytes)\n"
+                              f"or max {BY} (edgechat_service_memory_bytes)",
+             "What a leak holds wherever the kernel keeps it: anonymous RSS plus swap, over workers "
+             "(the service memory where /proc reports neither)."),
+        _rec(n.committed, f"{n.service} + {ON} {n.swap_sum}\nor {n.service}",
+             "RAM counted against the limit plus the workers' swap (just the RAM where swap is not reported)."),
+        _rec(n.deriv_fast, f"deriv({n.anon_swap_sum}[{d(t.leak_fast_window)}])",
+             "Least-squares slope of anonymous memory + swap, bytes/s, short window."),
+        _rec(n.deriv_slow, f"deriv({n.anon_swap_sum}[{d(t.leak_slow_window)}])",
+             "Least-squares slope of anonymous memory + swap, bytes/s, long window."),
+        _rec(n.predict_fast, f"{n.committed} + {ON} {n.deriv_fast} * {number(t.leak_fast_horizon)}",
+             "RAM + swap now, plus the short-window slope carried one fast-horizon ahead."),
+        _rec(n.predict_slow, f"{n.committed} + {ON} {n.deriv_slow} * {number(t.leak_slow_horizon)}",
+             "RAM + swap now, plus the long-window slope carried one slow-horizon ahead."),
     ])
     history = Group("edgechat.history.recording", [
         _rec(n.history_max, f"max {BY} (edgechat_history_messages_max)", "Messages in the longest conversation."),
@@ -147,12 +162,12 @@ def recording_groups(t: Thresholds, n: Names) -> list[Group]:
         _rec(n.turns_rate, f"sum {BY} (rate(edgechat_turns_total[{d(t.latency_rate_window)}]))", "Turns per second."),
         _rec(n.turns_traffic, f"sum {BY} (increase(edgechat_turns_total[{d(t.leak_traffic_window)}]))",
              "Turns over the leak rules' traffic window (evidence that the daemon was used)."),
-        _rec(n.p95_by_index, _p95("", t.latency_rate_window, "job, instance, turn_index"),
+        _rec(n.p95_by_index, _p95("", t.latency_rate_window, "job, instance, device, turn_index"),
              "p95 turn latency per turn_index bucket (latency creep shows as a fan-out)."),
-        _rec(n.p95_all, _p95("", t.latency_high_window, "job, instance"), "p95 turn latency over all turns."),
-        _rec(n.p95_early, _p95(f'{{turn_index=~"{EARLY_TURNS}"}}', t.creep_early_window, "job, instance"),
+        _rec(n.p95_all, _p95("", t.latency_high_window, "job, instance, device"), "p95 turn latency over all turns."),
+        _rec(n.p95_early, _p95(f'{{turn_index=~"{EARLY_TURNS}"}}', t.creep_early_window, "job, instance, device"),
              "p95 latency of early turns (1-5) over a long window: the creep baseline."),
-        _rec(n.p95_late, _p95(f'{{turn_index!~"{NOT_LATE_TURNS}"}}', t.creep_late_window, "job, instance"),
+        _rec(n.p95_late, _p95(f'{{turn_index!~"{NOT_LATE_TURNS}"}}', t.creep_late_window, "job, instance, device"),
              "p95 latency of late turns (11 and beyond) over a recent window."),
         _rec(n.creep_ratio, f"{n.p95_late} / ({n.p95_early} > 0)", "How many times slower late turns are than early ones."),
     ])
@@ -163,10 +178,10 @@ def recording_groups(t: Thresholds, n: Names) -> list[Group]:
              f'(sum {BY} (rate(edgechat_http_requests_total{{{probes}, status=~"5..", status!="503"}}'
              f"[{d(t.error_window)}])) or 0 * {n.http_rate})\n/ ({n.http_rate} > 0)",
              "Share of API requests answered 5xx other than 503 (0 when there were none)."),
-        _rec(n.rejected_rate, f"sum by (job, instance, reason) "
+        _rec(n.rejected_rate, f"sum by (job, instance, device, reason) "
                               f"(rate(edgechat_requests_rejected_total[{d(t.saturation_window)}]))",
              "Rejected requests per second, by reason."),
-        _rec(n.rejected_ratio, f"{n.rejected_rate}\n/ on (job, instance) group_left ()\n"
+        _rec(n.rejected_ratio, f"{n.rejected_rate}\n/ {ON} group_left ()\n"
                                f"(sum {BY} (rate(edgechat_http_requests_total{{{probes}}}"
                                f"[{d(t.saturation_window)}])) > 0)",
              "Share of API requests rejected (rejections answer 503 and are counted there too), by reason."),

@@ -30,15 +30,15 @@ class Thresholds:
     # A 0.5B model takes ~1 GB after load; a leak of a few MB/min (the `tensors` leak mode's is ~35
     # MB/min, a cache leak can be 1-5 MB/min) needs an hour of samples (120 at 30 s) before a slope
     # means anything, and GC/malloc sawtooth of +-50 MB averages out over 1 h.
-    leak_slow_window: float = _window(1 * HOUR, "deriv/predict_linear range of the slow leak rule")
+    leak_slow_window: float = _window(1 * HOUR, "deriv range of the slow leak rule")
     # "Reaches the limit within 4 h": time for a person to look at an edge box before it OOMs.
-    leak_slow_horizon: float = _window(4 * HOUR, "predict_linear horizon of the slow leak rule")
+    leak_slow_horizon: float = _window(4 * HOUR, "projection horizon of the slow leak rule")
     # 30 min of continuous evidence; a phase of the GC sawtooth never keeps the slope up that long.
     leak_slow_for: float = _window(30 * MINUTE, "for of the slow leak rule")
     # -- memory: fast leak (critical) --------------------------------------------------------------
     # OOM within the hour: a shorter window reacts to leaks like the tensor leak (980 MB -> 2.1 GB in 30 turns).
-    leak_fast_window: float = _window(30 * MINUTE, "deriv/predict_linear range of the fast leak rule")
-    leak_fast_horizon: float = _window(1 * HOUR, "predict_linear horizon of the fast leak rule")
+    leak_fast_window: float = _window(30 * MINUTE, "deriv range of the fast leak rule")
+    leak_fast_horizon: float = _window(1 * HOUR, "projection horizon of the fast leak rule")
     # 5 min: that leak goes from 1 GB to a 2 GB limit in ~25 min, so every minute counts; a
     # sawtooth cannot hold a 30 min regression at "limit within 1 h" that long below ~90 %.
     leak_fast_for: float = _window(5 * MINUTE, "for of the fast leak rule")
@@ -133,6 +133,29 @@ class Thresholds:
     # Must stay shorter than every info alert's `for` (a test checks it), so the inhibitor fires
     # before any info alert does.
     info_inhibitor_for: float = _window(1 * MINUTE, "for of EdgechatInfoInhibitor")
+
+    # -- fleet (central rules, evaluated by vmalert on the central store; docs/fleet.md) -----------
+    # Device-level alerts that make a device count as leaking for its cohort.
+    fleet_leak_alerts_regex: str = "EdgechatMemoryLeakSuspected|EdgechatHistoryUnbounded"
+    # A device counts as leaking when one of those fired on it within this window: a leaking device
+    # that OOMs and restarts (its alert resolves until the uptime guard re-arms) still counts.
+    cohort_window: float = _window(1 * HOUR, "window in which a device's leak alert counts for its cohort")
+    # "A release leaks": 30 % of its devices, and at least 3, so two unlucky boxes of a 5-box pilot
+    # do not page as a cohort (their own device alerts still notify).
+    cohort_ratio: float = 0.30
+    cohort_min_devices: int = 3
+    cohort_for: float = _window(10 * MINUTE, "for of EdgechatCohortLeaking")
+    # No sample from an expected device for 15 min: 30 scrapes at 30 s, longer than a reboot (a
+    # 1 GB model reloads in 30-90 s) and than vmagent's retry backoff, shorter than an outage that matters.
+    device_silent_window: float = _window(15 * MINUTE, "window with no sample before a device is silent")
+    device_silent_for: float = _window(5 * MINUTE, "for of EdgechatDeviceSilent")
+    # The central store unreachable for 2 min pages; the alert then stays up long enough for the
+    # devices' buffered samples to land, so no device looks silent while the backlog drains.
+    store_down_for: float = _window(2 * MINUTE, "for of EdgechatCentralStoreDown")
+    store_down_keep_firing: float = _window(30 * MINUTE, "keep_firing_for of EdgechatCentralStoreDown")
+    # Scrape job names of the central side (the watcher Prometheus).
+    central_store_job: str = "edgechat-central-store"
+    fleet_rules_job: str = "edgechat-fleet-rules"
 
     def scaled(self, time_scale: float) -> "Thresholds":
         """Shrink (or stretch) every window, `for`, horizon and guard by one factor, for fast tests."""

@@ -53,6 +53,11 @@ class Metrics:
         self.process_resident_memory_bytes = g("process_resident_memory_bytes", "Resident set size.")
         self.process_unique_memory_bytes = g("process_unique_memory_bytes",
                                              "Unique set size: memory freed if this worker exited.")
+        # anonymous RSS + swap is what a leak holds wherever the kernel keeps it (leak alerts); RSS
+        # and the RAM working set are what the limit is compared with (near-limit alerts, watchdog)
+        self.process_anonymous_memory_bytes = g("process_anonymous_memory_bytes",
+                                                "Anonymous resident memory (RssAnon): heap, arenas, tensors.")
+        self.process_swap_bytes = g("process_swap_bytes", "Anonymous memory swapped out (VmSwap).")
         self.process_virtual_memory_bytes = g("process_virtual_memory_bytes", "Virtual memory size.")
         self.process_open_fds = g("process_open_fds", "Open file descriptors.")
         self.process_threads = g("process_threads", "OS threads.")

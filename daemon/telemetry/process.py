@@ -17,16 +17,41 @@ class ProcSample:
     threads: int
     cpu_seconds: float
     start_time_s: float
+    anon_bytes: int | None = None  # RssAnon: heap, arenas, tensors (None where /proc has no status)
+    swap_bytes: int | None = None  # VmSwap: anonymous pages the kernel moved to swap
 
 
 def process_sample(proc: psutil.Process) -> ProcSample:
-    """Read RSS, VMS, fds, threads and CPU of one process (a few /proc reads, ~0.05 ms)."""
+    """Read RSS, VMS, fds, threads, CPU, RssAnon and VmSwap of one process (a few /proc reads, ~0.07 ms)."""
     with proc.oneshot():
         mem = proc.memory_info()
         cpu = proc.cpu_times()
+        anon_swap = anon_swap_bytes(proc.pid)
         return ProcSample(rss_bytes=mem.rss, vms_bytes=mem.vms, open_fds=_num_fds(proc),
                           threads=proc.num_threads(), cpu_seconds=cpu.user + cpu.system,
-                          start_time_s=proc.create_time())
+                          start_time_s=proc.create_time(),
+                          anon_bytes=anon_swap[0] if anon_swap else None,
+                          swap_bytes=anon_swap[1] if anon_swap else None)
+
+
+def anon_swap_bytes(pid: int) -> tuple[int, int] | None:
+    """(RssAnon, VmSwap) of a process from /proc/PID/status: what a leak holds in RAM and in swap.
+
+    RSS alone hides a leak whose pages the kernel swapped out; anonymous RSS plus swap does not.
+    None off Linux or when the process is gone.
+    """
+    found: dict[bytes, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                key, _, rest = line.partition(b":")
+                if key in (b"RssAnon", b"VmSwap"):
+                    found[key] = int(rest.split()[0]) * 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):  # not Linux, the process exited, or an odd kernel
+        return None
+    if b"RssAnon" not in found:  # kernels before 4.5 have no RssAnon
+        return None
+    return found[b"RssAnon"], found.get(b"VmSwap", 0)
 
 
 def _num_fds(proc: psutil.Process) -> int:

@@ -94,6 +94,9 @@ class Sampler:
         m.process_open_fds.set(sample.open_fds)
         m.process_threads.set(sample.threads)
         m.process_start_time_seconds.set(sample.start_time_s)
+        if sample.anon_bytes is not None:
+            m.process_anonymous_memory_bytes.set(sample.anon_bytes)
+            m.process_swap_bytes.set(sample.swap_bytes or 0)
         seen_pid, seen_cpu = self._cpu_seen
         base = seen_cpu if seen_pid == pid else 0.0  # a forked child's CPU time starts at 0
         if sample.cpu_seconds > base:

@@ -124,6 +124,19 @@ SCENARIOS = [
                    Epoch(3660, startup(lambda t: 1.1 * GiB + sawtooth(t)), chatters(2, 300), pids=("201", "202"))],
              [(55, {W}), (64, {II, W}), (70, {RESTARTED, II, W}), (85, {W}), (180, {W})],
              down=[(3600, 3660)]),
+    Scenario("swap_hidden_leak", "leak",
+             "A leak the kernel hides in swap (the Ollama report): 4 MB/min of leaked pages are swapped out as "
+             "fast as they are made, so RSS and the RAM working set stay flat at 1.2 GB of 2 GB (no NearLimit, "
+             "ever) while anonymous memory + swap climbs. Started an hour before the run.",
+             180, [Epoch(-3600, lambda t: 1.2 * GiB + sawtooth(t), chatters(2, 30),
+                         swap=lambda t: 4 * MiB * t / 60)],
+             [(30, {W}), (50, {LEAK_W, W}), (100, {LEAK_W, LEAK_C, W}), (180, {LEAK_W, LEAK_C, W})]),
+    Scenario("swap_settled", "healthy",
+             "A day-old daemon whose box swapped out 300 MB of cold pages once (start-up code, unused "
+             "arenas) and stays there: RAM flat at 1.1 GB, swap flat. Some swap is not a leak.",
+             180, [Epoch(-86400, lambda t: 1.1 * GiB + sawtooth(t), chatters(3, 30),
+                         swap=lambda t: 300 * MiB)],
+             [(10, {W}), (90, {W}), (180, {W})]),
     Scenario("memory_high_flat", "healthy",
              "Two workers using 75 % of a 2 GB limit (1.5 GB +-50 MB), flat for 4 h: high is not leaking.",
              240, [Epoch(-86400, lambda t: 1.5 * GiB + sawtooth(t), chatters(3, 30), pids=("101", "102"))],

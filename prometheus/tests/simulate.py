@@ -14,6 +14,7 @@ TTL = 600                      # session_ttl_s: an idle session is evicted 10 mi
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)   # turn latency, CPU inference
 TURN_INDEX = (("1", 1), ("2-5", 5), ("6-10", 10), ("11-20", 20), ("21+", math.inf))
 STALE = "stale"
+FILE_BACKED = 120 * MiB        # RSS that is not anonymous: interpreter, shared libraries, mapped files
 
 
 def turn_bucket(i: int) -> str:
@@ -45,6 +46,7 @@ class Epoch:
     limit: float = 2 * GiB
     max_turns: int = 5                   # what the daemon reports as its configured limit
     trims: bool = True                   # False: the history bug (appends, never trims)
+    swap: Callable[[float], float] = lambda t: 0   # workers' swapped-out memory (bytes) at t after `start`
 
 
 @dataclasses.dataclass
@@ -145,10 +147,13 @@ class Scrapes:
         memory = round(epoch.memory(t - epoch.start))
         put("edgechat_service_memory_bytes", {}, k, memory)
         put("edgechat_memory_limit_bytes", {}, k, epoch.limit)
+        swap = round(epoch.swap(t - epoch.start))
         for pid in epoch.pids:
             rss = memory // len(epoch.pids)
             put("edgechat_process_resident_memory_bytes", {"pid": pid}, k, rss)
             put("edgechat_process_unique_memory_bytes", {"pid": pid}, k, rss * 4 // 5)
+            put("edgechat_process_anonymous_memory_bytes", {"pid": pid}, k, rss - FILE_BACKED // len(epoch.pids))
+            put("edgechat_process_swap_bytes", {"pid": pid}, k, swap // len(epoch.pids))
             put("edgechat_process_start_time_seconds", {"pid": pid}, k, epoch.start)
         # history as the store holds it: trimmed to max_turns unless the epoch has the bug
         keep = epoch.max_turns if epoch.trims and epoch.max_turns > 0 else math.inf
