@@ -126,7 +126,7 @@ class RealStation(Station):
                          device=spec.name, targets=[(self.instance, None)])
         cmd = [sys.executable, "-m", "daemon", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--model", REAL_MODEL, "--state-dir", os.path.join(workdir, "state"),
-               "--metrics-dir", os.path.join(workdir, "metrics"), "--threads", "1", "--warmup", "false",
+               "--metrics-dir", os.path.join(workdir, "metrics"), "--threads", "1", "--no-warmup",
                "--metrics-refresh-s", "1",
                "--max-new-tokens", "16", "--leak-mode", spec.leak_mode]
         if cache_dir:
