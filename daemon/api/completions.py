@@ -89,11 +89,7 @@ def completions():
         return "tool_calls" if calls and stats.finish_reason == "stop" else stats.finish_reason
 
     if not streaming:
-        try:
-            text = turns.drain(gen)
-        finally:
-            gen.close()
-            turns.observe(gen, services, turn=1, history_messages=None)
+        text = turns.run_stateless(gen, services)
         content, calls = tools.split(text, parse) if parse else (text, [])
         message = {"role": "assistant", "content": content or (None if calls else "")}
         if calls:

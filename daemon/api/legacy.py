@@ -54,11 +54,7 @@ def completions():
             "model": engine.model_id}
     lead = prompt if echo else ""
     if not streaming:
-        try:
-            text = turns.drain(gen)
-        finally:
-            gen.close()
-            turns.observe(gen, services, turn=1, history_messages=None)
+        text = turns.run_stateless(gen, services)
         lp = logprobs.legacy(tokenizer, gen.take_logprobs(final=True)) if asked else None
         return jsonify({**base, "usage": usage(gen.stats), "choices": [
             {"index": 0, "text": lead + text, "logprobs": lp, "finish_reason": gen.stats.finish_reason}]})

@@ -152,6 +152,15 @@ def drain(gen) -> str:
     return gen.text
 
 
+def run_stateless(gen, services: Services) -> str:
+    """Drain a generation no session holds, close it and observe it (also when draining fails)."""
+    try:
+        return drain(gen)
+    finally:
+        gen.close()
+        observe(gen, services, turn=1, history_messages=None)
+
+
 def sse(data) -> str:
     """One server-sent event carrying JSON (or the literal [DONE])."""
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"

@@ -5,7 +5,7 @@ import os
 
 from .alerting import alert_rule
 from .promql import Group, Rule, duration, number
-from .rules import rule_file
+from .rules import rule_file, write_files
 from .thresholds import Thresholds
 
 # Where the committed, unscaled files live, relative to the repository root.
@@ -101,11 +101,4 @@ def render(time_scale: float = 1.0, thresholds: Thresholds | None = None) -> dic
 
 def write(directory: str, time_scale: float = 1.0, thresholds: Thresholds | None = None) -> list[str]:
     """Render into `directory` (created if needed) and return the paths written."""
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for name, text in render(time_scale, thresholds).items():
-        path = os.path.join(directory, name)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        paths.append(path)
-    return paths
+    return write_files(directory, render(time_scale, thresholds))

@@ -71,9 +71,14 @@ def render(time_scale: float = 1.0, thresholds: Thresholds | None = None) -> dic
 
 def write(directory: str, time_scale: float = 1.0, thresholds: Thresholds | None = None) -> list[str]:
     """Render into `directory` (created if needed) and return the paths written."""
+    return write_files(directory, render(time_scale, thresholds))
+
+
+def write_files(directory: str, files: dict[str, str]) -> list[str]:
+    """Write {file name: text} into `directory` (created if needed); the paths written."""
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for name, text in render(time_scale, thresholds).items():
+    for name, text in files.items():
         path = os.path.join(directory, name)
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(text)
