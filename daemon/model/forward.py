@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .kernels import fused
 from .kvpool import BLOCK, KVState
 from .quant import quantize_rows
-from .weights import can_pack, drop_float_weights, fuse, linear, own_small_weights, release_file_pages
+from .weights import Streamed, can_pack, drop_float_weights, fuse, linear, own_small_weights, release_file_pages
 
 QUANTIZE = ("none", "int8", "int4")
 # how the projections run: gemv.cpp (compiled), oneDNN prepacked, or plain F.linear
@@ -109,19 +110,27 @@ class FastDecoder:
         if head_mode == "int8" and tied:  # one int8 copy serves the lm_head and the row lookups
             self._embed_q = quantize_rows(embed, self.dtype)
             self.embed = None
-        # packed or native and tied: the plain embedding stays for row lookups beside the lm_head's copy
+        # packed and tied: the plain embedding stays for row lookups beside the lm_head's packed copy
         self.lm_head = linear(head, None, head_mode, self.dtype, self._embed_q, lib=lib)
-        del head, embed
+        self._rows = self.lm_head.rows if tied and isinstance(self.lm_head, Streamed) else None
+        if self._rows is not None:  # the compiled kernels' lm_head copy serves the row lookups too
+            self._embed_q = self.embed = None
         if mode != "plain":
             drop_float_weights(model, self.dtype, keep=self.embed)
-            if self.embed is not None:
-                release_file_pages(self.embed)
+            release_file_pages(embed)
+        del head, embed
+        linears = [getattr(layer, n) for layer in self.layers for n in ("qkv", "o", "gate_up", "down")]
+        self._step = None  # the whole decode step in one call, where every linear runs on the kernels
+        if lib is not None and all(isinstance(f, Streamed) for f in (*linears, self.lm_head)):
+            self._step = fused.DecodeStep(lib, self)
 
     def new_state(self) -> KVState:
         """An empty cache for this model."""
         return KVState(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._rows is not None:
+            return self._rows(ids, self.dtype)
         if self._embed_q is None:
             return F.embedding(ids, self.embed)
         q, scales = self._embed_q
@@ -144,6 +153,10 @@ class FastDecoder:
         """Run `ids` after the tokens `state` holds, store their keys/values; float32 logits of the last."""
         start, count = len(state), len(ids)
         state.reserve(start + count)
+        if count == 1 and self._step is not None:
+            logits = self._step.run(ids[0], start, state.k, state.v, state.capacity, torch.get_num_threads())
+            state.ids.extend(ids)
+            return logits
         end = start + count
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
         x = self._embed(torch.tensor([ids], dtype=torch.long))

@@ -73,3 +73,24 @@ def equalize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     if float(factor.max()) < OUTLIER_RATIO:
         return weight, None
     return (weight.float() / factor).to(weight.dtype), factor.contiguous()
+
+
+OUTLIER_SHARE = 16  # at most one column in this many is kept apart (fused q/k/v may each bring their own)
+
+
+def split_outliers(weight: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(weight with its outlier columns zeroed, (their indices int32, their fp32 weights [columns, N])),
+    or (weight, None). The compiled kernels compute those columns apart, in fp32: they neither take every
+    row's (or group's) resolution nor, as equalize()'s factors would, x's int8 resolution."""
+    col = weight.float().abs().amax(0)
+    factor = col / col.median().clamp(min=1e-12)
+    idx = torch.nonzero(factor >= OUTLIER_RATIO).view(-1)
+    if not idx.numel():
+        return weight, None
+    cap = max(1, weight.shape[1] // OUTLIER_SHARE)
+    if idx.numel() > cap:
+        idx = idx[factor[idx].topk(cap).indices].sort().values
+    cols = weight[:, idx].float().t().contiguous()
+    rest = weight.clone()
+    rest[:, idx] = 0
+    return rest, (idx.to(torch.int32).contiguous(), cols)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .quant import dequantize_int4, dequantize_rows, equalize, quantize_int4, quantize_rows
+from .kernels import fused
+from .quant import dequantize_int4, dequantize_rows, equalize, quantize_int4, quantize_rows, split_outliers
 
 # rows of x up to which the streaming GEMV runs; above (prefill), oneDNN's GEMM on the (dequantized) weight
 GEMV_ROWS = 8
@@ -39,21 +40,42 @@ def can_pack(dtype: torch.dtype = torch.bfloat16) -> bool:
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _streaming(lib: kernels.Library, kind: str, weights: tuple, bias: torch.Tensor | None,
-               n: int, big: Callable[[torch.Tensor], torch.Tensor], col: torch.Tensor | None = None) -> Linear:
-    """A linear running gemv.cpp's `kind` kernel at up to GEMV_ROWS rows, `big` above; x is multiplied
-    by `col` first where the weight's outlier columns were divided by it."""
-    bias32 = None if bias is None else bias.float().contiguous()
+class Streamed:
+    """A linear on the compiled kernels for one to GEMV_ROWS rows of x (decode), `big` above (prefill);
+    `lin` describes it to step.cpp. x is multiplied by `col` first where the weight's outlier columns
+    were divided by it."""
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, lib: kernels.Library, kind: str, weights: tuple, bias: torch.Tensor | None, n: int,
+                 big: Callable[[torch.Tensor], torch.Tensor], col: torch.Tensor | None = None,
+                 outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.lib, self.kind, self.weights, self.n, self.big, self.col = lib, kind, weights, n, big, col
+        self.outliers = outliers
+        self.bias32 = None if bias is None else bias.float().contiguous()
+        self.k = weights[0].shape[1] * {"int4": 2, "int8v": 4, "int4v": 32}.get(kind, 1)  # columns of W
+        self.lin = fused.lin(kind, weights, self.bias32, col, n, self.k, outliers)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] > GEMV_ROWS:
-            return big(x)
-        x32 = x2.float().contiguous() if col is None else torch.mul(x2, col)
-        out = torch.empty(x2.shape[0], n, dtype=torch.float32)
-        kernels.gemv(lib, kind, weights, bias32, x32, out)
-        return out.to(x.dtype).view(*x.shape[:-1], n)
-    return run
+            return self.big(x)
+        x32 = x2.float().contiguous()
+        out = torch.empty(x2.shape[0], self.n, dtype=torch.float32)
+        self.lib.lib.edgechat_gemv_lin(ctypes.byref(self.lin), x32.data_ptr(), out.data_ptr(), x2.shape[0],
+                                       self.lib.isa, torch.get_num_threads())
+        return out.to(x.dtype).view(*x.shape[:-1], self.n)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the weight as `dtype` (a tied lm_head serving the embedding lookups)."""
+        w = self.weights[0]
+        if self.kind in ("bf16", "f32"):
+            return F.embedding(ids, w).to(dtype)
+        if self.kind == "int8":
+            q = w[ids].to(torch.float32)
+        elif self.kind == "int8v":
+            q = w[ids // fused.ROWS, :, ids % fused.ROWS].reshape(*ids.shape, self.k).to(torch.float32) - 128
+        else:
+            raise ValueError(f"no row lookup for {self.kind} weights")
+        return (q * self.weights[1][ids].unsqueeze(-1)).to(dtype)
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: torch.dtype,
@@ -63,20 +85,33 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
     F.linear reorders it on every call: half the speed); "native": gemv.cpp on the plain weight in decode
     (`lib` required); "int8": per-row int8 weights (`int8` when already quantized), gemv.cpp where `lib`
     is given, else torch's int8 kernel; "int4": groups of 32 (gemv.cpp, else dequantized per call)."""
-    col = None
+    col = outliers = None
     if mode in ("int8", "int4") and int8 is None:
-        weight, col = equalize(weight)
+        if lib is not None:  # the compiled kernels compute outlier columns apart
+            weight, outliers = split_outliers(weight)
+        else:
+            weight, col = equalize(weight)
 
     def restore(w: torch.Tensor) -> torch.Tensor:  # the dequantized weight with its outlier columns back
+        if outliers is not None:
+            w[:, outliers[0].long()] = outliers[1].t().to(w.dtype)
         return w if col is None else w * col.to(w.dtype)
     if mode == "int8":
         q, scales = int8 if int8 is not None else quantize_rows(weight, dtype)
         if lib is not None:
             scales32 = scales.float()
+            n = q.shape[0]
+            if lib.vnni and fused.interleavable(*q.shape):
+                qv = fused.pack_int8v(q)
+                del q
+
+                def big_int8v(x: torch.Tensor) -> torch.Tensor:
+                    return F.linear(x, restore(fused.dequantize_int8v(qv, scales32, n, x.dtype)), bias)
+                return Streamed(lib, "int8v", (qv, scales32), bias, n, big_int8v, col, outliers)
 
             def big_int8(x: torch.Tensor) -> torch.Tensor:
                 return F.linear(x, restore(dequantize_rows(q, scales, x.dtype)), bias)
-            return _streaming(lib, "int8", (q, scales32), bias, q.shape[0], big_int8, col)
+            return Streamed(lib, "int8", (q, scales32), bias, n, big_int8, col, outliers)
         if col is not None:
             q, scales = quantize_rows(restore(weight), dtype)  # torch's int8 kernel takes no column factors
         mm = torch._weight_int8pack_mm
@@ -92,7 +127,15 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
             return F.linear(x, restore(dequantize_int4(packed, scales, mins, x.dtype)), bias)
         if lib is None:
             return big_int4
-        return _streaming(lib, "int4", (packed, scales, mins), bias, packed.shape[0], big_int4, col)
+        n = packed.shape[0]
+        if lib.vnni and fused.interleavable(n, packed.shape[1] * 2):
+            v, s, z = fused.pack_int4v(packed, scales, mins)
+            del packed, scales, mins
+
+            def big_int4v(x: torch.Tensor) -> torch.Tensor:
+                return F.linear(x, restore(fused.dequantize_int4v(v, s, z, n, x.dtype)), bias)
+            return Streamed(lib, "int4v", (v, s, z), bias, n, big_int4v, col, outliers)
+        return Streamed(lib, "int4", (packed, scales, mins), bias, n, big_int4, col, outliers)
     if mode == "packed":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         op = torch.ops.mkldnn._linear_pointwise
@@ -107,7 +150,7 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
         kind = "f32" if w.dtype == torch.float32 else "bf16"
         if kind == "bf16" and w.dtype != torch.bfloat16:
             raise ValueError(f"mode 'native' runs bfloat16 or float32 weights, not {w.dtype}")
-        return _streaming(lib, kind, (w,), bias, w.shape[0], lambda x: F.linear(x, w, bias))
+        return Streamed(lib, kind, (w,), bias, w.shape[0], lambda x: F.linear(x, w, bias))
     return lambda x: F.linear(x, weight, bias)
 
 

@@ -75,8 +75,8 @@ def test_kernels_agree_with_torch(lib, kernel, dtype):
 
 # mean cosine to the bf16 reference over 512 decoded positions, and the top-1 agreement, that hold
 # on these weights (docs/performance.md records the figures; int4 misses the 0.99 goal here)
-FLOORS = {("int8", False): (0.999, 0.9), ("int8", True): (0.99, 0.8),
-          ("int4", False): (0.95, 0.6), ("int4", True): (0.7, 0.15)}
+FLOORS = {("int8", False): (0.999, 0.9), ("int8", True): (0.998, 0.9),
+          ("int4", False): (0.95, 0.6), ("int4", True): (0.98, 0.7)}
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

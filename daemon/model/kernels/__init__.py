@@ -1,5 +1,6 @@
-"""Decode GEMVs that stream each weight once (gemv.cpp), compiled on first use and cached; None without
-a compiler, and the decoder then runs torch's own kernels (a log line says so).
+"""Decode GEMVs that stream each weight once (gemv.cpp) and a whole decode step in one call (step.cpp),
+compiled on first use and cached; None without a compiler, and the decoder then runs torch's own kernels
+(a log line says so).
 
 torch's batch-1 kernels read bf16 and quantized weights at half the speed memory allows or less
 (docs/performance.md); gemv.cpp converts bf16, int8 and int4 weights to fp32 in registers instead.
@@ -23,7 +24,8 @@ from typing import Callable
 import torch
 
 _LOG = logging.getLogger("edgechat.kernels")
-SOURCE = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+SOURCE = os.path.join(os.path.dirname(__file__), "step.cpp")  # includes gemv.cpp: one unit
+SOURCES = (os.path.join(os.path.dirname(__file__), "gemv.cpp"), SOURCE)
 ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16")
 # ATen's and oneDNN's own caps (the forced-ISA switches) cap these kernels too
 _ATEN_CAP = {"default": 0, "avx2": 1}
@@ -39,6 +41,7 @@ class Library:
     lib: ctypes.CDLL
     isa: int
     path: str
+    vnni: bool = False  # AVX512-VNNI: int8/int4 weights interleaved 16 rows wide, x quantized to int8
 
     @property
     def isa_name(self) -> str:
@@ -67,8 +70,11 @@ def _build(cache_dir: str) -> str:
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (g++, c++ or clang++; or set CXX)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + version.encode() + platform.machine().encode()).hexdigest()[:16]
+    digest = hashlib.sha256(version.encode() + platform.machine().encode())
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            digest.update(f.read())
+    key = digest.hexdigest()[:16]
     folder = os.path.join(cache_dir, "kernels")
     path = os.path.join(folder, f"gemv-{key}.so")
     if os.path.exists(path):
@@ -104,8 +110,13 @@ def load(cache_dir: str, log: Callable[[str], None] | None = None) -> Library | 
                                ("edgechat_gemv_int4", [_P] * 6 + [_I64] * 3 + [_INT] * 2)):
                 fn = getattr(cdll, name)
                 fn.argtypes, fn.restype = args, None
-            lib = Library(cdll, min(cdll.edgechat_best_isa(), isa_cap()), path)
-            say(f"decode kernels: {path} ({lib.isa_name})")
+            cdll.edgechat_decode_step.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT]
+            cdll.edgechat_decode_step.restype = None
+            cdll.edgechat_gemv_lin.argtypes = [_P, _P, _P, _I64, _INT, _INT]
+            cdll.edgechat_gemv_lin.restype = None
+            isa = min(cdll.edgechat_best_isa(), isa_cap())
+            lib = Library(cdll, isa, path, vnni=isa >= 2 and isa_cap() >= 3 and bool(cdll.edgechat_has_vnni()))
+            say(f"decode kernels: {path} ({lib.isa_name}{', vnni' if lib.vnni else ''})")
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             say(f"decode kernels unavailable ({type(exc).__name__}: {exc}); using torch's kernels")
         _loaded[cache_dir] = lib
