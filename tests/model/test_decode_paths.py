@@ -74,9 +74,10 @@ def test_kernels_agree_with_torch(lib, kernel, dtype):
 
 
 # mean cosine to the bf16 reference over 512 decoded positions, and the top-1 agreement, that hold
-# on these weights (docs/performance.md records the figures; int4 misses the 0.99 goal here)
-FLOORS = {("int8", False): (0.999, 0.9), ("int8", True): (0.99, 0.8),
-          ("int4", False): (0.95, 0.6), ("int4", True): (0.7, 0.15)}
+# on these weights, a little under the measured ones (docs/performance.md records them: int8 0.9996 / 0.955
+# and 0.9964 / 0.885, int4 0.967 / 0.73 and 0.962 / 0.66; all-int4 misses 0.99 here, quant.int4_plan meets it)
+FLOORS = {("int8", False): (0.999, 0.9), ("int8", True): (0.995, 0.83),
+          ("int4", False): (0.96, 0.65), ("int4", True): (0.955, 0.6)}
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
