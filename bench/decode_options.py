@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Callable
 
+import psutil
+
 from . import common
 
 PROMPT, NEW = 512, 64
@@ -57,17 +59,20 @@ WHAT = {
     "loop-on-hf-forward-bf16": "own decode loop over transformers' model forward + DynamicCache, bf16 "
                                "(edgechat's path for models outside the Qwen2/Llama family)",
     "lean-unpacked-bf16": "lean decoder, fused projections, plain `F.linear` weights, bf16",
-    "lean-packed-bf16": "lean decoder, oneDNN-prepacked weights, bf16 — edgechat's default here",
+    "lean-packed-bf16": "lean decoder, oneDNN-prepacked weights, bf16 (the default where no compiler is found)",
     "lean-packed-bf16-1thread": "the default at 1 intra-op thread instead of 2 (physical cores)",
     "lean-packed-fp32": "lean decoder, prepacked, fp32 (dtype auto on CPUs without AVX512-BF16/AMX)",
     "lean-int8-torch": "lean decoder, int8 rows through torch's `_weight_int8pack_mm` (`quantize=int8 "
                        "kernel=onednn`)",
     "lean-packed-bf16-spin": "the default with libgomp's default wait policy (waiting threads spin) "
                              "instead of OMP_WAIT_POLICY=PASSIVE",
-    "lean-native-bf16": "lean decoder, bf16 weights streamed by edgechat's compiled GEMV (`kernel=native`)",
+    "lean-native-bf16": "lean decoder, bf16 weights, compiled kernels, one call per token (`kernel=native`) — "
+                        "edgechat's default here",
     "lean-native-fp32": "the same GEMV over fp32 weights (bf16 widened: exact)",
-    "lean-native-int8": "int8 rows (`quantize=int8`), compiled GEMV; int8 embeddings/lm_head",
-    "lean-native-int4": "int4 groups of 32 (`quantize=int4`), compiled GEMV; int8 embeddings/lm_head",
+    "lean-native-int8": "int8 rows (`quantize=int8`), compiled kernels (AVX512-VNNI: 16 rows interleaved, "
+                        "x in int8); int8 embeddings/lm_head",
+    "lean-native-int4": "int4 groups of 32 for the MLPs (`quantize=int4`; attention and the first eighth of the "
+                        "layers int8), compiled kernels; int8 embeddings/lm_head",
 }
 
 
@@ -134,7 +139,22 @@ def load(path: str, dtype: str, how: str) -> Callable[[list[int]], tuple[float, 
             for _ in range(NEW):
                 token = int(torch.argmax(decoder.forward([token], state)))
             return prefilled - started, time.perf_counter() - prefilled
+    run_decoder.weight_bytes = streamed_bytes(decoder)
     return run_decoder
+
+
+def streamed_bytes(decoder) -> int | None:
+    """Weight bytes a decode step of `decoder` reads when every linear runs on the compiled kernels
+    (quantized weights, their scales, outlier columns); None otherwise (then bytes_per_token() estimates)."""
+    from daemon.model.weights import Streamed
+    if not hasattr(decoder, "lm_head"):
+        return None
+    linears = [getattr(layer, n) for layer in decoder.layers for n in ("qkv", "o", "gate_up", "down")]
+    linears.append(decoder.lm_head)
+    if not all(isinstance(f, Streamed) for f in linears):
+        return None
+    return sum(t.numel() * t.element_size() for f in linears
+               for t in (*f.weights, *(f.outliers or ())) if t is not None)
 
 
 def serve(name: str, cache_dir: str) -> None:
@@ -147,12 +167,14 @@ def serve(name: str, cache_dir: str) -> None:
     runner = load(_model_path(cache_dir), dtype, how)
     prompt = list(range(1000, 1000 + PROMPT))  # ids inside the built-in tokenizer's range mostly
     print(json.dumps({"ready": name}), flush=True)
+    me = psutil.Process()
     for _ in sys.stdin:
         prefill_s, decode_s = runner(prompt)
-        print(json.dumps({"prefill": PROMPT / prefill_s, "decode": NEW / decode_s}), flush=True)
+        print(json.dumps({"prefill": PROMPT / prefill_s, "decode": NEW / decode_s, "rss": me.memory_info().rss,
+                          "weight_bytes": getattr(runner, "weight_bytes", None)}), flush=True)
 
 
-REFERENCE = "lean-packed-bf16"
+REFERENCE = "lean-native-bf16"
 
 
 def _spawn(name: str, cache_dir: str) -> subprocess.Popen:
@@ -177,7 +199,8 @@ def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[st
     loaded alone beside it and the two alternate for `rounds` rounds (two models in memory at most,
     not eight: a bench machine is often shared). Each variant's rows also carry the reference's figures from
     its own rounds ("ref_decode"), so ratios compare like with like."""
-    results = {n: {"prefill": [], "decode": [], "ref_prefill": [], "ref_decode": []} for n in names}
+    results = {n: {"prefill": [], "decode": [], "ref_prefill": [], "ref_decode": [], "rss": [], "weight_bytes": None}
+               for n in names}
     reference = _spawn(REFERENCE, cache_dir)
     try:
         for name in names:
@@ -193,6 +216,9 @@ def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[st
                         keys = ("prefill", "decode") if who == name else ("ref_prefill", "ref_decode")
                         results[name][keys[0]].append(got["prefill"])
                         results[name][keys[1]].append(got["decode"])
+                        if who == name:
+                            results[name]["rss"].append(got["rss"])
+                            results[name]["weight_bytes"] = got["weight_bytes"]
                         log(f"  {name} round {r + 1}: {who}: prefill {got['prefill']:.0f} tok/s, "
                             f"decode {got['decode']:.1f} tok/s")
                         if child is reference and name == REFERENCE:
@@ -236,17 +262,20 @@ def table(results: dict[str, dict], config=None, peers: dict[str, dict] | None =
         ref = common.median(r["ref_decode"]) if r["ref_decode"] else common.median(r["decode"])
         decode, prefill = common.median(r["decode"]), common.median(r["prefill"])
         prec = precision(name)
-        gbs = decode * bytes_per_token(config, prec) / 1e9 if config is not None else float("nan")
+        per_token = r.get("weight_bytes") or (bytes_per_token(config, prec) if config is not None else float("nan"))
+        gbs = decode * per_token / 1e9
         peer = peers.get(prec)
+        rss = f"{max(r['rss']) / common.MB:.0f}" if r.get("rss") else "—"
         row = [f"`{name}`", WHAT[name], common.spread(r["prefill"], "{:.0f}"), common.spread(r["decode"], "{:.1f}"),
-               common.ratio(decode, ref), f"{gbs:.1f}"]
+               common.ratio(decode, ref), f"{per_token / 1e6:.0f}", f"{gbs:.1f}", rss]
         if peers:
             row += (["—"] * 4 if peer is None else
                     [PEERS[prec][1], common.ratio(decode, peer["decode"]), common.ratio(prefill, peer["prefill"]),
                      common.ratio(gbs, peer["decode"] * peer["bytes"] / 1e9)])
         rows.append(row)
     headers = ["variant", "what", f"prefill tok/s (pp{PROMPT})", f"decode tok/s (tg{NEW})",
-               "decode / default's in the same rounds", "weight GB/s in decode"]
+               "decode / default's in the same rounds", "weight MB read per token", "weight GB/s in decode",
+               "RSS MB"]
     if peers:
         headers += ["llama.cpp peer", "decode / peer's", "prefill / peer's", "weight GB/s / peer's"]
     return common.markdown_table(headers, rows)

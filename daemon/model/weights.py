@@ -42,17 +42,18 @@ Linear = Callable[[torch.Tensor], torch.Tensor]
 
 class Streamed:
     """A linear on the compiled kernels for one to GEMV_ROWS rows of x (decode), `big` above (prefill);
-    `lin` describes it to step.cpp. x is multiplied by `col` first where the weight's outlier columns
-    were divided by it."""
+    `lin` describes it to step.cpp, outlier columns (kept apart in fp32) included."""
 
     def __init__(self, lib: kernels.Library, kind: str, weights: tuple, bias: torch.Tensor | None, n: int,
-                 big: Callable[[torch.Tensor], torch.Tensor], col: torch.Tensor | None = None,
+                 big: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.lib, self.kind, self.weights, self.n, self.big, self.col = lib, kind, weights, n, big, col
-        self.outliers = outliers
+        """big: the linear above GEMV_ROWS rows (None: oneDNN's GEMM on dequantized())."""
+        self.lib, self.kind, self.weights, self.n, self.outliers = lib, kind, weights, n, outliers
+        self.bias = bias
+        self.big = big or (lambda x: F.linear(x, self.dequantized(x.dtype), self.bias))
         self.bias32 = None if bias is None else bias.float().contiguous()
         self.k = weights[0].shape[1] * {"int4": 2, "int8v": 4, "int4v": 32}.get(kind, 1)  # columns of W
-        self.lin = fused.lin(kind, weights, self.bias32, col, n, self.k, outliers)
+        self.lin = fused.lin(kind, weights, self.bias32, None, n, self.k, outliers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -63,6 +64,13 @@ class Streamed:
         self.lib.lib.edgechat_gemv_lin(ctypes.byref(self.lin), x32.data_ptr(), out.data_ptr(), x2.shape[0],
                                        self.lib.isa, torch.get_num_threads())
         return out.to(x.dtype).view(*x.shape[:-1], self.n)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight [n, k] this quantized linear stands for (outlier columns back in place)."""
+        out = torch.empty(self.n, self.k, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        self.lib.lib.edgechat_dequantize(ctypes.byref(self.lin), out.data_ptr(), int(out.dtype == torch.float32),
+                                         torch.get_num_threads())
+        return out.to(dtype)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the weight as `dtype` (a tied lm_head serving the embedding lookups)."""
@@ -93,25 +101,14 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
             weight, col = equalize(weight)
 
     def restore(w: torch.Tensor) -> torch.Tensor:  # the dequantized weight with its outlier columns back
-        if outliers is not None:
-            w[:, outliers[0].long()] = outliers[1].t().to(w.dtype)
         return w if col is None else w * col.to(w.dtype)
     if mode == "int8":
         q, scales = int8 if int8 is not None else quantize_rows(weight, dtype)
         if lib is not None:
-            scales32 = scales.float()
             n = q.shape[0]
             if lib.vnni and fused.interleavable(*q.shape):
-                qv = fused.pack_int8v(q)
-                del q
-
-                def big_int8v(x: torch.Tensor) -> torch.Tensor:
-                    return F.linear(x, restore(fused.dequantize_int8v(qv, scales32, n, x.dtype)), bias)
-                return Streamed(lib, "int8v", (qv, scales32), bias, n, big_int8v, col, outliers)
-
-            def big_int8(x: torch.Tensor) -> torch.Tensor:
-                return F.linear(x, restore(dequantize_rows(q, scales, x.dtype)), bias)
-            return Streamed(lib, "int8", (q, scales32), bias, n, big_int8, col, outliers)
+                return Streamed(lib, "int8v", (fused.pack_int8v(q), scales.float()), bias, n, outliers=outliers)
+            return Streamed(lib, "int8", (q, scales.float()), bias, n, outliers=outliers)
         if col is not None:
             q, scales = quantize_rows(restore(weight), dtype)  # torch's int8 kernel takes no column factors
         mm = torch._weight_int8pack_mm
@@ -122,20 +119,15 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
         return run_int8
     if mode == "int4":
         packed, scales, mins = quantize_int4(weight)
+        if lib is not None:
+            n = packed.shape[0]
+            if lib.vnni and fused.interleavable(n, packed.shape[1] * 2):
+                return Streamed(lib, "int4v", fused.pack_int4v(packed, scales, mins), bias, n, outliers=outliers)
+            return Streamed(lib, "int4", (packed, scales, mins), bias, n, outliers=outliers)
 
         def big_int4(x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, restore(dequantize_int4(packed, scales, mins, x.dtype)), bias)
-        if lib is None:
-            return big_int4
-        n = packed.shape[0]
-        if lib.vnni and fused.interleavable(n, packed.shape[1] * 2):
-            v, s, z = fused.pack_int4v(packed, scales, mins)
-            del packed, scales, mins
-
-            def big_int4v(x: torch.Tensor) -> torch.Tensor:
-                return F.linear(x, restore(fused.dequantize_int4v(v, s, z, n, x.dtype)), bias)
-            return Streamed(lib, "int4v", (v, s, z), bias, n, big_int4v, col, outliers)
-        return Streamed(lib, "int4", (packed, scales, mins), bias, n, big_int4, col, outliers)
+        return big_int4
     if mode == "packed":
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         op = torch.ops.mkldnn._linear_pointwise
@@ -150,7 +142,7 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
         kind = "f32" if w.dtype == torch.float32 else "bf16"
         if kind == "bf16" and w.dtype != torch.bfloat16:
             raise ValueError(f"mode 'native' runs bfloat16 or float32 weights, not {w.dtype}")
-        return Streamed(lib, kind, (w,), bias, w.shape[0], lambda x: F.linear(x, w, bias))
+        return Streamed(lib, kind, (w,), bias, w.shape[0], big=lambda x: F.linear(x, w, bias))
     return lambda x: F.linear(x, weight, bias)
 
 

@@ -73,10 +73,11 @@ def test_kernels_agree_with_torch(lib, kernel, dtype):
     assert cos.min() > (0.99999 if dtype == torch.float32 else 0.9999)
 
 
-# mean cosine to the bf16 reference over 512 decoded positions, and the top-1 agreement, that hold
-# on these weights (docs/performance.md records the figures; int4 misses the 0.99 goal here)
-FLOORS = {("int8", False): (0.999, 0.9), ("int8", True): (0.998, 0.9),
-          ("int4", False): (0.95, 0.6), ("int4", True): (0.98, 0.7)}
+# mean cosine to the bf16 reference over 512 decoded positions, and the top-1 agreement, a little under
+# the measured ones (docs/performance.md records them: int8 0.9995 / 0.957 and 0.9984 / 0.922, int4 with
+# its plan 0.9967 / 0.904 and 0.9970 / 0.867)
+FLOORS = {("int8", False): (0.999, 0.93), ("int8", True): (0.998, 0.89),
+          ("int4", False): (0.995, 0.86), ("int4", True): (0.995, 0.83)}
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])

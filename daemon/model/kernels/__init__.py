@@ -114,6 +114,8 @@ def load(cache_dir: str, log: Callable[[str], None] | None = None) -> Library | 
             cdll.edgechat_decode_step.restype = None
             cdll.edgechat_gemv_lin.argtypes = [_P, _P, _P, _I64, _INT, _INT]
             cdll.edgechat_gemv_lin.restype = None
+            cdll.edgechat_dequantize.argtypes = [_P, _P, _INT, _INT]
+            cdll.edgechat_dequantize.restype = None
             isa = min(cdll.edgechat_best_isa(), isa_cap())
             lib = Library(cdll, isa, path, vnni=isa >= 2 and isa_cap() >= 3 and bool(cdll.edgechat_has_vnni()))
             say(f"decode kernels: {path} ({lib.isa_name}{', vnni' if lib.vnni else ''})")

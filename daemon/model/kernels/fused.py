@@ -73,13 +73,6 @@ def pack_int8v(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dequantize_int8v(v: torch.Tensor, scales: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight [n, K] an interleaved int8 weight stands for."""
-    blocks, k4 = v.shape[0], v.shape[1]
-    q = v.transpose(1, 2).reshape(blocks * ROWS, k4 * 4)[:n]
-    return ((q.to(torch.float32) - 128) * scales.float()[:, None]).to(dtype)
-
-
 def pack_int4v(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quant.quantize_int4's groups -> ([N/16, G, 4, 16, 4] bytes: low nibble k = 8t + i, high 8t + 4 + i,
@@ -100,17 +93,6 @@ def pack_int4v(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
         out[b:b + step] = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
     side = lambda t: t.view(blocks, ROWS, g).transpose(1, 2).contiguous()  # noqa: E731
     return out, side(scales), side(mins)
-
-
-def dequantize_int4v(v: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """The float weight [n, K] an interleaved int4 weight stands for."""
-    blocks, g = v.shape[0], v.shape[1]
-    q = torch.stack((v & 15, v >> 4), 3)  # [blocks, g, t, lo/hi, j, i]
-    q = q.permute(0, 4, 1, 2, 3, 5).reshape(blocks * ROWS, g, 32).to(torch.float32)
-    s = scales.transpose(1, 2).reshape(blocks * ROWS, g, 1).float()
-    m = mins.transpose(1, 2).reshape(blocks * ROWS, g, 1).float()
-    return (q * s + m).view(blocks * ROWS, g * 32)[:n].to(dtype)
 
 
 class DecodeStep:

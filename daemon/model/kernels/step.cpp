@@ -462,6 +462,43 @@ void edgechat_gemv_lin(const Lin* L, const float* x, float* y, int64_t M, int is
     }
 }
 
+// the float weight [n][k] (bf16, or fp32 if f32) a quantized L stands for, outlier columns included:
+// prefill multiplies by it with oneDNN's GEMM (one pass here, where torch's ops took five)
+void edgechat_dequantize(const Lin* L, void* out, int f32, int threads) {
+    const int64_t N = L->n, K = L->k, G = K / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        std::vector<float> row(K);
+        const int64_t b = n / 16, j = n % 16;
+        switch (L->kind) {
+        case K_I8: for (int64_t k = 0; k < K; k++) row[k] = (float)((const int8_t*)L->w)[n * K + k] * ((const float*)L->s)[n]; break;
+        case K_I8V: for (int64_t k = 0; k < K; k++)
+                row[k] = ((float)((const uint8_t*)L->w)[((b * (K / 4) + k / 4) * 16 + j) * 4 + k % 4] - 128.f) * ((const float*)L->s)[n];
+            break;
+        case K_I4: for (int64_t g = 0; g < G; g++) {
+                const uint8_t* q = (const uint8_t*)L->w + n * (K / 2) + g * 16;
+                const float sc = bf16f(((const uint16_t*)L->s)[n * G + g]), mn = bf16f(((const uint16_t*)L->z)[n * G + g]);
+                for (int i = 0; i < 16; i++) { row[g * 32 + i] = (q[i] & 15) * sc + mn; row[g * 32 + 16 + i] = (q[i] >> 4) * sc + mn; }
+            }
+            break;
+        case K_I4V: for (int64_t g = 0; g < G; g++) {
+                const uint8_t* q = (const uint8_t*)L->w + (b * G + g) * 256 + j * 4;
+                const float sc = bf16f(((const uint16_t*)L->s)[(b * G + g) * 16 + j]), mn = bf16f(((const uint16_t*)L->z)[(b * G + g) * 16 + j]);
+                for (int t = 0; t < 4; t++)
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t v = q[t * 64 + i];
+                        row[g * 32 + 8 * t + i] = (v & 15) * sc + mn; row[g * 32 + 8 * t + 4 + i] = (v >> 4) * sc + mn;
+                    }
+            }
+            break;
+        default: break;
+        }
+        for (int64_t c = 0; c < L->n_out; c++) row[L->out_idx[c]] = L->out_w[c * N + n];
+        if (f32) std::memcpy((float*)out + n * K, row.data(), K * sizeof(float));
+        else for (int64_t k = 0; k < K; k++) ((uint16_t*)out)[n * K + k] = f2bf16(row[k]);
+    }
+}
+
 // token at position pos (0-based); kc/vc: per layer [kv_heads, cap, head_dim] (bf16, or fp32 if kv_f32);
 // logits: [vocab] fp32
 void edgechat_decode_step(const Model* m, int64_t token, int64_t pos, void* const* kc, void* const* vc, int64_t cap,
