@@ -17,6 +17,7 @@ from torch import nn
 
 from . import kernels
 from .kernels import fused
+from .pages import huge_copy
 from .quant import dequantize_int4, dequantize_rows, equalize, quantize_int4, quantize_rows, split_outliers
 
 # rows of x up to which the streaming GEMV runs; above (prefill), oneDNN's GEMM on the (dequantized) weight
@@ -47,13 +48,15 @@ class Streamed:
     def __init__(self, lib: kernels.Library, kind: str, weights: tuple, bias: torch.Tensor | None, n: int,
                  big: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """big: the linear above GEMV_ROWS rows (None: oneDNN's GEMM on dequantized())."""
-        self.lib, self.kind, self.weights, self.n, self.outliers = lib, kind, weights, n, outliers
-        self.bias = bias
-        self.big = big or (lambda x: F.linear(x, self.dequantized(x.dtype), self.bias))
+        """The weight (weights[0]) is copied into huge pages; prefill runs oneDNN's GEMM on it (or on
+        dequantized())."""
+        self.lib, self.kind, self.n, self.outliers, self.bias = lib, kind, n, outliers, bias
+        self.weights = (huge_copy(weights[0]), *weights[1:])
+        self.big = big or (lambda x: F.linear(x, self.weights[0] if kind in ("bf16", "f32")
+                                              else self.dequantized(x.dtype), self.bias))
         self.bias32 = None if bias is None else bias.float().contiguous()
         self.k = weights[0].shape[1] * {"int4": 2, "int8v": 4, "int4v": 32}.get(kind, 1)  # columns of W
-        self.lin = fused.lin(kind, weights, self.bias32, None, n, self.k, outliers)
+        self.lin = fused.lin(kind, self.weights, self.bias32, None, n, self.k, outliers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -138,11 +141,10 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
     if mode == "native":
         if lib is None:
             raise ValueError("mode 'native' needs the compiled decode kernels")
-        w = weight.clone(memory_format=torch.contiguous_format)  # owned: not a view of the file mapping
-        kind = "f32" if w.dtype == torch.float32 else "bf16"
-        if kind == "bf16" and w.dtype != torch.bfloat16:
-            raise ValueError(f"mode 'native' runs bfloat16 or float32 weights, not {w.dtype}")
-        return Streamed(lib, kind, (w,), bias, w.shape[0], big=lambda x: F.linear(x, w, bias))
+        kind = "f32" if weight.dtype == torch.float32 else "bf16"
+        if kind == "bf16" and weight.dtype != torch.bfloat16:
+            raise ValueError(f"mode 'native' runs bfloat16 or float32 weights, not {weight.dtype}")
+        return Streamed(lib, kind, (weight,), bias, weight.shape[0])  # owns a copy: not the file mapping
     return lambda x: F.linear(x, weight, bias)
 
 
