@@ -1,0 +1,138 @@
+"""The one-call decode step (step.cpp): the per-op path's logits, its interleaved layouts, its threads."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daemon.model import kernels
+from daemon.model.forward import FastDecoder
+from daemon.model.kernels import fused
+from daemon.model.pages import HUGE, huge_copy
+from daemon.model.quant import dequantize_int4, dequantize_rows, quantize_int4, quantize_rows, split_outliers
+from daemon.model.weights import Streamed
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    built = kernels.load(str(tmp_path_factory.mktemp("kernels")))
+    assert built is not None, "the kernels did not build"
+    return built
+
+
+@pytest.fixture(params=[True, False], ids=["vnni", "rows"])
+def vnni(request, lib, monkeypatch):
+    """The interleaved AVX512-VNNI kernels, and gemv.cpp's row kernels (what other CPUs run)."""
+    if request.param and not lib.vnni:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    chosen = dataclasses.replace(lib, vnni=request.param)
+    monkeypatch.setattr(kernels, "current", lambda: chosen)
+    return request.param
+
+
+def _model(dtype=torch.bfloat16):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).to(dtype).eval()
+
+
+def _decode(decoder, fused_step: bool, n: int = 40) -> torch.Tensor:
+    if not fused_step:
+        decoder._step = None
+    ids = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(3)).tolist()
+    state = decoder.new_state()
+    out = [decoder.forward(ids[:5], state)] + [decoder.forward([t], state) for t in ids[5:]]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("quantize,dtype", [("none", torch.bfloat16), ("none", torch.float32),
+                                            ("int8", torch.bfloat16), ("int4", torch.bfloat16)])
+def test_one_call_step_gives_the_per_op_logits(vnni, quantize, dtype):
+    """The same weights decoded by step.cpp in one call and op by op through torch agree (the step keeps
+    activations in fp32 where the per-op path rounds them to the model's dtype)."""
+    one = FastDecoder(_model(dtype), quantize, "native")
+    assert one._step is not None
+    per_op = FastDecoder(_model(dtype), quantize, "native")
+    got, ref = _decode(one, True), _decode(per_op, False)
+    floor = 0.999999 if dtype == torch.float32 else 0.999
+    assert F.cosine_similarity(got, ref, dim=-1).min() > floor
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
+
+
+def test_threads_split_rows_not_results(lib):
+    """One thread or two: every row and every head is computed whole by one thread, so bit for bit the same."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _decode(FastDecoder(_model(), "int8", "native"), True)
+        torch.set_num_threads(2)
+        two = _decode(FastDecoder(_model(), "int8", "native"), True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_interleaved_weights_hold_the_rows(lib, kind):
+    """Packed 16 rows wide (N not a multiple of 16), outlier columns apart: the compiled dequantization
+    gives back the row-major weight exactly, and one row of x through the kernel gives x @ W^T."""
+    if not lib.vnni:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    torch.manual_seed(1)
+    w = torch.randn(100, 256) * 0.02
+    w[:, [7, 200]] *= 40
+    rest, outliers = split_outliers(w)
+    assert outliers is not None and sorted(outliers[0].tolist()) == [7, 200]
+    if kind == "int8":
+        q, scales = quantize_rows(rest, torch.float32)
+        deq = dequantize_rows(q, scales, torch.float32)
+        f = Streamed(lib, "int8v", (fused.pack_int8v(q), scales.float()), None, 100, outliers=outliers)
+    else:
+        packed, scales, mins = quantize_int4(rest)
+        deq = dequantize_int4(packed, scales, mins, torch.float32)
+        f = Streamed(lib, "int4v", fused.pack_int4v(packed, scales, mins), None, 100, outliers=outliers)
+    deq[:, outliers[0].long()] = outliers[1].t()
+    torch.testing.assert_close(f.dequantized(torch.float32), deq, rtol=0, atol=0)
+    x = torch.randn(1, 256)
+    # x goes in as int8 per 32 values: the result is x @ W^T to about 1 % of its scale
+    err = (f(x) - x @ deq.T).abs().max() / (x @ deq.T).abs().max()
+    assert err < 0.02
+
+
+def test_tied_lm_head_serves_the_embedding_rows(lib):
+    """No second table: the kernels' lm_head copy answers the row lookups, exactly the model's rows."""
+    model = _model()
+    table = model.model.embed_tokens.weight.detach().clone()
+    decoder = FastDecoder(model, "none", "native")
+    assert decoder.embed is None and not model.model.embed_tokens.weight.numel()
+    ids = torch.tensor([0, 5, 999])
+    assert torch.equal(decoder._embed(ids), table[ids])
+    with pytest.raises(IndexError):
+        decoder.forward([1000], decoder.new_state())
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux only")
+def test_huge_copy_is_aligned_equal_and_given_back():
+    src = torch.randn(3 * HUGE // 4 + 5)  # not a whole number of huge pages
+    t = huge_copy(src)
+    addr = t.data_ptr()
+    assert addr % HUGE == 0 and torch.equal(t, src)
+    assert huge_copy(torch.ones(10)).data_ptr() % 64 == 0  # small: a plain copy
+    del t
+    gc.collect()
+    assert not _mapped(addr)
