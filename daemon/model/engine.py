@@ -292,8 +292,9 @@ class Engine:
 
     @property
     def vocab_rows(self) -> int:
-        """Rows of the output layer: every valid token id is below this."""
-        return self.model.get_input_embeddings().weight.shape[0]
+        """Rows of the output layer: every valid token id is below this (the lean decoder keeps the
+        count: the model's own tables may be freed)."""
+        return getattr(self.decoder, "vocab_rows", None) or self.model.get_input_embeddings().weight.shape[0]
 
     def token_table(self) -> TokenTable:
         """Each token id's bytes (built on first use: constrained decoding and logprobs need it)."""

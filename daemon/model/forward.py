@@ -108,6 +108,7 @@ class FastDecoder:
         head = model.get_output_embeddings().weight.detach()
         embed = inner.embed_tokens.weight.detach()
         tied = head.data_ptr() == embed.data_ptr()
+        self.vocab_rows = head.shape[0]  # the lm_head's rows: every valid token id is below
         self.embed: torch.Tensor | None = embed
         self._embed_q: tuple[torch.Tensor, torch.Tensor] | None = None
         head_mode = "int8" if mode == "int4" else mode  # the lm_head stays int8 (as llama.cpp's Q4_K_M keeps Q6_K)
