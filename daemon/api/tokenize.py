@@ -32,13 +32,13 @@ def tokenize():
     engine = get_services().engine
     if (body.get("prompt") is None) == (body.get("messages") is None):  # null is absent, as anywhere
         raise invalid("send exactly one of 'prompt' and 'messages'", "prompt", "missing_field")
+    wanted = tools.request(body, engine.tokenizer.chat_template)  # checked in both forms, used by messages
     if body.get("prompt") is not None:
         prompt = validate.text(body, "prompt", required=True, allow_empty=True)
         special = validate.boolean(body, "add_special_tokens", True)
         _fits(turns.count_text(prompt), "prompt")
         ids = engine.tokenizer(prompt, add_special_tokens=special)["input_ids"]
     else:
-        wanted = tools.request(body, engine.tokenizer.chat_template)
         messages = validate.messages(body)
         rendered = wanted.rendered if wanted else None
         _fits(turns.count_prompt(messages, rendered), "messages")
