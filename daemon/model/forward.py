@@ -112,11 +112,11 @@ class FastDecoder:
         self.embed: torch.Tensor | None = embed
         self._embed_q: tuple[torch.Tensor, torch.Tensor] | None = None
         head_mode = "int8" if mode == "int4" else mode  # the lm_head stays int8 (as llama.cpp's Q4_K_M keeps Q6_K)
-        if head_mode == "int8" and tied:  # one int8 copy serves the lm_head and the row lookups
+        if head_mode == "int8" and tied and lib is None:  # one int8 copy serves the lm_head and the row lookups
             self._embed_q = quantize_rows(embed, self.dtype)
             self.embed = None
         # packed and tied: the plain embedding stays for row lookups beside the lm_head's packed copy
-        self.lm_head = linear(head, None, head_mode, self.dtype, self._embed_q, lib=lib)
+        self.lm_head = linear(head, None, head_mode, self.dtype, self._embed_q, lib=lib, apart=not tied)
         self._rows = self.lm_head.rows if tied and isinstance(self.lm_head, Streamed) else None
         if self._rows is not None:  # the compiled kernels' lm_head copy serves the row lookups too
             self._embed_q = self.embed = None

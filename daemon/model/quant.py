@@ -22,6 +22,20 @@ def quantize_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
     return q, scales.to(dtype)
 
 
+def quantize_groups8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights with a bf16 scale per GROUP of each row (as llama.cpp's Q8_0): a row's
+    largest weight no longer sets every weight's step ([N, K] int8, [N, K/32] bf16)."""
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, k // GROUP, dtype=torch.bfloat16)
+    for start in range(0, n, _ROWS_PER_CHUNK):
+        w = weight[start:start + _ROWS_PER_CHUNK].float().view(-1, k // GROUP, GROUP)
+        s = (w.abs().amax(-1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)
+        q[start:start + _ROWS_PER_CHUNK] = (w / s.float()[..., None]).round_().clamp_(-127, 127).view(-1, k).to(torch.int8)
+        scales[start:start + _ROWS_PER_CHUNK] = s
+    return q, scales
+
+
 def int4_fits(weight: torch.Tensor) -> bool:
     """Whether int4 groups tile the weight's rows."""
     return weight.dim() == 2 and weight.shape[1] % GROUP == 0

@@ -18,7 +18,8 @@ from torch import nn
 from . import kernels
 from .kernels import fused
 from .pages import huge_copy
-from .quant import dequantize_int4, dequantize_rows, equalize, quantize_int4, quantize_rows, split_outliers
+from .quant import (dequantize_int4, dequantize_rows, equalize, quantize_groups8, quantize_int4, quantize_rows,
+                    split_outliers)
 
 # rows of x up to which the streaming GEMV runs; above (prefill), oneDNN's GEMM on the (dequantized) weight
 GEMV_ROWS = 8
@@ -55,7 +56,7 @@ class Streamed:
         self.big = big or (lambda x: F.linear(x, self.weights[0] if kind in ("bf16", "f32")
                                               else self.dequantized(x.dtype), self.bias))
         self.bias32 = None if bias is None else bias.float().contiguous()
-        self.k = weights[0].shape[1] * {"int4": 2, "int8v": 4, "int4v": 32}.get(kind, 1)  # columns of W
+        self.k = weights[0].shape[1] * {"int4": 2, "int8v": 4, "int8g": 4, "int4v": 32}.get(kind, 1)  # columns of W
         self.lin = fused.lin(kind, self.weights, self.bias32, None, n, self.k, outliers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,30 +83,38 @@ class Streamed:
             return F.embedding(ids, w).to(dtype)
         if self.kind == "int8":
             q = w[ids].to(torch.float32)
-        elif self.kind == "int8v":
+        elif self.kind in ("int8v", "int8g"):
             q = w[ids // fused.ROWS, :, ids % fused.ROWS].reshape(*ids.shape, self.k).to(torch.float32) - 128
         else:
             raise ValueError(f"no row lookup for {self.kind} weights")
+        if self.kind == "int8g":  # scales [blocks, G, 16] -> each row's per-group scale, per column
+            scales = self.weights[1][ids // fused.ROWS, :, ids % fused.ROWS].float()
+            return (q * scales.repeat_interleave(32, -1)).to(dtype)
         return (q * self.weights[1][ids].unsqueeze(-1)).to(dtype)
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: torch.dtype,
            int8: tuple[torch.Tensor, torch.Tensor] | None = None,
-           lib: kernels.Library | None = None) -> Linear:
+           lib: kernels.Library | None = None, apart: bool = True) -> Linear:
     """y = x W^T + b. mode "plain": F.linear; "packed": oneDNN with the weight prepacked once (plain bf16
     F.linear reorders it on every call: half the speed); "native": gemv.cpp on the plain weight in decode
-    (`lib` required); "int8": per-row int8 weights (`int8` when already quantized), gemv.cpp where `lib`
-    is given, else torch's int8 kernel; "int4": groups of 32 (gemv.cpp, else dequantized per call)."""
+    (`lib` required); "int8": int8 weights — a bf16 scale per 32 on the AVX512-VNNI kernels, else per row
+    (`int8` when already quantized), the compiled kernels where `lib` is given, else torch's int8 kernel;
+    "int4": groups of 32 (compiled, else dequantized per call). apart: outlier columns computed apart
+    (compiled kernels; not for a table whose rows are also looked up)."""
     col = outliers = None
     if mode in ("int8", "int4") and int8 is None:
-        if lib is not None:  # the compiled kernels compute outlier columns apart
-            weight, outliers = split_outliers(weight)
-        else:
+        if lib is None:  # torch's kernels: outlier columns divided down, x multiplied back
             weight, col = equalize(weight)
+        elif apart:  # the compiled kernels compute outlier columns apart
+            weight, outliers = split_outliers(weight)
 
     def restore(w: torch.Tensor) -> torch.Tensor:  # the dequantized weight with its outlier columns back
         return w if col is None else w * col.to(w.dtype)
     if mode == "int8":
+        if lib is not None and int8 is None and lib.vnni and fused.interleavable(*weight.shape):
+            return Streamed(lib, "int8g", fused.pack_int8g(*quantize_groups8(weight)), bias, weight.shape[0],
+                            outliers=outliers)
         q, scales = int8 if int8 is not None else quantize_rows(weight, dtype)
         if lib is not None:
             n = q.shape[0]

@@ -74,10 +74,12 @@ def test_kernels_agree_with_torch(lib, kernel, dtype):
 
 
 # mean cosine to the bf16 reference over 512 decoded positions, and the top-1 agreement, a little under
-# the measured ones (docs/performance.md records them: int8 0.9995 / 0.957 and 0.9984 / 0.922, int4 with
-# its plan 0.9967 / 0.904 and 0.9970 / 0.867)
-FLOORS = {("int8", False): (0.999, 0.93), ("int8", True): (0.998, 0.89),
-          ("int4", False): (0.995, 0.86), ("int4", True): (0.995, 0.83)}
+# the measured ones (docs/performance.md records them), on AVX512-VNNI (int8 with a scale per 32, x in
+# int8) and on the row kernels other CPUs run (int8 with a scale per row, x in fp32)
+FLOORS = {("int8", False, True): (0.9995, 0.94), ("int8", True, True): (0.999, 0.92),
+          ("int4", False, True): (0.995, 0.88), ("int4", True, True): (0.996, 0.88),
+          ("int8", False, False): (0.999, 0.93), ("int8", True, False): (0.998, 0.92),
+          ("int4", False, False): (0.995, 0.88), ("int4", True, False): (0.996, 0.86)}
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
@@ -89,7 +91,7 @@ def test_quantization_error(lib, quantize, outliers):
     got = _logits(cfg, weights, quantize, "native")
     cos = F.cosine_similarity(got, ref, dim=-1).mean().item()
     top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    floor_cos, floor_top1 = FLOORS[(quantize, outliers)]
+    floor_cos, floor_top1 = FLOORS[(quantize, outliers, lib.vnni)]
     assert cos >= floor_cos and top1 >= floor_top1, (cos, top1)
     if not outliers:  # the path without the compiled kernels (torch's int8 kernel / dequantized int4);
         # torch's int8 kernel takes no column factors, so outlier columns cost it more (docs/performance.md)

@@ -13,7 +13,8 @@ from daemon.model import kernels
 from daemon.model.forward import FastDecoder
 from daemon.model.kernels import fused
 from daemon.model.pages import HUGE, huge_copy
-from daemon.model.quant import dequantize_int4, dequantize_rows, quantize_int4, quantize_rows, split_outliers
+from daemon.model.quant import (dequantize_int4, dequantize_rows, quantize_groups8, quantize_int4, quantize_rows,
+                                split_outliers)
 from daemon.model.weights import Streamed
 
 
@@ -78,7 +79,7 @@ def test_threads_split_rows_not_results(lib):
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind", ["int8v", "int8g", "int4v"])
 def test_interleaved_weights_hold_the_rows(lib, kind):
     """Packed 16 rows wide (N not a multiple of 16), outlier columns apart: the compiled dequantization
     gives back the row-major weight exactly, and one row of x through the kernel gives x @ W^T."""
@@ -89,10 +90,14 @@ def test_interleaved_weights_hold_the_rows(lib, kind):
     w[:, [7, 200]] *= 40
     rest, outliers = split_outliers(w)
     assert outliers is not None and sorted(outliers[0].tolist()) == [7, 200]
-    if kind == "int8":
+    if kind == "int8v":
         q, scales = quantize_rows(rest, torch.float32)
         deq = dequantize_rows(q, scales, torch.float32)
         f = Streamed(lib, "int8v", (fused.pack_int8v(q), scales.float()), None, 100, outliers=outliers)
+    elif kind == "int8g":
+        q, scales = quantize_groups8(rest)
+        deq = (q.float().view(100, 8, 32) * scales.float()[..., None]).view(100, 256)
+        f = Streamed(lib, "int8g", fused.pack_int8g(q, scales), None, 100, outliers=outliers)
     else:
         packed, scales, mins = quantize_int4(rest)
         deq = dequantize_int4(packed, scales, mins, torch.float32)
@@ -105,14 +110,21 @@ def test_interleaved_weights_hold_the_rows(lib, kind):
     assert err < 0.02
 
 
-def test_tied_lm_head_serves_the_embedding_rows(lib):
-    """No second table: the kernels' lm_head copy answers the row lookups, exactly the model's rows."""
+def test_tied_lm_head_serves_the_embedding_rows(vnni):
+    """No second table: the kernels' lm_head copy answers the row lookups — exactly the model's rows, or
+    the rows its int8 weights stand for — in prefill (torch) and in the one-call step alike."""
     model = _model()
     table = model.model.embed_tokens.weight.detach().clone()
     decoder = FastDecoder(model, "none", "native")
     assert decoder.embed is None and not model.model.embed_tokens.weight.numel()
     ids = torch.tensor([0, 5, 999])
     assert torch.equal(decoder._embed(ids), table[ids])
+    quantized = FastDecoder(_model(), "int8", "native")
+    assert quantized.lm_head.kind == ("int8g" if vnni else "int8")
+    rows = quantized.lm_head.dequantized(torch.float32)[ids]
+    torch.testing.assert_close(quantized._embed(ids).float(), rows, rtol=0.01, atol=1e-3)
+    one, per_op = _decode(quantized, True, n=6), _decode(FastDecoder(_model(), "int8", "native"), False, n=6)
+    assert F.cosine_similarity(one, per_op, dim=-1).min() > 0.999
     with pytest.raises(IndexError):
         decoder.forward([1000], decoder.new_state())
 

@@ -10,7 +10,7 @@ import torch
 
 from . import Library
 
-KINDS = {"bf16": 0, "f32": 1, "int8": 2, "int4": 3, "int8v": 4, "int4v": 5}
+KINDS = {"bf16": 0, "f32": 1, "int8": 2, "int4": 3, "int8v": 4, "int4v": 5, "int8g": 6}
 ROWS = 16  # rows side by side in the interleaved layouts
 _CHUNK = 8192  # rows re-laid at a time (a multiple of ROWS), so the temporaries stay small
 
@@ -73,6 +73,21 @@ def pack_int8v(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _by_block(t: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Per-group values [blocks*16, G] (rows padded) -> [blocks, G, 16]: a group's 16 rows side by side."""
+    g = t.shape[1]
+    pad = blocks * ROWS - t.shape[0]
+    if pad:
+        t = torch.cat((t, torch.zeros(pad, g, dtype=t.dtype)))
+    return t.view(blocks, ROWS, g).transpose(1, 2).contiguous()
+
+
+def pack_int8g(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize_groups8's rows -> (pack_int8v's layout, scales [N/16, K/32, 16])."""
+    v = pack_int8v(q)
+    return v, _by_block(scales, v.shape[0])
+
+
 def pack_int4v(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """quant.quantize_int4's groups -> ([N/16, G, 4, 16, 4] bytes: low nibble k = 8t + i, high 8t + 4 + i,
@@ -91,8 +106,7 @@ def pack_int4v(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
         p = packed[b * ROWS:(b + step) * ROWS].view(-1, ROWS, g, 16)
         q = torch.cat((p & 15, p >> 4), -1).view(-1, ROWS, g, 4, 2, 4)  # [blocks, j, g, t, lo/hi, i]
         out[b:b + step] = (q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
-    side = lambda t: t.view(blocks, ROWS, g).transpose(1, 2).contiguous()  # noqa: E731
-    return out, side(scales), side(mins)
+    return out, _by_block(scales, blocks), _by_block(mins, blocks)
 
 
 class DecodeStep:
