@@ -5,8 +5,10 @@ its copy's weights over; OpenMP settings are read once per process), and every r
 child in turn for one measurement: a 512-token prompt from position 0 (llama-bench's pp512), then
 64 greedy tokens (its tg64). Each variant's decode also shows the weight bytes it moves per second
 (tok/s × bytes read per token). With --llama-bench and --gguf (bench/llamacpp/build.sh builds both),
-llama.cpp's `llama-bench -t N -p 512 -n 64` runs on the same model as GGUF F32/BF16/Q8_0/Q4_K_M in
-the same run, and each variant is compared with the peer of its precision. Used by bench.fast_turns;
+llama.cpp's `llama-bench -t N -p 512 -n 64 -r 1` runs on the same model as GGUF (F32/BF16/Q8_0/Q4_K_M)
+after each round of a variant, on the peer of its precision, and each variant is compared with the
+median of its peer's runs from the same rounds (a shared machine's memory bandwidth drifts; both sides
+then meet the same drift); the four GGUFs are also run together at the end. Used by bench.fast_turns;
 runnable alone:
 
     .venv/bin/python -m bench.decode_options [--rounds 3] [--variants a,b,...]
@@ -194,13 +196,16 @@ def _ask(child: subprocess.Popen) -> dict:
     return json.loads(child.stdout.readline())
 
 
-def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[str, dict]:
+def measure(names: list[str], rounds: int, cache_dir: str, log=print,
+            peer: Callable[[str], dict] | None = None) -> dict[str, dict]:
     """Per variant lists of tok/s. The reference (the default) stays loaded; each other variant is
     loaded alone beside it and the two alternate for `rounds` rounds (two models in memory at most,
     not eight: a bench machine is often shared). Each variant's rows also carry the reference's figures from
-    its own rounds ("ref_decode"), so ratios compare like with like."""
-    results = {n: {"prefill": [], "decode": [], "ref_prefill": [], "ref_decode": [], "rss": [], "weight_bytes": None}
-               for n in names}
+    its own rounds ("ref_decode"), so ratios compare like with like. `peer`, given a precision, runs
+    llama.cpp once on it: called after each round of a variant, whose rows then carry the peer's figures
+    from the same rounds ("peer"), so the memory bandwidth a shared machine gives drifts alike for both."""
+    results = {n: {"prefill": [], "decode": [], "ref_prefill": [], "ref_decode": [], "rss": [], "weight_bytes": None,
+                   "peer": []} for n in names}
     reference = _spawn(REFERENCE, cache_dir)
     try:
         for name in names:
@@ -223,6 +228,11 @@ def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[st
                             f"decode {got['decode']:.1f} tok/s")
                         if child is reference and name == REFERENCE:
                             break
+                    if peer is not None and precision(name) in PEERS:
+                        got = peer(precision(name))
+                        results[name]["peer"].append(got)
+                        log(f"  {name} round {r + 1}: llama.cpp {PEERS[precision(name)][1]}: prefill "
+                            f"{got['prefill']:.0f} tok/s, decode {got['decode']:.1f} tok/s")
             finally:
                 if other is not None and other is not reference:
                     other.stdin.close()
@@ -233,10 +243,11 @@ def measure(names: list[str], rounds: int, cache_dir: str, log=print) -> dict[st
     return results
 
 
-def llama_bench(binary: str, gguf_dir: str, threads: int, repetitions: int) -> dict[str, dict]:
+def llama_bench(binary: str, gguf_dir: str, threads: int, repetitions: int,
+                precisions: tuple[str, ...] = tuple(PEERS)) -> dict[str, dict]:
     """llama.cpp's pp512/tg64 per precision: {precision: {"prefill", "decode", "bytes"}} (bytes: the
     model's tensor bytes, all read per generated token)."""
-    files = [(prec, os.path.join(gguf_dir, f)) for prec, (f, _) in PEERS.items()]
+    files = [(prec, os.path.join(gguf_dir, f)) for prec, (f, _) in PEERS.items() if prec in precisions]
     files = [(prec, f) for prec, f in files if os.path.exists(f)]
     if not files:
         raise FileNotFoundError(f"no q05-*.gguf in {gguf_dir} (bench/llamacpp/build.sh writes them)")
@@ -265,6 +276,8 @@ def table(results: dict[str, dict], config=None, peers: dict[str, dict] | None =
         per_token = r.get("weight_bytes") or (bytes_per_token(config, prec) if config is not None else float("nan"))
         gbs = decode * per_token / 1e9
         peer = peers.get(prec)
+        if r.get("peer"):  # llama.cpp interleaved with this variant's rounds: their medians
+            peer = {k: common.median([p[k] for p in r["peer"]]) for k in ("prefill", "decode", "bytes")}
         rss = f"{max(r['rss']) / common.MB:.0f}" if r.get("rss") else "—"
         row = [f"`{name}`", WHAT[name], common.spread(r["prefill"], "{:.0f}"), common.spread(r["decode"], "{:.1f}"),
                common.ratio(decode, ref), f"{per_token / 1e6:.0f}", f"{gbs:.1f}", rss]
@@ -311,11 +324,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--llama-bench and --gguf go together")
     print(f"{common.today()}: {common.machine_note()}; {common.code_note()}", flush=True)
     cache_dir = args.cache_dir or common.default_cache_dir()
-    results = measure(names, args.rounds, cache_dir)
     peers = None
+    peer = None
     if args.llama_bench:
         from daemon.model.cpu import physical_cores
-        print(f"  llama-bench -t {physical_cores()} -p {PROMPT} -n {NEW} ...", flush=True)
+
+        def peer(prec: str) -> dict:
+            return llama_bench(args.llama_bench, args.gguf, physical_cores(), 1, (prec,))[prec]
+        print(f"  llama.cpp: llama-bench -t {physical_cores()} -p {PROMPT} -n {NEW} -r 1 after each round of a "
+              "variant, on its peer", flush=True)
+    results = measure(names, args.rounds, cache_dir, peer=peer)
+    if args.llama_bench:
+        print(f"  llama-bench -t {physical_cores()} -p {PROMPT} -n {NEW} -r {args.llama_repetitions}, all four ...",
+              flush=True)
         peers = llama_bench(args.llama_bench, args.gguf, physical_cores(), args.llama_repetitions)
         print(peer_table(peers))
     from transformers import AutoConfig

@@ -16,6 +16,7 @@ from . import kernels
 from .kernels import fused
 from .kvpool import BLOCK, KVState
 from .quant import int4_plan, quantize_rows
+from .pages import Arena
 from .weights import Streamed, can_pack, drop_float_weights, fuse, linear, own_small_weights, release_file_pages
 
 QUANTIZE = ("none", "int8", "int4")
@@ -86,6 +87,7 @@ class FastDecoder:
         if mode != "plain":
             own_small_weights(model)
         self.layers: list[_Layer] = []
+        arena = Arena()  # the streamed weights under 2 MiB, packed into huge pages
         for i, block in enumerate(inner.layers):
             attn, mlp = block.self_attn, block.mlp
             layer = _Layer()
@@ -94,12 +96,14 @@ class FastDecoder:
 
             def as_planned(projection: str) -> str:  # int4: some projections int8, as Q4_K_M keeps some Q6_K
                 return int4_plan(projection, i, len(inner.layers)) if mode == "int4" else mode
-            layer.qkv = linear(*fuse([attn.q_proj, attn.k_proj, attn.v_proj]), as_planned("qkv"), self.dtype, lib=lib)
+            layer.qkv = linear(*fuse([attn.q_proj, attn.k_proj, attn.v_proj]), as_planned("qkv"), self.dtype, lib=lib,
+                               arena=arena)
             layer.o = linear(attn.o_proj.weight.detach(), None if attn.o_proj.bias is None
-                              else attn.o_proj.bias.detach(), as_planned("o"), self.dtype, lib=lib)
+                              else attn.o_proj.bias.detach(), as_planned("o"), self.dtype, lib=lib, arena=arena)
             layer.gate_up = linear(fuse([mlp.gate_proj, mlp.up_proj])[0], None, as_planned("gate_up"), self.dtype,
-                                   lib=lib)
-            layer.down = linear(mlp.down_proj.weight.detach(), None, as_planned("down"), self.dtype, lib=lib)
+                                   lib=lib, arena=arena)
+            layer.down = linear(mlp.down_proj.weight.detach(), None, as_planned("down"), self.dtype, lib=lib,
+                                arena=arena)
             self.layers.append(layer)
             if mode != "plain":  # free this layer's float weights now: the peak stays one layer
                 drop_float_weights(block, self.dtype)

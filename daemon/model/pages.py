@@ -53,10 +53,38 @@ def _huge_bytes(nbytes: int) -> torch.Tensor | None:
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
-def huge_copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of `t` in huge pages (a plain copy for small tensors or without mmap)."""
+class Arena:
+    """Huge-page chunks the weights under 2 MiB are packed into, one arena per decoder (its chunks go
+    when the decoder's tensors do); a chunk's pages are resident only once written."""
+
+    CHUNK = 32 * HUGE
+    SMALLEST = 64 * 1024  # below this a weight is noise: a plain copy
+
+    def __init__(self) -> None:
+        self._chunk: torch.Tensor | None = None
+        self._used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """nbytes of uint8 in the current chunk (a new one when full), 4 KiB-aligned; None without mmap."""
+        start = -(-self._used // 4096) * 4096
+        if self._chunk is None or start + nbytes > self._chunk.numel():
+            chunk = _huge_bytes(self.CHUNK) if _C is not None else None
+            if chunk is None:
+                return None
+            self._chunk, start = chunk, 0
+        self._used = start + nbytes
+        return self._chunk[start:start + nbytes]
+
+
+def huge_copy(t: torch.Tensor, arena: Arena | None = None) -> torch.Tensor:
+    """A contiguous copy of `t` in huge pages: its own mapping from 2 MiB, a slice of `arena` below (a
+    plain copy for tiny tensors, without an arena, or without mmap)."""
     nbytes = t.numel() * t.element_size()
-    raw = _huge_bytes(nbytes) if _C is not None and nbytes >= HUGE else None
+    raw = None
+    if _C is not None and nbytes >= HUGE:
+        raw = _huge_bytes(nbytes)
+    elif arena is not None and nbytes >= Arena.SMALLEST:
+        raw = arena.take(nbytes)
     if raw is None:
         return t.clone(memory_format=torch.contiguous_format)
     out = raw.view(t.dtype).view(t.shape)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import kernels
 from .kernels import fused
-from .pages import huge_copy
+from .pages import Arena, huge_copy
 from .quant import (dequantize_int4, dequantize_rows, equalize, quantize_groups8, quantize_int4, quantize_rows,
                     split_outliers)
 
@@ -48,11 +48,11 @@ class Streamed:
 
     def __init__(self, lib: kernels.Library, kind: str, weights: tuple, bias: torch.Tensor | None, n: int,
                  big: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """The weight (weights[0]) is copied into huge pages; prefill runs oneDNN's GEMM on it (or on
-        dequantized())."""
+                 outliers: tuple[torch.Tensor, torch.Tensor] | None = None, arena: Arena | None = None) -> None:
+        """The weight (weights[0]) is copied into huge pages (small ones into `arena`); prefill runs
+        oneDNN's GEMM on it (or on dequantized())."""
         self.lib, self.kind, self.n, self.outliers, self.bias = lib, kind, n, outliers, bias
-        self.weights = (huge_copy(weights[0]), *weights[1:])
+        self.weights = (huge_copy(weights[0], arena), *weights[1:])
         self.big = big or (lambda x: F.linear(x, self.weights[0] if kind in ("bf16", "f32")
                                               else self.dequantized(x.dtype), self.bias))
         self.bias32 = None if bias is None else bias.float().contiguous()
@@ -95,7 +95,7 @@ class Streamed:
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: torch.dtype,
            int8: tuple[torch.Tensor, torch.Tensor] | None = None,
-           lib: kernels.Library | None = None, apart: bool = True) -> Linear:
+           lib: kernels.Library | None = None, apart: bool = True, arena: Arena | None = None) -> Linear:
     """y = x W^T + b. mode "plain": F.linear; "packed": oneDNN with the weight prepacked once (plain bf16
     F.linear reorders it on every call: half the speed); "native": gemv.cpp on the plain weight in decode
     (`lib` required); "int8": int8 weights — a bf16 scale per 32 on the AVX512-VNNI kernels, else per row
@@ -114,13 +114,14 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
     if mode == "int8":
         if lib is not None and int8 is None and lib.vnni and fused.interleavable(*weight.shape):
             return Streamed(lib, "int8g", fused.pack_int8g(*quantize_groups8(weight)), bias, weight.shape[0],
-                            outliers=outliers)
+                            outliers=outliers, arena=arena)
         q, scales = int8 if int8 is not None else quantize_rows(weight, dtype)
         if lib is not None:
             n = q.shape[0]
             if lib.vnni and fused.interleavable(*q.shape):
-                return Streamed(lib, "int8v", (fused.pack_int8v(q), scales.float()), bias, n, outliers=outliers)
-            return Streamed(lib, "int8", (q, scales.float()), bias, n, outliers=outliers)
+                return Streamed(lib, "int8v", (fused.pack_int8v(q), scales.float()), bias, n, outliers=outliers,
+                                arena=arena)
+            return Streamed(lib, "int8", (q, scales.float()), bias, n, outliers=outliers, arena=arena)
         if col is not None:
             q, scales = quantize_rows(restore(weight), dtype)  # torch's int8 kernel takes no column factors
         mm = torch._weight_int8pack_mm
@@ -134,8 +135,9 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
         if lib is not None:
             n = packed.shape[0]
             if lib.vnni and fused.interleavable(n, packed.shape[1] * 2):
-                return Streamed(lib, "int4v", fused.pack_int4v(packed, scales, mins), bias, n, outliers=outliers)
-            return Streamed(lib, "int4", (packed, scales, mins), bias, n, outliers=outliers)
+                return Streamed(lib, "int4v", fused.pack_int4v(packed, scales, mins), bias, n, outliers=outliers,
+                                arena=arena)
+            return Streamed(lib, "int4", (packed, scales, mins), bias, n, outliers=outliers, arena=arena)
 
         def big_int4(x: torch.Tensor) -> torch.Tensor:
             return F.linear(x, restore(dequantize_int4(packed, scales, mins, x.dtype)), bias)
@@ -153,7 +155,7 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
         kind = "f32" if weight.dtype == torch.float32 else "bf16"
         if kind == "bf16" and weight.dtype != torch.bfloat16:
             raise ValueError(f"mode 'native' runs bfloat16 or float32 weights, not {weight.dtype}")
-        return Streamed(lib, kind, (weight,), bias, weight.shape[0])  # owns a copy: not the file mapping
+        return Streamed(lib, kind, (weight,), bias, weight.shape[0], arena=arena)  # a copy: not the file mapping
     return lambda x: F.linear(x, weight, bias)
 
 
