@@ -42,7 +42,8 @@ VARIANTS = {
     "lean-packed-bf16-spin": ("bfloat16", "packed", 0),
     "lean-native-bf16": ("bfloat16", "native", 0),
     "lean-native-fp32": ("float32", "native", 0),
-    "lean-native-int8": ("bfloat16", "int8", 0),
+    "lean-native-int8": "int8 (`quantize=int8`), compiled kernels: a bf16 scale per 32 weights, 16 rows "
+                        "interleaved, x in int8 (AVX512-VNNI; per-row scales elsewhere); int8 embeddings/lm_head",
     "lean-native-int4": ("bfloat16", "int4", 0),
 }
 # how -> FastDecoder's (quantize, kernel)

@@ -56,7 +56,7 @@ class Streamed:
         self.big = big or (lambda x: F.linear(x, self.weights[0] if kind in ("bf16", "f32")
                                               else self.dequantized(x.dtype), self.bias))
         self.bias32 = None if bias is None else bias.float().contiguous()
-        self.k = weights[0].shape[1] * {"int4": 2, "int8v": 4, "int8g": 4, "int4v": 32}.get(kind, 1)  # columns of W
+        self.k = weights[0].shape[1] * {"int4": 2, "int8g": 4, "int4v": 32}.get(kind, 1)  # columns of W
         self.lin = fused.lin(kind, self.weights, self.bias32, None, n, self.k, outliers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,15 +82,13 @@ class Streamed:
         if self.kind in ("bf16", "f32"):
             return F.embedding(ids, w).to(dtype)
         if self.kind == "int8":
-            q = w[ids].to(torch.float32)
-        elif self.kind in ("int8v", "int8g"):
-            q = w[ids // fused.ROWS, :, ids % fused.ROWS].reshape(*ids.shape, self.k).to(torch.float32) - 128
-        else:
+            return (w[ids].to(torch.float32) * self.weights[1][ids].unsqueeze(-1)).to(dtype)
+        if self.kind != "int8g":
             raise ValueError(f"no row lookup for {self.kind} weights")
-        if self.kind == "int8g":  # scales [blocks, G, 16] -> each row's per-group scale, per column
-            scales = self.weights[1][ids // fused.ROWS, :, ids % fused.ROWS].float()
-            return (q * scales.repeat_interleave(32, -1)).to(dtype)
-        return (q * self.weights[1][ids].unsqueeze(-1)).to(dtype)
+        block, row = ids // fused.ROWS, ids % fused.ROWS  # the interleaved layout: 16 rows side by side
+        q = w[block, :, row].reshape(*ids.shape, self.k).to(torch.float32) - 128
+        scales = self.weights[1][block, :, row].float()  # [.., K/32]: each row's scale per group
+        return (q * scales.repeat_interleave(32, -1)).to(dtype)
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: torch.dtype,
@@ -117,11 +115,7 @@ def linear(weight: torch.Tensor, bias: torch.Tensor | None, mode: str, dtype: to
                             outliers=outliers, arena=arena)
         q, scales = int8 if int8 is not None else quantize_rows(weight, dtype)
         if lib is not None:
-            n = q.shape[0]
-            if lib.vnni and fused.interleavable(*q.shape):
-                return Streamed(lib, "int8v", (fused.pack_int8v(q), scales.float()), bias, n, outliers=outliers,
-                                arena=arena)
-            return Streamed(lib, "int8", (q, scales.float()), bias, n, outliers=outliers, arena=arena)
+            return Streamed(lib, "int8", (q, scales.float()), bias, q.shape[0], outliers=outliers, arena=arena)
         if col is not None:
             q, scales = quantize_rows(restore(weight), dtype)  # torch's int8 kernel takes no column factors
         mm = torch._weight_int8pack_mm

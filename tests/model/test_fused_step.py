@@ -13,8 +13,7 @@ from daemon.model import kernels
 from daemon.model.forward import FastDecoder
 from daemon.model.kernels import fused
 from daemon.model.pages import HUGE, huge_copy
-from daemon.model.quant import (dequantize_int4, dequantize_rows, quantize_groups8, quantize_int4, quantize_rows,
-                                split_outliers)
+from daemon.model.quant import dequantize_int4, quantize_groups8, quantize_int4, split_outliers
 from daemon.model.weights import Streamed
 
 
@@ -79,7 +78,7 @@ def test_threads_split_rows_not_results(lib):
     assert torch.equal(one, two)
 
 
-@pytest.mark.parametrize("kind", ["int8v", "int8g", "int4v"])
+@pytest.mark.parametrize("kind", ["int8g", "int4v"])
 def test_interleaved_weights_hold_the_rows(lib, kind):
     """Packed 16 rows wide (N not a multiple of 16), outlier columns apart: the compiled dequantization
     gives back the row-major weight exactly, and one row of x through the kernel gives x @ W^T."""
@@ -90,11 +89,7 @@ def test_interleaved_weights_hold_the_rows(lib, kind):
     w[:, [7, 200]] *= 40
     rest, outliers = split_outliers(w)
     assert outliers is not None and sorted(outliers[0].tolist()) == [7, 200]
-    if kind == "int8v":
-        q, scales = quantize_rows(rest, torch.float32)
-        deq = dequantize_rows(q, scales, torch.float32)
-        f = Streamed(lib, "int8v", (fused.pack_int8v(q), scales.float()), None, 100, outliers=outliers)
-    elif kind == "int8g":
+    if kind == "int8g":
         q, scales = quantize_groups8(rest)
         deq = (q.float().view(100, 8, 32) * scales.float()[..., None]).view(100, 256)
         f = Streamed(lib, "int8g", fused.pack_int8g(q, scales), None, 100, outliers=outliers)

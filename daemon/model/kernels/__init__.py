@@ -104,12 +104,6 @@ def load(cache_dir: str, log: Callable[[str], None] | None = None) -> Library | 
         try:
             path = _build(cache_dir)
             cdll = ctypes.CDLL(path)
-            for name, args in (("edgechat_gemv_bf16", [_P] * 4 + [_I64] * 3 + [_INT] * 2),
-                               ("edgechat_gemv_f32", [_P] * 4 + [_I64] * 3 + [_INT] * 2),
-                               ("edgechat_gemv_int8", [_P] * 5 + [_I64] * 3 + [_INT] * 2),
-                               ("edgechat_gemv_int4", [_P] * 6 + [_I64] * 3 + [_INT] * 2)):
-                fn = getattr(cdll, name)
-                fn.argtypes, fn.restype = args, None
             cdll.edgechat_decode_step.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT]
             cdll.edgechat_decode_step.restype = None
             cdll.edgechat_gemv_lin.argtypes = [_P, _P, _P, _I64, _INT, _INT]
@@ -131,16 +125,11 @@ def current() -> Library | None:
         return next((lib for lib in reversed(list(_loaded.values())) if lib is not None), None)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def gemv(lib: Library, kind: str, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
          x: torch.Tensor, out: torch.Tensor) -> None:
     """out[M, N] = x[M, K] W^T (+ bias), all fp32 but W: kind bf16 | f32 (W), int8 (W, row scales fp32),
-    int4 (nibbles, scales, minimums)."""
+    int4 (nibbles, scales, minimums); int8g and int4v as kernels.fused packs them."""
+    from . import fused  # it imports Library from here
     m, k = x.shape
-    n = out.shape[1]
-    fn = getattr(lib.lib, f"edgechat_gemv_{kind}")
-    fn(*(_ptr(w) for w in weights), _ptr(bias), x.data_ptr(), out.data_ptr(), m, n, k, lib.isa,
-       torch.get_num_threads())
+    lin = fused.lin(kind, weights, bias, None, out.shape[1], k)
+    lib.lib.edgechat_gemv_lin(ctypes.byref(lin), x.data_ptr(), out.data_ptr(), m, lib.isa, torch.get_num_threads())

@@ -10,7 +10,7 @@ import torch
 
 from . import Library
 
-KINDS = {"bf16": 0, "f32": 1, "int8": 2, "int4": 3, "int8v": 4, "int4v": 5, "int8g": 6}
+KINDS = {"bf16": 0, "f32": 1, "int8": 2, "int4": 3, "int4v": 5, "int8g": 6}
 ROWS = 16  # rows side by side in the interleaved layouts
 _CHUNK = 8192  # rows re-laid at a time (a multiple of ROWS), so the temporaries stay small
 
@@ -58,7 +58,7 @@ def interleavable(n: int, k: int) -> bool:
     return k % 32 == 0
 
 
-def pack_int8v(q: torch.Tensor) -> torch.Tensor:
+def _pack_int8(q: torch.Tensor) -> torch.Tensor:
     """int8 rows [N, K] -> [ceil(N/16), K/4, 16, 4] uint8 holding w + 128 (padding rows: weight 0)."""
     n, k = q.shape
     blocks = -(-n // ROWS)
@@ -83,8 +83,8 @@ def _by_block(t: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 def pack_int8g(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quant.quantize_groups8's rows -> (pack_int8v's layout, scales [N/16, K/32, 16])."""
-    v = pack_int8v(q)
+    """quant.quantize_groups8's rows -> ([ceil(N/16), K/4, 16, 4] uint8 holding w + 128, scales [N/16, K/32, 16])."""
+    v = _pack_int8(q)
     return v, _by_block(scales, v.shape[0])
 
 

@@ -1,9 +1,9 @@
-// Decode GEMVs that read each weight once: y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]).
+// Decode GEMVs that read each weight once: y[m, n] = sum_k x[m, k] * W[n, k], over a span of rows
+// (step.cpp splits the rows over threads and dispatches by ISA).
 // Weights: bf16 or fp32 rows, int8 rows with one scale per row, or int4 groups of 32 with a bf16 scale
-// and minimum per group (w = scale * q + min, q in 0..15). Weights are converted to fp32 in registers;
-// rows are split over OpenMP threads (torch's own libgomp when loaded beside torch).
+// and minimum per group (w = scale * q + min, q in 0..15). Weights are converted to fp32 in registers.
 // x and y are fp32; m (rows of x) is small (decode: 1). Built without -march: one function per ISA,
-// picked at run time by `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW).
+// picked at run time by `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16).
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -247,12 +247,6 @@ static inline void span(int64_t N, int64_t& n0, int64_t& n1, int t, int T) {
     n0 = per * t < N ? per * t : N; n1 = n0 + per < N ? n0 + per : N;
 }
 
-#define PARALLEL(threads, body)                                              \
-    _Pragma("omp parallel num_threads(threads)") {                           \
-        int t = omp_get_thread_num_(), T = omp_get_num_threads_();           \
-        int64_t n0, n1; span(N, n0, n1, t, T); body                          \
-    }
-
 #ifdef _OPENMP
 #include <omp.h>
 static inline int omp_get_thread_num_() { return omp_get_thread_num(); }
@@ -276,55 +270,5 @@ int edgechat_best_isa() {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #endif
     return 0;
-}
-
-void edgechat_gemv_bf16(const uint16_t* W, const float* bias, const float* x, float* y, int64_t M, int64_t N, int64_t K, int isa, int threads) {
-    std::vector<uint16_t> xb(isa >= 3 ? M * K : 0);
-    for (size_t i = 0; i < xb.size(); i++) xb[i] = f2bf16(x[i]);
-    const uint16_t* xbp = xb.data();
-    PARALLEL(threads, {
-#ifdef X86
-        if (isa >= 3) bf16_dp(W, xbp, y, n0, n1, K, M, N); else if (isa >= 2) bf16_avx512(W, x, y, n0, n1, K, M, N); else if (isa == 1) bf16_avx2(W, x, y, n0, n1, K, M, N); else
-#endif
-        bf16_generic(W, x, y, n0, n1, K, M, N);
-        add_bias(y, bias, n0, n1, M, N);
-    })
-}
-
-void edgechat_gemv_f32(const float* W, const float* bias, const float* x, float* y, int64_t M, int64_t N, int64_t K, int isa, int threads) {
-    PARALLEL(threads, {
-#ifdef X86
-        if (isa >= 2) f32_avx512(W, x, y, n0, n1, K, M, N); else if (isa == 1) f32_avx2(W, x, y, n0, n1, K, M, N); else
-#endif
-        f32_generic(W, x, y, n0, n1, K, M, N);
-        add_bias(y, bias, n0, n1, M, N);
-    })
-}
-
-void edgechat_gemv_int8(const int8_t* W, const float* scales, const float* bias, const float* x, float* y, int64_t M, int64_t N, int64_t K, int isa, int threads) {
-    PARALLEL(threads, {
-#ifdef X86
-        if (isa >= 2) i8_avx512(W, scales, x, y, n0, n1, K, M, N); else if (isa == 1) i8_avx2(W, scales, x, y, n0, n1, K, M, N); else
-#endif
-        i8_generic(W, scales, x, y, n0, n1, K, M, N);
-        add_bias(y, bias, n0, n1, M, N);
-    })
-}
-
-// K % 32 == 0; Q: [N, K/2] nibbles (low: elements 0..15 of a group, high: 16..31); S, Z: [N, K/32] bf16
-void edgechat_gemv_int4(const uint8_t* Q, const uint16_t* S, const uint16_t* Z, const float* bias, const float* x, float* y,
-                        int64_t M, int64_t N, int64_t K, int isa, int threads) {
-    const int64_t G = K / 32;
-    std::vector<float> xs(M * G);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < G; g++) { float s = 0; for (int j = 0; j < 32; j++) s += x[m * K + g * 32 + j]; xs[m * G + g] = s; }
-    const float* xsp = xs.data();
-    PARALLEL(threads, {
-#ifdef X86
-        if (isa >= 2) i4_avx512(Q, S, Z, x, xsp, y, n0, n1, K, M, N); else if (isa == 1) i4_avx2(Q, S, Z, x, xsp, y, n0, n1, K, M, N); else
-#endif
-        i4_generic(Q, S, Z, x, xsp, y, n0, n1, K, M, N);
-        add_bias(y, bias, n0, n1, M, N);
-    })
 }
 }

@@ -12,14 +12,14 @@
 #include <cmath>
 #include <sched.h>
 
-enum Kind : int32_t { K_BF16 = 0, K_F32 = 1, K_I8 = 2, K_I4 = 3, K_I8V = 4, K_I4V = 5, K_I8G = 6 };
-static inline bool interleaved(int32_t kind) { return kind == K_I8V || kind == K_I4V || kind == K_I8G; }
+enum Kind : int32_t { K_BF16 = 0, K_F32 = 1, K_I8 = 2, K_I4 = 3, K_I4V = 5, K_I8G = 6 };
+static inline bool interleaved(int32_t kind) { return kind == K_I4V || kind == K_I8G; }
 
 extern "C" {
 struct Lin {               // y[n] = sum_k W[n, k] * (x[k] * col[k]) + bias[n]
     int32_t kind, pad;
     int64_t n, k;
-    const void* w;         // bf16/f32/int8 rows; int4 nibbles; I8V, I8G: [n/16][k/4][16][4] u8 (w + 128);
+    const void* w;         // bf16/f32/int8 rows; int4 nibbles; I8G: [n/16][k/4][16][4] u8 (w + 128);
                            // I4V: [n/16][k/32][4][16][4] nibbles (low: k 8t..8t+3, high: 8t+4..8t+7)
     const void* s;         // int8: fp32 row scales; int4 and I8G: bf16 group scales ([n][k/32]; I4V, I8G [n/16][k/32][16])
     const void* z;         // int4: bf16 group minimums (same layout as s)
@@ -70,15 +70,13 @@ struct Prepared {
     std::vector<uint16_t> b;      // bf16 of x (AVX512-BF16 kernel)
     std::vector<int8_t> q;        // int8 x
     std::vector<float> dx, xs;    // per 32: int8 scale, exact sum of x
-    std::vector<int32_t> qs;      // per 32: sum of the int8 x (I8G's +128 per group)
+    std::vector<int32_t> qs;      // per 32: sum of the int8 x (for I8G's +128)
     std::vector<float> xo;        // x at the outlier columns (taken out of f)
-    float corr = 0;               // I8V: 128 * sum_g dx[g] * sum(q of g): the +128 of the weights
 };
 
-// int8 copy of x per 32 (scale amax/127), the exact sums, and the I8V correction
+// int8 copy of x per 32 (scale amax/127), its sums, and x's exact sums
 static void quantize_x(const float* f, int64_t K, Prepared& p) {
     const int64_t G = K / 32;
-    float corr = 0;
     for (int64_t g = 0; g < G; g++) {
         const float* xg = f + g * 32;
         float s = 0, amax = 0;
@@ -87,14 +85,11 @@ static void quantize_x(const float* f, int64_t K, Prepared& p) {
         int sum = 0;
         for (int j = 0; j < 32; j++) { int v = (int)std::nearbyint(xg[j] * inv); p.q[g * 32 + j] = (int8_t)v; sum += v; }
         p.xs[g] = s; p.dx[g] = amax / 127.f; p.qs[g] = sum;
-        corr += 128.f * p.dx[g] * (float)sum;
     }
-    p.corr = corr;
 }
 #ifdef X86
 __attribute__((target("avx512f,avx512bw"))) static void quantize_x512(const float* f, int64_t K, Prepared& p) {
     const int64_t G = K / 32;
-    float corr = 0;
     for (int64_t g = 0; g < G; g++) {
         __m512 a = _mm512_loadu_ps(f + g * 32), b = _mm512_loadu_ps(f + g * 32 + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -104,9 +99,7 @@ __attribute__((target("avx512f,avx512bw"))) static void quantize_x512(const floa
         _mm_storeu_si128((__m128i*)(p.q.data() + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
         p.xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)); p.dx[g] = amax / 127.f;
         p.qs[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-        corr += 128.f * p.dx[g] * (float)p.qs[g];
     }
-    p.corr = corr;
 }
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void to_bf16_512(const float* f, uint16_t* b, int64_t K) {
     int64_t k = 0;
@@ -144,31 +137,8 @@ VNNI static inline __m512 bf16x16(const uint16_t* p) {
 }
 VNNI static inline __m512i bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 
-// blocks [b0, b1) of 16 rows; y[n] for n < N
-VNNI static void i8v_vnni(const Lin& L, const Prepared& p, float* y, int64_t b0, int64_t b1) {
-    const int64_t K = L.k, G = K / 32;
-    const uint8_t* W = (const uint8_t*)L.w; const float* sc = (const float*)L.s;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t* w = W + b * 16 * K;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; g++, w += 512) {
-            const int8_t* xq = p.q.data() + g * 32;
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            for (int t = 0; t < 8; t += 2) {
-                s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(w + t * 64), bcast4(xq + t * 4));
-                s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(w + t * 64 + 64), bcast4(xq + t * 4 + 4));
-            }
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(p.dx[g]), acc);
-        }
-        const int64_t n = b * 16, left = L.n - n;
-        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        __m512 out = _mm512_mul_ps(_mm512_sub_ps(acc, _mm512_set1_ps(p.corr)), _mm512_maskz_loadu_ps(m, sc + n));
-        if (L.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(m, L.bias + n));
-        _mm512_mask_storeu_ps(y + n, m, out);
-    }
-}
-
-// int8 with a bf16 scale per 32 of each row (as llama.cpp's Q8_0): the +128 comes back per group
+// blocks [b0, b1) of 16 rows, y[n] for n < N. int8 with a bf16 scale per 32 of each row (as llama.cpp's
+// Q8_0), stored +128: the +128 comes back per group from x's int8 sums
 VNNI static void i8g_vnni(const Lin& L, const Prepared& p, float* y, int64_t b0, int64_t b1) {
     const int64_t K = L.k, G = K / 32;
     const uint8_t* W = (const uint8_t*)L.w; const uint16_t* S = (const uint16_t*)L.s;
@@ -244,8 +214,7 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
         const int64_t blocks = (N + 15) / 16, per = (blocks + T - 1) / T;
         const int64_t b0 = per * t < blocks ? per * t : blocks, b1 = b0 + per < blocks ? b0 + per : blocks;
 #ifdef X86
-        if (L.kind == K_I8V) i8v_vnni(L, p, y, b0, b1);
-        else if (L.kind == K_I8G) i8g_vnni(L, p, y, b0, b1);
+        if (L.kind == K_I8G) i8g_vnni(L, p, y, b0, b1);
         else i4v_vnni(L, p, y, b0, b1);
 #endif
         return;
@@ -414,8 +383,7 @@ static void step(const Model& M, int64_t token, int64_t pos, void* const* kc, vo
             case K_I8: x[i] = (float)((const int8_t*)E.w)[token * H + i] * ((const float*)E.s)[token]; break;
             default: {
                 const float q = (float)((const uint8_t*)E.w)[((token / 16) * (H / 4) + i / 4) * 64 + (token % 16) * 4 + i % 4] - 128.f;
-                x[i] = q * (E.kind == K_I8G ? bf16f(((const uint16_t*)E.s)[((token / 16) * (H / 32) + i / 32) * 16 + token % 16])
-                                            : ((const float*)E.s)[token]);
+                x[i] = q * bf16f(((const uint16_t*)E.s)[((token / 16) * (H / 32) + i / 32) * 16 + token % 16]);
             }
             }
         }
@@ -505,9 +473,9 @@ void edgechat_dequantize(const Lin* L, void* out, int f32, int threads) {
         const int64_t b = n / 16, j = n % 16;
         switch (L->kind) {
         case K_I8: for (int64_t k = 0; k < K; k++) row[k] = (float)((const int8_t*)L->w)[n * K + k] * ((const float*)L->s)[n]; break;
-        case K_I8V: case K_I8G: for (int64_t k = 0; k < K; k++)
+        case K_I8G: for (int64_t k = 0; k < K; k++)
                 row[k] = ((float)((const uint8_t*)L->w)[((b * (K / 4) + k / 4) * 16 + j) * 4 + k % 4] - 128.f)
-                         * (L->kind == K_I8G ? bf16f(((const uint16_t*)L->s)[(b * G + k / 32) * 16 + j]) : ((const float*)L->s)[n]);
+                         * bf16f(((const uint16_t*)L->s)[(b * G + k / 32) * 16 + j]);
             break;
         case K_I4: for (int64_t g = 0; g < G; g++) {
                 const uint8_t* q = (const uint8_t*)L->w + n * (K / 2) + g * 16;
