@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import os
 import ssl
 import time
@@ -172,7 +173,7 @@ class Fleet:
 
     def device_samples(self, station: Station, selector: str, start: float, end: float) -> list[int]:
         """Raw sample timestamps (ms) of one series between start and end, as the device's TSDB holds them."""
-        window = max(int(end - start), 1)
+        window = max(math.ceil(end - start), 1)  # whole seconds, rounded up: nothing after `start` is cut
         [result] = self.device_query_at(station, f"{selector}[{window}s]", end)
         return [round(float(t) * 1000) for t, _ in result["values"] if float(t) >= start]
 
