@@ -159,6 +159,8 @@ class Engine:
         self.decoder = make_decoder(model, choice.quantize, choice.kernel if choice.kernel not in ("", "hf") else None)
         self.quantize = choice.quantize
         self.kernel = getattr(self.decoder, "kernel", "hf")
+        describe = getattr(self.decoder, "describe", None)  # FastDecoder's; the HF path has nothing to add
+        self.decode_path: dict = describe() if describe else {}
         self.choice = choice
         # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
@@ -197,10 +199,11 @@ class Engine:
                          listener=listener, log=log, memory_pressure=memory_pressure, choice=choice)
         except ValueError as exc:  # quantize asked of a model the fast decoder does not support
             raise ModelLoadError(cfg.model, exc) from exc
-        log.info("loaded model %s from %s: %s%s, %s decoder (%s kernel, %s), %d threads, context %d, KV cache "
-                 "budget %.0f MB, in %.1f s, RSS %.0f MB", cfg.model, path, dtype,
+        log.info("loaded model %s from %s: %s%s, %s decoder (%s kernel, %s; %s), %d threads, context %d, KV "
+                 "cache budget %.0f MB, in %.1f s, RSS %.0f MB", cfg.model, path, dtype,
                  "" if engine.quantize == "none" else f" with {engine.quantize} weights",
-                 type(engine.decoder).__name__, engine.kernel, choice.source, threads, engine.context_length,
+                 type(engine.decoder).__name__, engine.kernel, choice.source,
+                 ", ".join(f"{k} {v}" for k, v in engine.decode_path.items()), threads, engine.context_length,
                  engine.kv_pool.budget_bytes / 2**20, time.monotonic() - started, rss_bytes() / 2**20)
         if cfg.leak_mode == "tensors":
             log.warning("LEAK MODE 'tensors' IS ON: every turn's generation outputs (KV cache, scores) are "

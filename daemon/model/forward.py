@@ -16,7 +16,7 @@ from . import kernels
 from .kernels import fused
 from .kvpool import BLOCK, KVState
 from .quant import int4_plan, quantize_rows
-from .pages import Arena
+from .pages import Arena, huge_bytes_held
 from .weights import Streamed, can_pack, drop_float_weights, fuse, linear, own_small_weights, release_file_pages
 
 QUANTIZE = ("none", "int8", "int4")
@@ -136,6 +136,14 @@ class FastDecoder:
     def new_state(self) -> KVState:
         """An empty cache for this model."""
         return KVState(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
+
+    def describe(self) -> dict:
+        """How decode runs, for the load log and /readyz: one call per token or op by op, the kernels' ISA,
+        and the process's bytes in huge pages (the streamed weights, where the kernel granted them)."""
+        lib = self._step.lib if self._step is not None else None
+        return {"step": "one-call" if lib else "per-op",
+                "isa": f"{lib.isa_name}{'+vnni' if lib.vnni else ''}" if lib else None,
+                "huge_pages_mb": round(huge_bytes_held() / 2**20)}
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self._rows is not None:

@@ -90,3 +90,15 @@ def huge_copy(t: torch.Tensor, arena: Arena | None = None) -> torch.Tensor:
     out = raw.view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
+
+
+def huge_bytes_held() -> int:
+    """Bytes of this process in transparent huge pages (AnonHugePages; 0 where /proc cannot say)."""
+    try:
+        with open("/proc/self/smaps_rollup", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # not Linux, or an older kernel without smaps_rollup
+        pass
+    return 0

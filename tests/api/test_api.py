@@ -87,6 +87,8 @@ def test_models_health_ready(client, app):
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["ready"] is True
     assert "leak_mode" not in ready.get_json()
+    decode = ready.get_json()["decode"]  # how decode runs: the compiled one-call step on this test machine
+    assert decode["step"] == "one-call" and decode["isa"] and decode["huge_pages_mb"] >= 0
     data = client.get("/v1/models").get_json()["data"]
     assert [m["id"] for m in data] == [get_services(app).engine.model_id]
 
