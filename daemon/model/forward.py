@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from ..memory.hygiene import find_malloc_trim
 from .kernels import fused
 from .kvpool import BLOCK, KVState
 from .quant import int4_plan, quantize_rows
@@ -88,6 +89,7 @@ class FastDecoder:
             own_small_weights(model)
         self.layers: list[_Layer] = []
         arena = Arena()  # the streamed weights under 2 MiB, packed into huge pages
+        trim = find_malloc_trim()
         for i, block in enumerate(inner.layers):
             attn, mlp = block.self_attn, block.mlp
             layer = _Layer()
@@ -108,6 +110,8 @@ class FastDecoder:
             if mode != "plain":  # free this layer's float weights now: the peak stays one layer
                 drop_float_weights(block, self.dtype)
                 release_file_pages(inner.embed_tokens.weight)  # and the file pages they came from
+                if trim is not None:  # and the heap the fused and quantized temporaries were made in
+                    trim(0)
         self.norm = inner.norm.weight.detach()
         head = model.get_output_embeddings().weight.detach()
         embed = inner.embed_tokens.weight.detach()
@@ -128,6 +132,8 @@ class FastDecoder:
             drop_float_weights(model, self.dtype, keep=self.embed)
             release_file_pages(embed)
         del head, embed
+        if trim is not None:
+            trim(0)
         linears = [getattr(layer, n) for layer in self.layers for n in ("qkv", "o", "gate_up", "down")]
         self._step = None  # the whole decode step in one call, where every linear runs on the kernels
         if lib is not None and all(isinstance(f, Streamed) for f in (*linears, self.lm_head)):
