@@ -42,8 +42,7 @@ VARIANTS = {
     "lean-packed-bf16-spin": ("bfloat16", "packed", 0),
     "lean-native-bf16": ("bfloat16", "native", 0),
     "lean-native-fp32": ("float32", "native", 0),
-    "lean-native-int8": "int8 (`quantize=int8`), compiled kernels: a bf16 scale per 32 weights, 16 rows "
-                        "interleaved, x in int8 (AVX512-VNNI; per-row scales elsewhere); int8 embeddings/lm_head",
+    "lean-native-int8": ("bfloat16", "int8", 0),
     "lean-native-int4": ("bfloat16", "int4", 0),
 }
 # how -> FastDecoder's (quantize, kernel)
@@ -72,8 +71,8 @@ WHAT = {
     "lean-native-bf16": "lean decoder, bf16 weights, compiled kernels, one call per token (`kernel=native`) — "
                         "edgechat's default here",
     "lean-native-fp32": "the same GEMV over fp32 weights (bf16 widened: exact)",
-    "lean-native-int8": "int8 rows (`quantize=int8`), compiled kernels (AVX512-VNNI: 16 rows interleaved, "
-                        "x in int8); int8 embeddings/lm_head",
+    "lean-native-int8": "int8 (`quantize=int8`), compiled kernels: a bf16 scale per 32 weights, 16 rows "
+                        "interleaved, x in int8 (AVX512-VNNI; per-row scales elsewhere); int8 embeddings/lm_head",
     "lean-native-int4": "int4 groups of 32 for the MLPs (`quantize=int4`; attention and the first eighth of the "
                         "layers int8), compiled kernels; int8 embeddings/lm_head",
 }
