@@ -57,7 +57,7 @@ class Streamed:
                                               else self.dequantized(x.dtype), self.bias))
         self.bias32 = None if bias is None else bias.float().contiguous()
         self.k = weights[0].shape[1] * {"int4": 2, "int8g": 4, "int4v": 32}.get(kind, 1)  # columns of W
-        self.lin = fused.lin(kind, self.weights, self.bias32, None, n, self.k, outliers)
+        self.lin = fused.lin(kind, self.weights, self.bias32, n, self.k, outliers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])

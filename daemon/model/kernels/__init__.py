@@ -131,5 +131,5 @@ def gemv(lib: Library, kind: str, weights: tuple[torch.Tensor, ...], bias: torch
     int4 (nibbles, scales, minimums); int8g and int4v as kernels.fused packs them."""
     from . import fused  # it imports Library from here
     m, k = x.shape
-    lin = fused.lin(kind, weights, bias, None, out.shape[1], k)
+    lin = fused.lin(kind, weights, bias, out.shape[1], k)
     lib.lib.edgechat_gemv_lin(ctypes.byref(lin), x.data_ptr(), out.data_ptr(), m, lib.isa, torch.get_num_threads())

@@ -16,10 +16,10 @@ _CHUNK = 8192  # rows re-laid at a time (a multiple of ROWS), so the temporaries
 
 
 class Lin(ctypes.Structure):
-    """step.cpp's `Lin`: y = W (x * col) + bias."""
+    """step.cpp's `Lin`: y = W x + bias (outlier columns apart)."""
 
     _fields_ = [("kind", c_int32), ("pad", c_int32), ("n", c_int64), ("k", c_int64), ("w", c_void_p),
-                ("s", c_void_p), ("z", c_void_p), ("bias", c_void_p), ("col", c_void_p), ("n_out", c_int64),
+                ("s", c_void_p), ("z", c_void_p), ("bias", c_void_p), ("n_out", c_int64),
                 ("out_idx", c_void_p), ("out_w", c_void_p)]
 
 
@@ -43,13 +43,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def lin(kind: str, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None, col: torch.Tensor | None,
-        n: int, k: int, outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> Lin:
+def lin(kind: str, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None, n: int, k: int,
+        outliers: tuple[torch.Tensor, torch.Tensor] | None = None) -> Lin:
     """The struct for one linear (the tensors must outlive it: the caller keeps them); outliers: (column
     indices int32, their fp32 weights [columns, n]) computed apart from the quantized weight."""
     w, s, z = (*weights, None, None)[:3]
     idx, cols = outliers if outliers is not None else (None, None)
-    return Lin(KINDS[kind], 0, n, k, _ptr(w), _ptr(s), _ptr(z), _ptr(bias), _ptr(col),
+    return Lin(KINDS[kind], 0, n, k, _ptr(w), _ptr(s), _ptr(z), _ptr(bias),
                0 if idx is None else idx.numel(), _ptr(idx), _ptr(cols))
 
 
@@ -131,7 +131,6 @@ class DecodeStep:
                            inter, int(decoder.dtype == torch.float32), 0, decoder.eps, decoder.scale,
                            f32(decoder._inv_freq), f32(decoder.norm), layers, decoder.lm_head.lin,
                            _ptr(embed), int(embed is not None and embed.dtype == torch.float32), 0)
-        self._embed = embed
 
     def _f32(self, t: torch.Tensor) -> int:
         t = t.float().contiguous()

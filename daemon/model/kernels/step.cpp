@@ -16,7 +16,7 @@ enum Kind : int32_t { K_BF16 = 0, K_F32 = 1, K_I8 = 2, K_I4 = 3, K_I4V = 5, K_I8
 static inline bool interleaved(int32_t kind) { return kind == K_I4V || kind == K_I8G; }
 
 extern "C" {
-struct Lin {               // y[n] = sum_k W[n, k] * (x[k] * col[k]) + bias[n]
+struct Lin {               // y[n] = sum_k W[n, k] * x[k] + bias[n]
     int32_t kind, pad;
     int64_t n, k;
     const void* w;         // bf16/f32/int8 rows; int4 nibbles; I8G: [n/16][k/4][16][4] u8 (w + 128);
@@ -24,7 +24,6 @@ struct Lin {               // y[n] = sum_k W[n, k] * (x[k] * col[k]) + bias[n]
     const void* s;         // int8: fp32 row scales; int4 and I8G: bf16 group scales ([n][k/32]; I4V, I8G [n/16][k/32][16])
     const void* z;         // int4: bf16 group minimums (same layout as s)
     const float* bias;     // or null
-    const float* col;      // outlier-column factors x is multiplied by, or null
     int64_t n_out;         // outlier columns kept apart in fp32 (zero in w): y[n] += out_w[c][n] * x[out_idx[c]]
     const int32_t* out_idx;
     const float* out_w;    // [n_out][n]
@@ -64,9 +63,10 @@ struct SpinBarrier {
     }
 };
 
-// ---- x prepared for a kind: rounded to bf16, scaled by col, or quantized to int8 per 32 ----
+// ---- x prepared for a kind: rounded to bf16, or quantized to int8 per 32. Each thread prepares its
+// own copy (a few microseconds): cheaper than a barrier more per projection ----
 struct Prepared {
-    std::vector<float> f;         // x * col (fp32)
+    std::vector<float> f;         // x (fp32), outlier columns zeroed
     std::vector<uint16_t> b;      // bf16 of x (AVX512-BF16 kernel)
     std::vector<int8_t> q;        // int8 x
     std::vector<float> dx, xs;    // per 32: int8 scale, exact sum of x
@@ -111,8 +111,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void to_bf16_512(c
 static void prepare(const Lin& L, const float* x, Prepared& p, int isa) {
     const int64_t K = L.k;
     p.f.resize(K);
-    if (L.col) for (int64_t k = 0; k < K; k++) p.f[k] = x[k] * L.col[k];
-    else std::memcpy(p.f.data(), x, K * sizeof(float));
+    std::memcpy(p.f.data(), x, K * sizeof(float));
     p.xo.resize(L.n_out);
     for (int64_t c = 0; c < L.n_out; c++) { p.xo[c] = p.f[L.out_idx[c]]; p.f[L.out_idx[c]] = 0; }
     if (L.kind == K_BF16 && isa >= 3) {
