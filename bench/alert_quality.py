@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "prometheus", "tests")]
+import trace_io  # noqa: E402
 import traces  # noqa: E402
 from shapes import LEAKS  # noqa: E402
 
@@ -109,7 +112,7 @@ def store(specs: list[Spec], workdir: str, batch_days: int) -> tuple[dict, dict,
             with open(path, "w", encoding="utf-8") as handle:
                 for s in batch:
                     trace = traces.build(s.name, s.shape, s.seed, s.days, s.deploy_at)
-                    handle.writelines(traces.openmetrics(trace, t0))
+                    handle.writelines(trace_io.openmetrics(trace, t0))
                     truths[s.name], offsets[s.name] = trace.truth, t0
                 handle.write("# EOF\n")
             ranges.append((t0, t0 + max(s.days for s in batch) * DAY))
@@ -122,7 +125,7 @@ def store(specs: list[Spec], workdir: str, batch_days: int) -> tuple[dict, dict,
 # Recordings many alert rules read, costly to evaluate inline again in each: recorded once (as the
 # rule manager would) before the alerts are replayed, when a rule set has them.
 SHARED = ("instance:edgechat_memory_unpooled_bytes:sum", "instance:edgechat_memory_committed_bytes:sum",
-          "instance:edgechat_process_anonymous_swap_bytes:sum")
+          "instance:edgechat_process_anonymous_swap_bytes:sum", "instance:edgechat_uptime_seconds:max")
 
 
 def replay(workdir: str, rule_dirs: dict[str, str], ranges) -> dict[str, list]:
@@ -137,8 +140,9 @@ def replay(workdir: str, rule_dirs: dict[str, str], ranges) -> dict[str, list]:
             names = rule_replay.shared(paths, GROUPS, SHARED)
             stored = {}
             if names:
+                digest = hashlib.sha1(b"".join(open(p, "rb").read() for p in paths)).hexdigest()[:8]
                 path = os.path.join(workdir, f"recorded-{label}.om")
-                stored = prom.record(recorded, names, ranges, path, f"replay_{label}:")
+                stored = prom.record(recorded, names, ranges, path, f"replay_{label}_{digest}:")
                 rule_replay.backfill(path, data)
                 prom.restart()
             rules = rule_replay.alert_rules(paths, GROUPS, stored)
@@ -146,6 +150,19 @@ def replay(workdir: str, rule_dirs: dict[str, str], ranges) -> dict[str, list]:
         return out
     finally:
         prom.stop()
+
+
+def episodes_by_device(episodes: list, truths: dict, offsets: dict) -> dict:
+    """device -> its trace's facts and its alerts, times in hours from the trace's start."""
+    out = {name: {"shape": t.shape, "days": t.days, "leak_start": t.leak_start and t.leak_start / 3600,
+                  "limit_at": t.limit_at and t.limit_at / 3600, "boots": [b / 3600 for b in t.boots],
+                  "alerts": []} for name, t in truths.items()}
+    for e in episodes:
+        device = dict(e.labels).get("device")
+        t0 = offsets[device]
+        out[device]["alerts"].append([alert_scores.rule_key(e), round((e.fired_at - t0) / 3600, 3),
+                                      None if e.resolved_at is None else round((e.resolved_at - t0) / 3600, 3)])
+    return out
 
 
 def cpu_model() -> str:
@@ -176,17 +193,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-days", type=int, default=400, help="device-days per backfilled batch")
     parser.add_argument("--rules", default=os.path.join(REPO, "prometheus", "rules"), help="rule folder to measure")
     parser.add_argument("--baseline-rules", help="a second rule folder measured on the same traces")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
+                        help="more rule folders measured on the same traces (repeatable)")
     parser.add_argument("--no-fleet", action="store_true", help="skip the fleet stage")
     parser.add_argument("--json", help="write the numbers here")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--reuse", action="store_true", help="replay the traces a --keep folder holds already")
     ns = parser.parse_args(argv)
     workdir = ns.keep or tempfile.mkdtemp(prefix="alert-quality-")
     began = time.time()
     try:
-        specs = plan(ns.device_days, ns.seed)
-        truths, offsets, ranges = store(specs, workdir, ns.batch_days)
+        saved = os.path.join(workdir, "run.pickle")
+        if ns.reuse and os.path.exists(saved):
+            with open(saved, "rb") as handle:
+                specs, truths, offsets, ranges = pickle.load(handle)
+            specs = [Spec(**s) for s in specs]
+        else:
+            specs = plan(ns.device_days, ns.seed)
+            truths, offsets, ranges = store(specs, workdir, ns.batch_days)
+            with open(saved, "wb") as handle:
+                pickle.dump(([dataclasses.asdict(s) for s in specs], truths, offsets, ranges), handle)
         stored = time.time()
-        dirs = {"rules": ns.rules, **({"baseline": ns.baseline_rules} if ns.baseline_rules else {})}
+        dirs = {"rules": ns.rules, **({"baseline": ns.baseline_rules} if ns.baseline_rules else {}),
+                **dict(v.split("=", 1) for v in ns.variant)}
         found = replay(workdir, dirs, ranges)
         replayed = time.time()
         arm = Thresholds().leak_min_uptime
@@ -205,13 +234,17 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(dirs)} rule set(s)), total {time.time() - began:.0f} s")
     for label, report in reports.items():
         print_report(f"{label} ({dirs[label]})", report)
+    if len(reports) > 1:
+        print("\n## side by side\n")
+        print(alert_scores.side_by_side(reports))
     if fleet is not None:
         print("\n## fleet\n")
         print(fleet.text())
     if ns.json:
         with open(ns.json, "w", encoding="utf-8") as handle:
             json.dump({k: {"goals": r.goals(), "false_alerts": r.false_alerts, "healthy_days": r.healthy_days,
-                           "leaks": [dataclasses.asdict(x) for x in r.leaks]} for k, r in reports.items()},
+                           "leaks": [dataclasses.asdict(x) for x in r.leaks],
+                           "episodes": episodes_by_device(found[k], truths, offsets)} for k, r in reports.items()},
                       handle, indent=1, default=str)
     return 0
 

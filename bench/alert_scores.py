@@ -36,6 +36,7 @@ class LeakResult:
     critical_ahead: float | None = None   # seconds the first critical came before the limit
     hours_to_alert: float | None = None
     before_start: int = 0        # counted alerts that fired before the leak began
+    headroom_left: float | None = None    # share of the head room still unused when the first alert fired
 
 
 def rule_key(e) -> str:
@@ -60,6 +61,7 @@ def leak_result(truth, t0: float, eps: list, arm_s: float) -> LeakResult:
         first = within[0]
         r.first_alert = rule_key(first)
         r.hours_to_alert = (first.fired_at - start) / HOUR
+        r.headroom_left = truth.headroom_left(first.fired_at - t0)
         base = t0 + truth.armed_from(arm_s)
         if not math.isinf(limit) and limit > base:
             r.lead = (limit - max(first.fired_at, base)) / (limit - base)
@@ -176,6 +178,7 @@ def shape_rows(report: Report) -> list[list[str]]:
         leads = [r.lead for r in reach if r.lead is not None and r.to_limit >= SLOW_RANGE[0]]
         ahead = [r.critical_ahead / MINUTE for r in reach if r.to_limit < SLOW_RANGE[0] and r.critical_ahead]
         firsts = collections.Counter(r.first_alert.replace("Edgechat", "") for r in rs if r.detected)
+        room = [r.headroom_left for r in reach if r.headroom_left is not None and r.to_limit >= SLOW_RANGE[0]]
         t_lim = [r.to_limit / HOUR for r in reach]
         rows.append([
             shape, str(len(rs)),
@@ -183,16 +186,46 @@ def shape_rows(report: Report) -> list[list[str]]:
             f"{sum(r.detected for r in reach)}/{len(reach)}" if reach else
             f"noticed {sum(r.detected for r in rs)}/{len(rs)}",
             f"{np.median(leads):.0%} / {np.percentile(leads, 10):.0%}" if leads else "—",
+            f"{np.median(room):.0%} / {np.percentile(room, 10):.0%}" if room else "—",
             f"{np.median(ahead):.0f} / {np.min(ahead):.0f} min" if ahead else "—",
             ", ".join(f"{k} {v}" for k, v in firsts.most_common(2)) or "—"])
     return rows
 
 
 SHAPE_HEADER = ["leak shape", "traces", "reach the limit (time to it)", "detected before the limit",
-                "lead median / p10 (6 h-14 d)", "faster: critical ahead, median / min", "first alert"]
+                "lead median / p10 (6 h-14 d)", "head room left median / p10", "faster: critical ahead, median / min",
+                "first alert"]
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def summary(report: Report) -> dict[str, str]:
+    """The headline numbers of one rule set, for a side-by-side table."""
+    slow, fast = report.slow(), report.fast()
+    leads = [r.lead for r in slow if r.lead is not None]
+    room = [r.headroom_left for r in slow if r.headroom_left is not None]
+    never = {shape: [r for r in report.leaks if r.shape == shape and r.to_limit is None] for shape in ("recycled", "history")}
+    crit, warn = report.false_by_severity("critical"), report.false_by_severity("warning")
+    pct = lambda xs, q: f"{np.percentile(xs, q):.0%}" if xs else "—"  # noqa: E731
+    return {
+        "false pages (critical) per 1,000 healthy device-days": f"{report.per_1000(crit):.2f} ({crit})",
+        "false warnings per 1,000 healthy device-days": f"{report.per_1000(warn):.2f} ({warn})",
+        "recall, leaks reaching the limit in 6 h-14 d": f"{sum(r.detected for r in slow)}/{len(slow)}",
+        "lead median / p10": f"{pct(leads, 50)} / {pct(leads, 10)}",
+        "head room left median / p10": f"{pct(room, 50)} / {pct(room, 10)}",
+        "faster leaks: critical >= 10 min ahead": f"{sum((r.critical_ahead or 0) >= 600 for r in fast)}/{len(fast)}",
+        "flaps (all devices); worst in one device-week": f"{report.flap_count}; {report.flap_worst_week}",
+        "never at the limit, noticed: recycled / history bug": " / ".join(
+            f"{sum(r.detected for r in rs)}/{len(rs)}" for rs in never.values()),
+    }
+
+
+def side_by_side(reports: dict[str, Report]) -> str:
+    """One row per headline number, one column per rule set."""
+    rows = {label: summary(r) for label, r in reports.items()}
+    keys = list(next(iter(rows.values())))
+    return markdown(["", *rows], [[k, *(rows[label][k] for label in rows)] for k in keys])

@@ -9,37 +9,71 @@ INSTANCE = "{{ $labels.instance }}"
 
 
 def alert_rule(t: Thresholds, name: str, comment: str, expr: str, for_s: float, severity: str,
-           summary: str, description: str, keep_firing_s: float = 0) -> Rule:
+           summary: str, description: str, keep_firing_s: float = 0, labels: dict | None = None) -> Rule:
     """One alert with `for`, severity, summary, templated description and runbook_url (the house contract)."""
     body = {"alert": name, "expr": expr, "for": duration(for_s)}
     if keep_firing_s:
         body["keep_firing_for"] = duration(keep_firing_s)
-    body["labels"] = {"severity": severity}
+    body["labels"] = {"severity": severity, **(labels or {})}
     body["annotations"] = {"summary": summary, "description": description, "runbook_url": t.runbook_url(name)}
     return Rule(comment, body)
 
 
-def _leak(t: Thresholds, n: Names, fast: bool) -> Rule:
-    deriv, predict = (n.deriv_fast, n.predict_fast) if fast else (n.deriv_slow, n.predict_slow)
-    window = duration(t.leak_fast_window if fast else t.leak_slow_window)
-    horizon = duration(t.leak_fast_horizon if fast else t.leak_slow_horizon)
-    expr = (f"{deriv} * 60 > 0\n"
-            f"and {ON} {predict} >= {ON} {n.limit}\n"
-            f"and {ON} {n.usage_ratio} > {number(t.leak_level_floor_ratio)}\n"
-            f"and {ON} {n.uptime} > {number(t.leak_min_uptime)}\n"
-            f"and {ON} {n.turns_traffic} > 0")
+LEAK = "EdgechatMemoryLeakSuspected"
+
+
+def _guards(t: Thresholds, n: Names, uptime: float, traffic: str | None) -> str:
+    """The leak rules' shared conditions: high enough to matter, past start-up, (with traffic)."""
+    text = (f"\nand {ON} {n.committed_ratio} > {number(t.leak_level_floor_ratio)}"
+            f"\nand {ON} {n.uptime} > {number(uptime)}")
+    return text + (f"\nand {ON} {traffic} > 0" if traffic else "")
+
+
+def _leak(t: Thresholds, n: Names, kind: str) -> Rule:
+    """A slope over `window` that, carried `horizon` ahead, takes RAM + swap to the limit."""
+    deriv, predict, window_s, horizon_s, for_s, severity, uptime, traffic, keep = {
+        "fast": (n.deriv_fast, n.predict_fast, t.leak_fast_window, t.leak_fast_horizon, t.leak_fast_for,
+                 "critical", t.leak_min_uptime, n.turns_traffic, t.leak_fast_keep_firing),
+        "slow": (n.deriv_slow, n.predict_slow, t.leak_slow_window, t.leak_slow_horizon, t.leak_slow_for,
+                 "warning", t.leak_min_uptime, n.turns_traffic, t.leak_keep_firing),
+        "mid": (n.deriv_mid, n.predict_mid, t.leak_mid_window, t.leak_mid_horizon, t.leak_mid_for,
+                "warning", t.leak_mid_min_uptime, n.turns_mid, t.leak_keep_firing),
+    }[kind]
+    window, horizon = duration(window_s), duration(horizon_s)
+    expr = f"{deriv} * 60 > 0\nand {ON} {predict} >= {ON} {n.limit}" + _guards(t, n, uptime, traffic)
     return alert_rule(
-        t, "EdgechatMemoryLeakSuspected",
-        f"Detects anonymous memory + swap rising steadily over {window} so that RAM + swap reaches the limit "
-        f"within {horizon} (above {t.leak_level_floor_ratio:.0%} of the limit, after start-up, with traffic).",
-        expr, t.leak_fast_for if fast else t.leak_slow_for, "critical" if fast else "warning",
+        t, LEAK,
+        f"Detects the memory a leak grows (anonymous + swap, less the KV pool) rising steadily over {window} "
+        f"so that RAM + swap reaches the limit within {horizon} (above {t.leak_level_floor_ratio:.0%} of the "
+        f"limit, {duration(uptime)} after start-up, with traffic).",
+        expr, for_s, severity,
         f"edgechat memory is growing towards its limit (OOM within {horizon}).",
-        f"Anonymous memory + swap on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the "
-        f"last {window}; at that pace RAM + swap reaches the memory limit within {horizon}.")
+        f"Memory outside the KV pool on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the "
+        f"last {window}; at that pace RAM + swap reaches the memory limit within {horizon}.",
+        keep, labels={"window": window})
+
+
+def _leak_day(t: Thresholds, n: Names) -> Rule:
+    """Day-over-day growth of the daily mean that, carried a week ahead, takes RAM + swap to the limit."""
+    day = duration(t.leak_day_window)
+    horizon = duration(t.leak_day_window * t.leak_day_horizon_windows)
+    expr = (f"{n.growth_day} > 0\nand {ON} {n.predict_day} >= {ON} {n.limit}"
+            + _guards(t, n, t.leak_day_min_uptime, None))
+    return alert_rule(
+        t, LEAK,
+        f"Detects a slow leak: the mean over the last {day} of the memory a leak grows is above the mean of "
+        f"the {day} before by enough that RAM + swap reaches the limit within {horizon} (daily traffic "
+        f"cycles cancel out; above {t.leak_level_floor_ratio:.0%} of the limit, {duration(t.leak_day_min_uptime)} "
+        "after start-up).",
+        expr, t.leak_day_for, "warning",
+        f"edgechat memory grows day after day towards its limit (OOM within {horizon}).",
+        f"Memory outside the KV pool on {INSTANCE} averaged {{{{ $value | humanize1024 }}}}B more over the last "
+        f"{day} than over the {day} before; at that pace RAM + swap reaches the memory limit within {horizon}.",
+        t.leak_keep_firing, labels={"window": day})
 
 
 def memory_alerts(t: Thresholds, n: Names) -> Group:
-    """Leak (trend) and level alerts on the memory counted against the limit."""
+    """Leak (trend over minutes to an hour) and level alerts on the memory counted against the limit."""
     def near(severity: str, ratio: float, for_s: float) -> Rule:
         return alert_rule(
             t, "EdgechatMemoryNearLimit",
@@ -49,10 +83,15 @@ def memory_alerts(t: Thresholds, n: Names) -> Group:
             f"edgechat on {INSTANCE} uses {{{{ $value | humanizePercentage }}}} of its memory limit.",
             t.near_limit_keep_firing)
     return Group("edgechat.memory.alerts", [
-        _leak(t, n, fast=False), _leak(t, n, fast=True),
+        _leak(t, n, "slow"), _leak(t, n, "fast"),
         near("warning", t.near_limit_warning_ratio, t.near_limit_warning_for),
         near("critical", t.near_limit_critical_ratio, t.near_limit_critical_for),
     ])
+
+
+def memory_trend_alerts(t: Thresholds, n: Names) -> Group:
+    """Leaks over hours and days, evaluated every few minutes like the recordings they read."""
+    return Group("edgechat.memory.trend.alerts", [_leak(t, n, "mid"), _leak_day(t, n)], t.trend_interval)
 
 
 def history_alerts(t: Thresholds, n: Names) -> Group:
@@ -61,20 +100,24 @@ def history_alerts(t: Thresholds, n: Names) -> Group:
     unbounded = (f"# the longest conversation holds more messages than the turn limit allows\n"
                  f"{n.history_max} > {ON} {n.history_allowed}\n"
                  f"or\n"
-                 f"# total history grew in every {duration(t.history_growth_step)} step of the last {span}\n"
+                 f"# total history grew in every {duration(t.history_growth_step)} step of the last {span},\n"
+                 f"# and not because more sessions are open\n"
                  f"(\n"
                  f"  {n.history_max}\n"
                  f"  and {ON} min_over_time({n.history_delta}[{span}]) > 0\n"
                  f"  and {ON} ({n.history_delta} offset {span})\n"
+                 f"  and {ON} {n.sessions} <= {ON} ({n.sessions} offset {span})\n"
                  f")")
     return Group("edgechat.history.alerts", [
         alert_rule(t, "EdgechatHistoryUnbounded",
                "Detects conversation history that is not trimmed: longer than 2 x max_turns + 1 messages, "
-               f"or the total growing without pause for {span} (growth, not configuration).",
+               f"or the total growing without pause for {span} while sessions do not (growth, not "
+               "configuration). Kept firing between over-long conversations.",
                unbounded, t.history_unbounded_for, "warning",
                "edgechat conversation history is growing without bound.",
                f"The longest conversation on {INSTANCE} holds {{{{ $value }}}} messages, more than the "
-               f"configured turn limit allows, or the total history has grown without pause for {span}."),
+               f"configured turn limit allows, or the total history has grown without pause for {span}.",
+               t.history_unbounded_keep_firing),
         alert_rule(t, "EdgechatHistoryLimitDisabled",
                "Detects a configuration with no turn limit on conversation history (max_history_turns = 0).",
                f"{n.max_turns} == 0", t.history_limit_disabled_for, "info",
@@ -203,5 +246,5 @@ def meta_alerts(t: Thresholds) -> Group:
 
 def alert_groups(t: Thresholds, n: Names) -> list[Group]:
     """All alert groups; the meta group comes last so EdgechatInfoInhibitor sees the others' ALERTS."""
-    return [memory_alerts(t, n), history_alerts(t, n), gc_alerts(t, n), turn_alerts(t, n),
+    return [memory_alerts(t, n), memory_trend_alerts(t, n), history_alerts(t, n), gc_alerts(t, n), turn_alerts(t, n),
             process_alerts(t, n), availability_alerts(t, n), meta_alerts(t)]

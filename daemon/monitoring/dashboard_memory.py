@@ -83,7 +83,9 @@ def _memory_rows():
                    w=16, h=9, overrides=[red_dashed("limit .*")], minimum=0),
         timeseries("Service memory growth rate",
                    "Slope of service memory (least-squares deriv) over 30 min and 1 h. Healthy: around zero. "
-                   "Leak: stays above zero for hours (EdgechatMemoryLeakSuspected watches this).", "Bps",
+                   "Leak: stays above zero for hours. EdgechatMemoryLeakSuspected watches such slopes (30 min "
+                   "to a day) of anonymous memory + swap less the KV pool, which fills to its budget and stays.",
+                   "Bps",
                    [target(_SLOPE.format(service, "30m"), "30m slope {{instance}}"),
                     target(_SLOPE.format(service, "1h"), "1h slope {{instance}}")], w=8, h=9),
         timeseries("Resident memory (RSS) per worker",

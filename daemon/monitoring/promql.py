@@ -40,3 +40,4 @@ class Group:
 
     name: str
     rules: list[Rule]
+    interval: float = 0          # seconds between evaluations; 0 = Prometheus's evaluation_interval

@@ -26,10 +26,18 @@ class Names:
     anon_swap_sum: str
     committed: str
     usage_ratio: str
+    committed_ratio: str
+    kv_sum: str
+    unpooled: str
     deriv_fast: str
     deriv_slow: str
+    deriv_mid: str
     predict_fast: str
     predict_slow: str
+    predict_mid: str
+    unpooled_avg: str
+    growth_day: str
+    predict_day: str
     rss_sum: str
     rss_max: str
     uss_sum: str
@@ -44,6 +52,7 @@ class Names:
     sessions: str
     turns_rate: str
     turns_traffic: str
+    turns_mid: str
     p95_by_index: str
     p95_all: str
     p95_early: str
@@ -61,8 +70,10 @@ def names_for(nominal: Thresholds) -> Names:
     """Derive every recording-rule name from the unscaled thresholds."""
     d = duration
     anon_swap = "instance:edgechat_process_anonymous_swap_bytes"
+    unpooled = "instance:edgechat_memory_unpooled_bytes"
     committed = "instance:edgechat_memory_committed_bytes"
     dur = "edgechat_turn_duration_seconds"
+    day, day_horizon = nominal.leak_day_window, nominal.leak_day_window * nominal.leak_day_horizon_windows
     return Names(
         service="instance:edgechat_service_memory_bytes:max",
         limit="instance:edgechat_memory_limit_bytes:max",
@@ -70,10 +81,18 @@ def names_for(nominal: Thresholds) -> Names:
         anon_swap_sum=f"{anon_swap}:sum",
         committed=f"{committed}:sum",
         usage_ratio="instance:edgechat_memory_usage:ratio",
-        deriv_fast=f"{anon_swap}:deriv{d(nominal.leak_fast_window)}",
-        deriv_slow=f"{anon_swap}:deriv{d(nominal.leak_slow_window)}",
+        committed_ratio="instance:edgechat_memory_committed:ratio",
+        kv_sum="instance:edgechat_kv_cache_bytes:sum",
+        unpooled=f"{unpooled}:sum",
+        deriv_fast=f"{unpooled}:deriv{d(nominal.leak_fast_window)}",
+        deriv_slow=f"{unpooled}:deriv{d(nominal.leak_slow_window)}",
+        deriv_mid=f"{unpooled}:deriv{d(nominal.leak_mid_window)}",
         predict_fast=f"{committed}:projected{d(nominal.leak_fast_window)}_{d(nominal.leak_fast_horizon)}",
         predict_slow=f"{committed}:projected{d(nominal.leak_slow_window)}_{d(nominal.leak_slow_horizon)}",
+        predict_mid=f"{committed}:projected{d(nominal.leak_mid_window)}_{d(nominal.leak_mid_horizon)}",
+        unpooled_avg=f"{unpooled}:avg{d(nominal.trend_interval)}",
+        growth_day=f"{unpooled}:growth{d(day)}",
+        predict_day=f"{committed}:projected{d(day)}_{d(day_horizon)}",
         rss_sum="instance:edgechat_process_resident_memory_bytes:sum",
         rss_max="instance:edgechat_process_resident_memory_bytes:max",
         uss_sum="instance:edgechat_process_unique_memory_bytes:sum",
@@ -88,6 +107,7 @@ def names_for(nominal: Thresholds) -> Names:
         sessions="instance:edgechat_sessions:sum",
         turns_rate=f"instance:edgechat_turns:rate{d(nominal.latency_rate_window)}",
         turns_traffic=f"instance:edgechat_turns:increase{d(nominal.leak_traffic_window)}",
+        turns_mid=f"instance:edgechat_turns:increase{d(nominal.leak_mid_window)}",
         p95_by_index=f"instance_turn_index:{dur}:p95_rate{d(nominal.latency_rate_window)}",
         p95_all=f"instance:{dur}:p95_rate{d(nominal.latency_high_window)}",
         p95_early=f"instance:{dur}:p95_early_rate{d(nominal.creep_early_window)}",
@@ -139,15 +159,41 @@ def recording_groups(t: Thresholds, n: Names) -> list[Group]:
              "(the service memory where /proc reports neither)."),
         _rec(n.committed, f"{n.service} + {ON} {n.swap_sum}\nor {n.service}",
              "RAM counted against the limit plus the workers' swap (just the RAM where swap is not reported)."),
-        _rec(n.deriv_fast, f"deriv({n.anon_swap_sum}[{d(t.leak_fast_window)}])",
-             "Least-squares slope of anonymous memory + swap, bytes/s, short window."),
-        _rec(n.deriv_slow, f"deriv({n.anon_swap_sum}[{d(t.leak_slow_window)}])",
-             "Least-squares slope of anonymous memory + swap, bytes/s, long window."),
+        _rec(n.committed_ratio, f"{n.committed} / {ON} ({n.limit} > 0)",
+             "RAM + swap as a fraction of the limit (the leak rules' floor: a leak pushed to swap counts)."),
+        _rec(n.kv_sum, f"sum {BY} (edgechat_kv_cache_bytes)", "KV caches the workers' pools keep between turns."),
+        _rec(n.unpooled, f"(\n  {n.anon_swap_sum} - {ON} {n.kv_sum}\n  or {n.anon_swap_sum}\n)\n"
+                         f"and {ON} {n.uptime} > {number(t.leak_settle)}",
+             "What a leak grows: anonymous memory + swap less the KV pool (which fills to its budget and "
+             "stays), once start-up has settled."),
+        _rec(n.deriv_fast, f"deriv({n.unpooled}[{d(t.leak_fast_window)}])",
+             "Least-squares slope of the memory a leak grows, bytes/s, short window."),
+        _rec(n.deriv_slow, f"deriv({n.unpooled}[{d(t.leak_slow_window)}])",
+             "Least-squares slope of the memory a leak grows, bytes/s, long window."),
         _rec(n.predict_fast, f"{n.committed} + {ON} {n.deriv_fast} * {number(t.leak_fast_horizon)}",
              "RAM + swap now, plus the short-window slope carried one fast-horizon ahead."),
         _rec(n.predict_slow, f"{n.committed} + {ON} {n.deriv_slow} * {number(t.leak_slow_horizon)}",
              "RAM + swap now, plus the long-window slope carried one slow-horizon ahead."),
     ])
+    day = d(t.leak_day_window)
+    trend = Group("edgechat.memory.trend.recording", [
+        _rec(n.unpooled_avg, f"avg_over_time({n.unpooled}[{d(t.trend_interval)}])",
+             "The memory a leak grows, averaged between two evaluations of this group."),
+        _rec(n.deriv_mid, f"deriv({n.unpooled}[{d(t.leak_mid_window)}])",
+             "Least-squares slope of the memory a leak grows, bytes/s, over hours."),
+        _rec(n.predict_mid, f"{n.committed} + {ON} {n.deriv_mid} * " + (
+                 f"{number(t.leak_mid_horizon)}" if t.leak_mid_horizon_max <= t.leak_mid_horizon else
+                 f"{ON} clamp({n.uptime}, {number(t.leak_mid_horizon)}, {number(t.leak_mid_horizon_max)})"),
+             "RAM + swap now, plus the hours-long slope carried ahead (as far as the process has been up, "
+             "within the horizon's bounds)."),
+        _rec(n.growth_day, f"avg_over_time({n.unpooled_avg}[{day}])\n- avg_over_time({n.unpooled_avg}[{day}] offset {day})",
+             "Growth of the daily mean of the memory a leak grows: this day's against the day before "
+             "(daily traffic cycles cancel out), bytes per day."),
+        _rec(n.predict_day, f"{n.committed} + {ON} {n.growth_day} * {number(t.leak_day_horizon_windows)}",
+             f"RAM + swap now, plus the daily growth carried {d(t.leak_day_window * t.leak_day_horizon_windows)} ahead."),
+        _rec(n.turns_mid, f"sum {BY} (increase(edgechat_turns_total[{d(t.leak_mid_window)}]))",
+             "Turns over the hours-long leak rule's window."),
+    ], t.trend_interval)
     history = Group("edgechat.history.recording", [
         _rec(n.history_max, f"max {BY} (edgechat_history_messages_max)", "Messages in the longest conversation."),
         _rec(n.max_turns, f"max {BY} (edgechat_history_max_turns)", "Configured turn limit (0 = unbounded)."),
@@ -194,4 +240,4 @@ def recording_groups(t: Thresholds, n: Names) -> list[Group]:
                                  f"(increase(edgechat_gc_uncollectable_objects_total[{d(t.gc_uncollectable_window)}]))",
              "Objects the collector found unreachable but could not free."),
     ])
-    return [process, memory, history, turns, http, gc]
+    return [process, memory, trend, history, turns, http, gc]

@@ -6,7 +6,7 @@ import os
 import yaml
 
 from .alerting import alert_groups
-from .promql import Group
+from .promql import Group, duration
 from .recording import Names, names_for, recording_groups
 from .thresholds import Thresholds
 
@@ -40,7 +40,10 @@ def rule_file(groups: list[Group], what: str, time_scale: float) -> str:
                                                 " (windows, `for` and guards shrunk for a fast test; not for production)"),
              "groups:"]
     for group in groups:
-        lines += [f"  - name: {group.name}", "    rules:"]
+        lines.append(f"  - name: {group.name}")
+        if group.interval:
+            lines.append(f"    interval: {duration(group.interval)}")
+        lines.append("    rules:")
         for rule in group.rules:
             lines.append(f"      # {rule.comment}")
             body = _dump(rule.body).rstrip("\n").split("\n")

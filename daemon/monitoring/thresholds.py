@@ -5,6 +5,7 @@ import dataclasses
 
 MINUTE = 60
 HOUR = 3600
+DAY = 86400
 
 
 def _window(seconds: float, why: str) -> float:
@@ -26,6 +27,10 @@ class Thresholds:
     # dilute them (Prometheus alone sends 2 requests a minute to a box that may serve a few turns).
     probe_routes_regex: str = "/metrics|/healthz|/readyz"
 
+    # -- memory: what the leak rules watch -----------------------------------------------------------
+    # Anonymous memory + swap over the workers, less the KV caches the pool keeps (edgechat_kv_cache_bytes):
+    # the pool fills to kv_cache_bytes after every start and then stays, which looked like a leak for
+    # hours to days on quiet devices; a leak held in RAM or pushed to swap still shows in full.
     # -- memory: slow leak (warning) ---------------------------------------------------------------
     # A 0.5B model takes ~1 GB after load; a leak of a few MB/min (the `tensors` leak mode's is ~35
     # MB/min, a cache leak can be 1-5 MB/min) needs an hour of samples (120 at 30 s) before a slope
@@ -42,9 +47,31 @@ class Thresholds:
     # 5 min: that leak goes from 1 GB to a 2 GB limit in ~25 min, so every minute counts; a
     # sawtooth cannot hold a 30 min regression at "limit within 1 h" that long below ~90 %.
     leak_fast_for: float = _window(5 * MINUTE, "for of the fast leak rule")
-    # -- memory: guards shared by both leak rules --------------------------------------------------
-    # Below half the limit a 2 GB box has >1 GB of head room: growth there is start-up and caches
-    # filling, and NearLimit still catches anything that gets further.
+    # -- memory: leaks over hours and days (warning; docs/alerts-quality.md has the numbers) ----------
+    # The 1 h / 4 h rule warns 4 h ahead at most: a leak that takes two days got 8 % of its time as
+    # warning, a slow one only NearLimit's. Two longer windows, evaluated every 5 min (a slope over
+    # hours needs no 30 s steps). Measured over thousands of simulated device-days:
+    trend_interval: float = _window(5 * MINUTE, "evaluation interval of the hour- and day-long leak rules")
+    # 6 h slope carried one day ahead, armed 4 h after a start. Carried two days ahead from the first
+    # day it doubled the false warnings (heap and traffic settling on a device's first busy day look
+    # like hours of growth) for a few points of lead: we chose fewer false alarms.
+    leak_mid_window: float = _window(6 * HOUR, "deriv range of the 6 h leak rule")
+    leak_mid_horizon: float = _window(1 * DAY, "projection horizon of the 6 h leak rule")
+    # ... carried further, up to this, as the process has been up that long: a settled process whose
+    # memory still climbs for hours is trusted with a longer projection than one in its first day.
+    leak_mid_horizon_max: float = _window(2 * DAY, "projection horizon of the 6 h leak rule after that uptime")
+    leak_mid_for: float = _window(1 * HOUR, "for of the 6 h leak rule")
+    leak_mid_min_uptime: float = _window(4 * HOUR, "uptime before the 6 h leak rule arms")
+    # Day over day: the mean of the last day against the mean of the day before, so daily traffic
+    # cycles cancel out; that growth per day carried ten days ahead (a week left slow leaks' lead p10
+    # near 50 %). Needs two days of uptime.
+    leak_day_window: float = _window(1 * DAY, "averaging window (and offset) of the day leak rule")
+    leak_day_horizon_windows: float = 10.0    # horizon in windows: ten days ahead
+    leak_day_for: float = _window(6 * HOUR, "for of the day leak rule")
+    leak_day_min_uptime: float = _window(2 * DAY, "uptime before the day leak rule arms")
+    # -- memory: guards shared by the leak rules ---------------------------------------------------
+    # Below half the limit (RAM + swap) a 2 GB box has >1 GB of head room: growth there is start-up
+    # and caches filling, and NearLimit still catches anything that gets further.
     leak_level_floor_ratio: float = 0.5
     # Model load makes RSS jump by ~1 GB in the first minutes; no leak window may start inside it.
     # Equal to the fast window, so the fast rule never regresses over the start-up; the slow rule's
@@ -52,6 +79,13 @@ class Thresholds:
     leak_min_uptime: float = _window(30 * MINUTE, "uptime of the oldest worker before leak rules arm")
     # Growth with no turns in the window is not a per-turn leak (page cache in a cgroup, lazy loads).
     leak_traffic_window: float = _window(1 * HOUR, "window in which turns must have happened")
+    # Start-up (model load, warm-up peak) is left out of the leak signal altogether, so a window that
+    # reaches back to a start sees a settled process: no rule has to wait a whole window after it.
+    leak_settle: float = _window(5 * MINUTE, "uptime before the leak signal is recorded")
+    # keep_firing_for of the leak rules: a leak driven by traffic slows down between busy hours and
+    # its projection dips under the limit now and then; the leak is still there, so is the alert.
+    leak_fast_keep_firing: float = _window(30 * MINUTE, "keep_firing_for of the fast leak rule")
+    leak_keep_firing: float = _window(1 * HOUR, "keep_firing_for of the slower leak rules")
 
     # -- memory: level (warning ~80 %, critical ~90 %) ---------------------------------------------
     # On 2 GB, 80 % leaves ~400 MB: one long prefill can take 70 MB, so that is a few
@@ -61,15 +95,22 @@ class Thresholds:
     near_limit_critical_ratio: float = 0.90
     near_limit_critical_for: float = _window(2 * MINUTE, "for of NearLimit critical (little time is left)")
     # keep_firing_for of both: memory riding the threshold with the +-50 MB GC sawtooth would
-    # otherwise resolve and re-fire every few minutes; a peak is what OOMs, so hold it for 10 min.
-    near_limit_keep_firing: float = _window(10 * MINUTE, "keep_firing_for of NearLimit")
+    # otherwise resolve and re-fire every few minutes; a peak is what OOMs. 10 min still let a slow
+    # leak riding 90 % for hours flap (the sawtooth's period is up to 15 min): 30 min.
+    near_limit_keep_firing: float = _window(30 * MINUTE, "keep_firing_for of NearLimit")
 
     # -- history -----------------------------------------------------------------------------------
     # The longest history above 2*max_turns+1 messages is a bug as soon as it is seen; 10 min keeps
     # a message appended before its trim (mid-turn) from paging.
     history_unbounded_for: float = _window(10 * MINUTE, "for of HistoryUnbounded")
+    # An over-long conversation ends (TTL, eviction) and the next one starts short: without this the
+    # history bug fires and resolves with every conversation that outgrows the limit (1 h still
+    # flapped between a device's chatty users); the bug stays until a fixed release restarts it.
+    history_unbounded_keep_firing: float = _window(6 * HOUR, "keep_firing_for of HistoryUnbounded")
     # "Total messages growing without pause": the 10 min delta stayed > 0 at every evaluation of
-    # the last 2 h. A bounded store pauses (trims, TTL evictions, idle users) well within that.
+    # the last 2 h while the number of sessions did not grow. A bounded store pauses (trims, TTL
+    # evictions, idle users) well within that; sessions that never expire pile up to max_sessions
+    # and grow the total without pause too, which is bounded and no bug.
     history_growth_step: float = _window(10 * MINUTE, "delta window of total history messages")
     history_growth_span: float = _window(2 * HOUR, "span over which the delta never paused")
     history_limit_disabled_for: float = _window(15 * MINUTE, "for of HistoryLimitDisabled (info)")

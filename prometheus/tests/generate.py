@@ -26,10 +26,10 @@ from simulate import GiB, MiB, STEP, Epoch, Scrapes, User, encode  # noqa: E402
 from daemon.monitoring import rules  # noqa: E402
 from daemon.monitoring.promql import duration  # noqa: E402
 
-# expected firing alerts: (alertname, severity); EdgechatHeartbeat is the pipeline heartbeat, always firing
+# expected firing alerts: (alertname, severity[, window]); EdgechatHeartbeat is the pipeline heartbeat, always firing
 W = ("EdgechatHeartbeat", "none")
 II = ("EdgechatInfoInhibitor", "none")
-LEAK_W, LEAK_C = ("EdgechatMemoryLeakSuspected", "warning"), ("EdgechatMemoryLeakSuspected", "critical")
+LEAK_W, LEAK_C = ("EdgechatMemoryLeakSuspected", "warning", "1h"), ("EdgechatMemoryLeakSuspected", "critical", "30m")
 NEAR_W, NEAR_C = ("EdgechatMemoryNearLimit", "warning"), ("EdgechatMemoryNearLimit", "critical")
 HISTORY = ("EdgechatHistoryUnbounded", "warning")
 CREEP, SLOW = ("EdgechatTurnLatencyCreep", "warning"), ("EdgechatTurnLatencyHigh", "warning")
@@ -147,11 +147,12 @@ SCENARIOS = [
 TIME_VALUED = ("edgechat_process_start_time_seconds", "edgechat_gc_pause_seconds_sum")
 
 
-def _alerts_sample(alert: tuple[str, str]) -> dict:
-    name, severity = alert
+def _alerts_sample(alert: tuple[str, ...]) -> dict:
+    name, severity = alert[:2]
     # the heartbeat (vector(1)) carries only its job; the others the instance's labels
     where = ', job="edgechat"' if alert == W else ', instance="127.0.0.1:8000", job="edgechat"'
-    return {"labels": f'ALERTS{{alertname="{name}", alertstate="firing"{where}, severity="{severity}"}}',
+    window = f', window="{alert[2]}"' if len(alert) > 2 else ""
+    return {"labels": f'ALERTS{{alertname="{name}", alertstate="firing"{where}, severity="{severity}"{window}}}',
             "value": 1}
 
 
@@ -168,7 +169,7 @@ def _test_doc(s: Scenario, time_scale: float, rule_files: list[str], alertnames:
     for minute, firing in s.checks:
         expr_tests.append({"expr": 'ALERTS{alertstate="firing"}', "eval_time": at(minute),
                            "exp_samples": [_alerts_sample(a) for a in sorted(firing)]})
-        names = {name for name, _ in firing}
+        names = {alert[0] for alert in firing}
         rule_tests += [{"eval_time": at(minute), "alertname": name, "exp_alerts": []}
                        for name in alertnames if name not in names]
     return {"rule_files": rule_files, "evaluation_interval": duration(STEP * time_scale),

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from shapes import DAY, HOUR, LEAKS, MASTER, Params, draw_params, expected_requests, history, kv_pool, leak_bytes, \
     worker_memory
-from simulate import FILE_BACKED, GiB, INSTANCE, JOB, MiB, STEP
+from simulate import FILE_BACKED, GiB, STEP, MiB
 
 # Healthy archetypes; every trace also has daily cycles, caches filling, the sawtooth and scrape gaps.
 HEALTHY = ("steady", "daily", "recycling", "deploys", "swap", "limit_change", "offline", "sessions_cap")
@@ -34,6 +34,22 @@ class Truth:
     limit_at: float | None = None             # the first OOM: RAM + swap reached the limit
     boots: list[float] = dataclasses.field(default_factory=list)
     offline: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    # RAM + swap against the limit every 5 minutes (NaN while down): how much head room a leak had used
+    committed: np.ndarray | None = None
+    limits: np.ndarray | None = None
+
+    def headroom_left(self, at: float) -> float | None:
+        """Share of the head room the leak found at its start still unused at `at` (seconds)."""
+        if self.committed is None or self.leak_start is None:
+            return None
+        series = lambda t: self.committed[min(int(t // 300), len(self.committed) - 1)]  # noqa: E731
+        limit = self.limits[min(int(self.leak_start // 300), len(self.limits) - 1)]
+        first = next((series(self.leak_start + k * 300) for k in range(12)
+                      if not np.isnan(series(self.leak_start + k * 300))), np.nan)
+        now = series(at)
+        if np.isnan(first) or np.isnan(now) or limit <= first:
+            return None
+        return float(max(0.0, min(1.0, (limit - now) / (limit - first))))
 
     @property
     def leaky(self) -> bool:
@@ -96,7 +112,8 @@ class _Builder:
         self.truth = Truth(name, shape, days, leak_start=start)
         self.sampled = np.zeros(self.n, bool)
         self.limit = np.full(self.n, self.p.limit)
-        self.cols = {k: np.full(self.n, np.nan) for k in ("service", "turns", "hist_total", "hist_max", "sessions")}
+        self.cols = {k: np.full(self.n, np.nan) for k in ("service", "turns", "hist_total", "hist_max", "sessions",
+                                                          "committed")}
         self.pids: list[tuple] = []     # first step, anon, swap, KV pool, start time
         self.swapped = np.zeros(self.n)          # healthy swap-out on a pressured host (worker 0)
         self.size, self.chance = 0.0, 0.0
@@ -109,6 +126,10 @@ class _Builder:
         if s.name in ("fast", "tensors") and self.deploy_at is None:      # these begin in a busy hour
             busy = np.flatnonzero((self.rate >= np.quantile(self.rate, 0.8)) & (self.t > 2 * 3600))
             self.truth.leak_start = float(self.t[rng.choice(busy)]) if len(busy) else 2 * 3600.0
+        elif s.driver in ("requests", "tokens", "sessions", "turns") and self.truth.leak_start > 0:
+            # a leak that usage triggers begins while the device is in use
+            used = np.flatnonzero((self.t >= self.truth.leak_start) & (self.rate >= 0.5 * self.rate.mean()))
+            self.truth.leak_start = float(self.t[used[0]]) if len(used) else self.truth.leak_start
         start = self.truth.leak_start
         room = p.limit - MASTER - p.workers * (p.base + p.kv_cap + p.frag_cap / 2)
         span = (self.t >= start) & (self.t < start + max(to_limit, 3600))
@@ -121,7 +142,10 @@ class _Builder:
         else:
             per = {"requests": requests, "turns": requests, "tokens": requests * p.tokens,
                    "sessions": requests / p.conv_turns, "time": span.sum()}[s.driver]
-            self.size = room / per
+            # a request, a token's share or a conversation keeps at most a few MB (the fast shapes more):
+            # where traffic is too thin for the limit in `to_limit`, the leak just takes longer
+            cap = (64 if s.name in ("fast", "hours", "tensors") else 8) * MiB
+            self.size = min(room / per, cap * {"tokens": 1 / p.tokens, "sessions": 4}.get(s.driver, 1))
         if s.recycled:   # workers recycle when their share of the leak is 30-70 % of the head room
             share = room / p.workers * rng.uniform(0.3, 0.7)
             self.p = dataclasses.replace(p, max_requests=max(50, int(share / self.size)))
@@ -205,6 +229,7 @@ class _Builder:
         idx = slice(first, first + stop)
         self.sampled[idx] = True
         self.cols["service"][idx] = np.round(service[:stop])
+        self.cols["committed"][idx] = (service + swap)[:stop]
         self.cols["turns"][idx] = np.cumsum(requests)[:stop]
         for col, key in (("hist_total", "total"), ("hist_max", "max"), ("sessions", "sessions")):
             self.cols[col][idx] = hist[key][:stop]
@@ -268,19 +293,9 @@ def build(name: str, shape: str, seed: int, days: int | None = None, deploy_at: 
         raise ValueError("a healthy trace needs its length in days")
     b = _Builder(name, shape, days, seed, deploy_at)
     b.run(b.plan(shape))
+    b.truth.committed = b.cols["committed"][::10].astype(np.float32)
+    b.truth.limits = b.limit[::10].astype(np.float32)
     return Trace(b.truth, b.n, b.series())
 
 
-def openmetrics(trace: Trace, t0: int, labels: dict[str, str] | None = None):
-    """The trace as OpenMetrics sample lines, one string per series (no `# EOF`), for
-    `promtool tsdb create-blocks-from openmetrics`; `t0` is the Unix time of its first scrape."""
-    base = {"job": JOB, "instance": INSTANCE, "device": trace.truth.device, **(labels or {})}
-    for s in trace.series:
-        head = s.name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted({**base, **s.labels}.items())) + "} "
-        keep = ~np.isnan(s.values)
-        stamps = t0 + (s.at + np.flatnonzero(keep)) * STEP
-        values = s.values[keep] + (t0 if s.name in TIME_VALUED else 0)
-        yield "".join(f"{head}{v:.0f} {ts}\n" for v, ts in zip(values.tolist(), stamps.tolist()))
-
-
-__all__ = ["HEALTHY", "LEAKS", "STEP", "TIME_VALUED", "Series", "Trace", "Truth", "build", "leak_days", "openmetrics"]
+__all__ = ["HEALTHY", "LEAKS", "STEP", "TIME_VALUED", "Series", "Trace", "Truth", "build", "leak_days"]

@@ -7,8 +7,6 @@ import glob
 import importlib.util
 import os
 import re
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +15,7 @@ import yaml
 from daemon.monitoring import fleet_rules, rules
 from daemon.monitoring.thresholds import Thresholds, scaled_field_names
 from support import REPO_ROOT
+from support.promtool import promtool
 
 ROOT = str(REPO_ROOT)
 PROM = os.path.join(ROOT, "prometheus")
@@ -28,14 +27,6 @@ ALERT_NAMES = {
     "EdgechatDown", "EdgechatHighErrorRate", "EdgechatSaturated", "EdgechatHeartbeat", "EdgechatInfoInhibitor"}
 META = {"EdgechatHeartbeat", "EdgechatInfoInhibitor"}
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def promtool(*args: str, cwd: str = ROOT) -> subprocess.CompletedProcess:
-    """Run promtool; a missing binary fails the test (CI installs Debian's prometheus)."""
-    binary = shutil.which("promtool")
-    if binary is None:
-        pytest.fail("promtool not found on PATH: install Debian's `prometheus` package (.ci/run does)")
-    return subprocess.run([binary, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,18 +109,18 @@ def test_scenario_matrix_covers_leaks_and_healthy_runs():
     assert set(by_name) == {"history_unbounded", "slow_rss_leak", "fast_tensor_leak", "latency_creep",
                             "healthy_sawtooth", "startup_spike", "restart", "memory_high_flat",
                             "swap_hidden_leak", "swap_settled"}
-    last = {name: {a for a, _ in s.checks[-1][1]} for name, s in by_name.items()}
+    last = {name: {a[0] for a in s.checks[-1][1]} for name, s in by_name.items()}
     assert "EdgechatHistoryUnbounded" in last["history_unbounded"]
     assert not {"EdgechatMemoryLeakSuspected", "EdgechatMemoryNearLimit"} & last["history_unbounded"]
     assert "EdgechatMemoryLeakSuspected" in last["slow_rss_leak"] and "EdgechatMemoryLeakSuspected" in last["fast_tensor_leak"]
     assert "EdgechatTurnLatencyCreep" in last["latency_creep"]
     # a leak the kernel hides in swap is caught by the slope, and RAM alone never looks full
-    swap_hidden = {a for _, firing in by_name["swap_hidden_leak"].checks for a, _ in firing}
+    swap_hidden = {a[0] for _, firing in by_name["swap_hidden_leak"].checks for a in firing}
     assert "EdgechatMemoryLeakSuspected" in swap_hidden and "EdgechatMemoryNearLimit" not in swap_hidden
     for s in gen.SCENARIOS:
         assert len(s.checks) >= 3, s.name
         if s.kind == "healthy":
-            severities = {sev for _, firing in s.checks for _, sev in firing}
+            severities = {a[1] for _, firing in s.checks for a in firing}
             assert severities <= {"none", "info"}, s.name
         else:
             assert s.checks[0][1] == {gen.W}, f"{s.name}: the first check is the 'not yet' one"
@@ -157,19 +148,31 @@ def test_alert_names_and_contract():
     for match in re.finditer(r"\n( *)- alert: (\w+)", rendered):
         comment = rendered[:match.start()].rsplit("\n", 1)[1]
         assert comment.strip().startswith("# ") and len(comment.strip()) > 20, match.group(2)
-    # same-name rules differ by severity (so Alertmanager's critical-inhibits-warning applies)
-    for name in ("EdgechatMemoryLeakSuspected", "EdgechatMemoryNearLimit", "EdgechatRestarted"):
+    # same-name rules differ by severity (so Alertmanager's critical-inhibits-warning applies), the
+    # leak rules' warnings by the window they look at as well
+    for name in ("EdgechatMemoryNearLimit", "EdgechatRestarted"):
         assert sorted(a["labels"]["severity"] for a in alerts if a["alert"] == name) == ["critical", "warning"] \
             if name != "EdgechatRestarted" else ["info", "warning"]
+    leaks = [(a["labels"]["severity"], a["labels"]["window"]) for a in alerts if a["alert"] == "EdgechatMemoryLeakSuspected"]
+    assert sorted(leaks) == [("critical", "30m"), ("warning", "1d"), ("warning", "1h"), ("warning", "6h")]
+
+
+def _hand_written(kind: str) -> list[dict]:
+    """The tests of every hand-written promtool file of that kind (alerts*_test.yml, recording*_test.yml)."""
+    tests = []
+    for path in sorted(glob.glob(os.path.join(TESTS, f"{kind}*_test.yml"))):
+        with open(path, encoding="utf-8") as handle:
+            tests += yaml.safe_load(handle)["tests"]
+    return tests
 
 
 def test_every_alert_rule_has_not_yet_and_firing_unit_cases():
-    with open(os.path.join(TESTS, "alerts_test.yml"), encoding="utf-8") as handle:
-        doc = yaml.safe_load(handle)
-    cases = [case for test in doc["tests"] for case in test.get("alert_rule_test", [])]
-    firing = {(c["alertname"], a["exp_labels"]["severity"]) for c in cases for a in c["exp_alerts"]}
+    cases = [case for test in _hand_written("alerts") for case in test.get("alert_rule_test", [])]
+    # a rule is its name and labels: the leak rules share a name and differ by window
+    firing = {(c["alertname"], tuple(sorted((k, v) for k, v in a["exp_labels"].items() if k not in ("job", "instance"))))
+              for c in cases for a in c["exp_alerts"]}
     quiet = {c["alertname"] for c in cases if not c["exp_alerts"]}
-    assert firing == {(a["alert"], a["labels"]["severity"]) for a in _alerts()}
+    assert firing == {(a["alert"], tuple(sorted(a["labels"].items()))) for a in _alerts()}
     assert quiet == ALERT_NAMES
     for c in cases:
         for expected in c["exp_alerts"]:
@@ -177,9 +180,7 @@ def test_every_alert_rule_has_not_yet_and_firing_unit_cases():
 
 
 def test_every_recording_rule_has_an_expression_test():
-    with open(os.path.join(TESTS, "recording_test.yml"), encoding="utf-8") as handle:
-        doc = yaml.safe_load(handle)
-    tested = " ".join(case["expr"] for test in doc["tests"] for case in test["promql_expr_test"])
+    tested = " ".join(case["expr"] for test in _hand_written("recording") for case in test["promql_expr_test"])
     for body in _recordings():
         assert re.search(re.escape(body["record"]) + r"(?![\w:])", tested), f"no promql_expr_test for {body['record']}"
 
