@@ -41,6 +41,7 @@ def _leak(t: Thresholds, n: Names, kind: str) -> Rule:
     }[kind]
     window, horizon = duration(window_s), duration(horizon_s)
     expr = f"{deriv} * 60 > 0\nand {ON} {predict} >= {ON} {n.limit}" + _guards(t, n, uptime, traffic)
+    label = deriv.rsplit(":deriv", 1)[1]      # the nominal window, whatever the time scale (as in names)
     return alert_rule(
         t, LEAK,
         f"Detects the memory a leak grows (anonymous + swap, less the KV pool) rising steadily over {window} "
@@ -50,7 +51,7 @@ def _leak(t: Thresholds, n: Names, kind: str) -> Rule:
         f"edgechat memory is growing towards its limit (OOM within {horizon}).",
         f"Memory outside the KV pool on {INSTANCE} has grown by {{{{ $value | humanize1024 }}}}B/min over the "
         f"last {window}; at that pace RAM + swap reaches the memory limit within {horizon}.",
-        keep, labels={"window": window})
+        keep, labels={"window": label})
 
 
 def _leak_day(t: Thresholds, n: Names) -> Rule:
@@ -69,7 +70,7 @@ def _leak_day(t: Thresholds, n: Names) -> Rule:
         f"edgechat memory grows day after day towards its limit (OOM within {horizon}).",
         f"Memory outside the KV pool on {INSTANCE} averaged {{{{ $value | humanize1024 }}}}B more over the last "
         f"{day} than over the {day} before; at that pace RAM + swap reaches the memory limit within {horizon}.",
-        t.leak_keep_firing, labels={"window": day})
+        t.leak_keep_firing, labels={"window": n.growth_day.rsplit(":growth", 1)[1]})
 
 
 def memory_alerts(t: Thresholds, n: Names) -> Group:
