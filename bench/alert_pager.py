@@ -115,8 +115,10 @@ class Pager:
 
 
 def pages(notifications: list[dict], healthy_devices: set) -> dict[str, tuple[int, int]]:
-    """Firing notifications of the critical receiver by what raised them: (notifications, groups)."""
-    count, groups = collections.Counter(), collections.defaultdict(set)
+    """Firing notifications of the critical receiver by what raised them: (pages, notifications). A
+    page is an alert that had not fired before (labels and start); the rest repeat it (reminders at
+    repeat_interval, or the group's notice that another alert joined)."""
+    count, seen = collections.Counter(), collections.defaultdict(set)
     for n in notifications:
         if n.get("receiver") != "webhook-critical" or n.get("status") != "firing":
             continue
@@ -131,5 +133,5 @@ def pages(notifications: list[dict], healthy_devices: set) -> dict[str, tuple[in
             else:
                 kind = f"leaking devices ({labels.get('version')})"
             count[kind] += 1
-            groups[kind].add(n.get("groupKey"))
-    return {kind: (count[kind], len(groups[kind])) for kind in sorted(count)}
+            seen[kind].add((tuple(sorted(labels.items())), a["startsAt"]))
+    return {kind: (len(seen[kind]), count[kind]) for kind in sorted(count)}

@@ -34,7 +34,7 @@ import traces  # noqa: E402
 from shapes import LEAKS  # noqa: E402
 
 from bench import alert_scores, rule_replay  # noqa: E402
-from bench.common import machine_note, today  # noqa: E402
+from bench.common import code_note, machine_note, today  # noqa: E402
 from daemon.monitoring.thresholds import Thresholds  # noqa: E402
 
 DAY = 86400
@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                         help="more rule folders measured on the same traces (repeatable)")
     parser.add_argument("--no-fleet", action="store_true", help="skip the fleet stage")
+    parser.add_argument("--fleet-compress", type=float, default=2880,
+                        help="how many times faster than real time alerts reach the Alertmanager")
     parser.add_argument("--json", help="write the numbers here")
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--reuse", action="store_true", help="replay the traces a --keep folder holds already")
@@ -224,12 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         if not ns.no_fleet:
             from bench import fleet_replay
             fleet = fleet_replay.run([s for s in specs if s.fleet], truths, offsets, found["rules"],
-                                     os.path.join(workdir, "fleet"))
+                                     os.path.join(workdir, "fleet"), ns.fleet_compress)
     finally:
         if not ns.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"# alert quality: {ns.device_days} device-days, seed {ns.seed} — {today()}, {cpu_model()}, "
-          f"{machine_note()}")
+          f"{machine_note()}; {code_note()}")
+    print("command: python -m bench.alert_quality " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"build + backfill {stored - began:.0f} s, replay {replayed - stored:.0f} s "
           f"({len(dirs)} rule set(s)), total {time.time() - began:.0f} s")
     for label, report in reports.items():

@@ -179,8 +179,10 @@ class Thresholds:
     # Device-level alerts that make a device count as leaking for its cohort.
     fleet_leak_alerts_regex: str = "EdgechatMemoryLeakSuspected|EdgechatHistoryUnbounded"
     # A device counts as leaking when one of those fired on it within this window: a leaking device
-    # that OOMs and restarts (its alert resolves until the uptime guard re-arms) still counts.
-    cohort_window: float = _window(1 * HOUR, "window in which a device's leak alert counts for its cohort")
+    # that OOMs and restarts (its alert resolves until the uptime guard re-arms) still counts. An hour
+    # made a leaking release page 24 times in a week (docs/alerts-quality.md): a leak driven by traffic
+    # goes quiet at night and after each OOM restart; a release that leaks does not stop. A day.
+    cohort_window: float = _window(1 * DAY, "window in which a device's leak alert counts for its cohort")
     # "A release leaks": 30 % of its devices, and at least 3, so two unlucky boxes of a 5-box pilot
     # do not page as a cohort (their own device alerts still notify).
     cohort_ratio: float = 0.30
