@@ -117,6 +117,8 @@ def store(specs: list[Spec], workdir: str, batch_days: int) -> tuple[dict, dict,
                 handle.write("# EOF\n")
             ranges.append((t0, t0 + max(s.days for s in batch) * DAY))
             pending.append(pool.submit(rule_replay.backfill, path, data))
+            if len(pending) > 2:                # at most two batches on disk, waiting for promtool
+                pending[-3].result()
         for job in pending:
             job.result()
     return truths, offsets, ranges
