@@ -49,8 +49,8 @@ def forced(request, make_engine, monkeypatch, cache_dir):
     return make_engine
 
 
-@pytest.mark.parametrize("forced", [(0, False), (1, False), (2, False), (3, False), (2, True)],
-                         ids=["generic", "avx2", "avx512", "avx512_bf16", "avx512+vnni"], indirect=True)
+@pytest.mark.parametrize("forced", [(0, False), (1, False), (2, False), (3, False), (4, False), (2, True)],
+                         ids=["generic", "avx2", "avx512", "avx512_bf16", "amx_bf16", "avx512+vnni"], indirect=True)
 @pytest.mark.parametrize("quantize,dtype", [("none", "bfloat16"), ("none", "float32"), ("int8", "bfloat16"),
                                             ("int4", "bfloat16")])
 def test_greedy_tokens_are_the_same_alone_or_batched(forced, quantize, dtype):

@@ -26,11 +26,12 @@ import torch
 _LOG = logging.getLogger("edgechat.kernels")
 SOURCE = os.path.join(os.path.dirname(__file__), "step.cpp")  # includes gemv.cpp: one unit
 SOURCES = (os.path.join(os.path.dirname(__file__), "gemv.cpp"), SOURCE)
-ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16")
+ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16", "amx_bf16")
+TOP = len(ISA_NAMES) - 1
 # ATen's and oneDNN's own caps (the forced-ISA switches) cap these kernels too
 _ATEN_CAP = {"default": 0, "avx2": 1}
 _ONEDNN_CAP = {"sse41": 0, "avx": 0, "avx2": 1, "avx2_vnni": 1, "avx2_vnni_2": 1, "avx512_core": 2,
-               "avx512_core_vnni": 2}
+               "avx512_core_vnni": 2, "avx512_core_bf16": 3, "avx10_1_512": 3, "avx512_core_fp16": 3}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 # no -march: one binary, the ISA picked at run time. -ffp-contract=off: the compiler may not fuse a scalar
 # a*b+c into an FMA in one instantiation of a kernel and not in another (a row's sums must not depend on
@@ -49,7 +50,7 @@ class Library:
 
     @property
     def isa_name(self) -> str:
-        """generic | avx2 | avx512 | avx512_bf16."""
+        """generic | avx2 | avx512 | avx512_bf16 | amx_bf16."""
         return ISA_NAMES[self.isa]
 
 
@@ -62,10 +63,10 @@ def _compiler() -> str | None:
 
 
 def isa_cap(environ: dict | None = None) -> int:
-    """The highest ISA allowed by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (3 when neither caps it)."""
+    """The highest ISA allowed by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (TOP when neither caps it)."""
     env = os.environ if environ is None else environ
-    cap = _ATEN_CAP.get(env.get("ATEN_CPU_CAPABILITY", "").lower(), 3)
-    return min(cap, _ONEDNN_CAP.get(env.get("ONEDNN_MAX_CPU_ISA", "").lower(), 3))
+    cap = _ATEN_CAP.get(env.get("ATEN_CPU_CAPABILITY", "").lower(), TOP)
+    return min(cap, _ONEDNN_CAP.get(env.get("ONEDNN_MAX_CPU_ISA", "").lower(), TOP))
 
 
 def _build(cache_dir: str) -> str:

@@ -259,7 +259,8 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
     switch (L.kind) {
     case K_BF16:
 #ifdef X86
-        if (isa >= 3) bf16_dp((const uint16_t*)L.w, p.b.data(), y, n0, n1, K, M, N);
+        if (isa >= 4) bf16_amx((const uint16_t*)L.w, p.b.data(), y, n0, n1, K, M, N);
+        else if (isa >= 3) bf16_dp((const uint16_t*)L.w, p.b.data(), y, n0, n1, K, M, N);
         else if (isa == 2) bf16_avx512((const uint16_t*)L.w, x, y, n0, n1, K, M, N);
         else if (isa == 1) bf16_avx2((const uint16_t*)L.w, x, y, n0, n1, K, M, N); else
 #endif
