@@ -128,7 +128,13 @@ def message(session_id: str):
         raise
 
     def finish(g_) -> tuple:
-        result = turn.commit(g_.text) if g_.stats.finish_reason != "cancelled" else None
+        try:
+            result = turn.commit(g_.text) if g_.stats.finish_reason != "cancelled" else None
+        except SessionNotFound:  # deleted (or expired) while the turn ran: an expected race
+            turns.observe(g_, services, turn=turn.index, history_messages=None)
+            services.metrics.requests_rejected_total.labels(reason="session_gone").inc()
+            raise ApiError(404, "the session was deleted or expired while this turn ran; the reply "
+                                "was not stored", code="session_not_found", param="id") from None
         turns.observe(g_, services, turn=turn.index,
                       history_messages=len(result.session.messages) if result else None)
         if result is not None:  # the page's latency sparkline: committed turns only

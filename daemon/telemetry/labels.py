@@ -11,7 +11,8 @@ STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "com
 # Why a request was refused: by the API, or by the server while reading it (daemon.server.worker).
 REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy", "memory_pressure",
                   "read_timeout", "request_too_large", "malformed_request", "read_busy",
-                  "prompt_too_long", "rate_limited", "too_many_in_flight", "session_quota")
+                  "prompt_too_long", "rate_limited", "too_many_in_flight", "session_quota",
+                  "session_gone", "store_unavailable")
 # What the memory watchdog (daemon.memory.watchdog) does.
 PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_trim", "refuse_turns",
                     "resume_turns")
