@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 from ..config import ENV_PREFIX, SECRETS, Config, to_env
 from ..server import logs
 from ..server.options import gunicorn_options
-from ..telemetry.multiproc import MULTIPROC_ENV
+from ..server.hooks import describe
+from ..telemetry.multiproc import MULTIPROC_ENV, FolderHeld, claim_dir
 from .flags import add_arguments, from_args
 
 log = logging.getLogger("edgechat.serve")
@@ -94,6 +95,12 @@ def run(ns: argparse.Namespace) -> int:
     for name in SECRETS:
         os.environ.pop(ENV_PREFIX + name.upper(), None)
     os.environ[MULTIPROC_ENV] = cfg.metrics_dir
+    try:  # before gunicorn: a held folder is refused like an invalid setting, with exit code 2
+        claim_dir(cfg.metrics_dir, describe(cfg.state_dir, [f"{cfg.host}:{cfg.port}"]))
+    except FolderHeld as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"metrics_dir: cannot use {cfg.metrics_dir}: {exc.strerror}")
     # OpenMP threads that spin while they wait cut decode 3-5x as soon as anything else wants a
     # core (docs/performance.md); sleeping waiters cost little on an idle box. An operator's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -24,20 +24,51 @@ import sys
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME = ".edgechat.lock"
+OWNER_NAME = ".edgechat.owner"  # flock held by the daemon whose folder it is; says which daemon
 ARCHIVE = "archive"  # stands where a pid stands in file names: counter_archive.db, gauge_max_archive.db
 _SUMMED = ("counter", "histogram", "summary")
 _GAUGE_MERGE = {"min": min, "max": max, "sum": lambda a, b: a + b}  # + mostrecent; all/live*: dropped
 
 
-def prepare_dir(path: str) -> str:
-    """Create the folder (0700), wipe metric files of a previous run, export PROMETHEUS_MULTIPROC_DIR.
+class FolderHeld(RuntimeError):
+    """Another running daemon owns this metrics folder; the message names both daemons."""
+
+
+_claims: dict[str, int] = {}  # folder -> the open owner file whose flock this process holds
+
+
+def claim_dir(path: str, owner: str) -> None:
+    """Hold the folder for this daemon's life (a flock on its owner file, kept open and inherited by
+    the workers); `owner` describes this daemon. FolderHeld when a live daemon holds it: its files
+    are that daemon's, and wiping them would leave its /metrics reporting this one's workers."""
+    path = os.path.abspath(path)
+    if path in _claims:
+        return
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(path, OWNER_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderHeld(f"metrics folder {path} is held by a running edgechat daemon ({holder}); "
+                         f"this daemon ({owner}) needs its own: set metrics_dir (EDGECHAT_METRICS_DIR, "
+                         "--metrics-dir), or leave it empty for one per state_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    _claims[path] = fd
+
+
+def prepare_dir(path: str, owner: str | None = None) -> str:
+    """Claim the folder (see claim_dir), create it (0700), wipe metric files of a previous run,
+    export PROMETHEUS_MULTIPROC_DIR.
 
     Only *.db files are removed, never the folder, so a misconfigured path cannot lose data.
     Raises RuntimeError when prometheus_client was already imported without multiprocess mode:
     workers forked from this process would then silently keep their metrics to themselves.
     """
     path = os.path.abspath(path)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    claim_dir(path, owner or f"pid {os.getpid()}")
     values = sys.modules.get("prometheus_client.values")
     if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
         raise RuntimeError(f"prometheus_client was imported before {MULTIPROC_ENV} was set; "
