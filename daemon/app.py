@@ -11,6 +11,7 @@ from flask import Flask
 from .config import Config
 from .server import logs
 from .services import KEY, Services, get_services
+from .sessions import StoreFailure
 
 log = logging.getLogger("edgechat")
 
@@ -164,9 +165,12 @@ def _start_housekeeping(services: Services) -> None:
 
     def loop() -> None:
         while not stop.wait(services.config.metrics_refresh_s):
+            recorder.set_store_writable(store.probe_write())  # recovers by itself within a tick
             try:
                 store.sweep()
                 recorder.set_store_stats(store.stats())
+            except StoreFailure as exc:  # counted and shown on /readyz already
+                log.warning("session housekeeping: %s", exc)
             except Exception:  # noqa: BLE001 - keep the loop alive; a failing store shows in logs
                 log.exception("session housekeeping failed")
 

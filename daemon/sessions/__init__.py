@@ -12,12 +12,12 @@ from urllib.parse import urlsplit
 
 from .base import (STORE_OPERATIONS, ContextTooLong, CountTokens, HistoryPolicy, Message, SessionBusy,
                    SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreListener, StoreStats,
-                   StoreUnavailable, Trimmed, Turn, TurnResult, trim_history)
+                   StoreFailure, StoreUnavailable, Trimmed, Turn, TurnResult, trim_history)
 from .memory import MemoryStore
 
 __all__ = ["STORE_OPERATIONS", "ContextTooLong", "CountTokens", "HistoryPolicy", "MemoryStore", "Message",
            "SessionBusy", "SessionNotFound", "SessionRecord", "SessionSnapshot", "SessionStore",
-           "StoreListener", "StoreStats", "StoreUnavailable", "Trimmed", "Turn", "TurnResult", "make_store",
+           "StoreFailure", "StoreListener", "StoreStats", "StoreUnavailable", "Trimmed", "Turn", "TurnResult", "make_store",
            "trim_history"]
 
 BACKENDS = ("memory", "sqlite:///path/to/file.db", "redis://host:port/db")

@@ -20,9 +20,10 @@ from urllib.parse import urlsplit
 import redis
 
 from . import redis_scripts as lua
-from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats,
+from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreFailure, StoreStats,
                    StoreUnavailable)
-from .leases import LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn, store_call
+from .leases import (Failures, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
+                     store_call)
 
 PREFIX = "edgechat:"
 SCHEMA_VERSION = 2  # 2: sessions indexed by owner (redis_scripts.MIGRATE_OWNERS)
@@ -68,7 +69,7 @@ class RedisStore(SessionStore):
         self.where = _where(url)
         self._locks = LocalLocks()
         self._reentry = Reentry()
-        self._failure: str | None = None
+        self._failures = Failures()
         self._closed = False
         self._host = host_identity()
         try:
@@ -163,15 +164,36 @@ class RedisStore(SessionStore):
         return StoreStats(int(count), int(total), int(float(longest)), int(float(tokens)))
 
     def healthy(self) -> bool:
-        """Open, the last store call did not fail, and Redis answers PING."""
+        """Open, and Redis answers PING (failed writes: `writable`)."""
         if self._closed:
             return False
         try:
             self._redis.ping()
         except redis.RedisError as exc:  # the probe's failure is the answer
-            self._failure = f"{type(exc).__name__}: {exc}"
+            self._failures.last = f"read: {type(exc).__name__}: {exc}"
             return False
-        return self._failure is None
+        return True
+
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until a write succeeds again."""
+        return not self._failures.writes_fail
+
+    def last_error(self) -> str | None:
+        """The last failure, while it stands."""
+        return self._failures.last
+
+    @store_call("probe", ERRORS)
+    def _probe(self) -> None:
+        self._redis.set(PREFIX + "probe", str(os.getpid()), px=60_000)
+
+    def probe_write(self) -> bool:
+        """One tiny write now (a key that expires by itself); `writable` after it."""
+        try:
+            self._probe()
+        except StoreFailure:
+            pass
+        return self.writable
 
     def close(self) -> None:
         """Drop the connection pool; later calls raise RuntimeError. The data stays in Redis."""

@@ -22,8 +22,9 @@ import time
 from contextlib import contextmanager
 
 from . import sqlite_schema as schema
-from .base import SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats
-from .leases import LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn, store_call
+from .base import SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreFailure, StoreStats
+from .leases import (Failures, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
+                     store_call)
 
 ERRORS = (sqlite3.Error,)
 COLUMNS = ("id, owner, created, last_active, turns, tokens, truncations, version, n_messages, "
@@ -63,7 +64,7 @@ class SQLiteStore(SessionStore):
         self._reentry = Reentry()
         self._host = host_identity()
         self._closed = False
-        self._failure: str | None = None
+        self._failures = Failures()
         self._register(schema.open_file(path, busy_timeout_s))  # StoreUnavailable if unusable
 
     # -- public API ---------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class SQLiteStore(SessionStore):
         return size
 
     def healthy(self) -> bool:
-        """Open, the last store call did not fail, and the tables answer a read."""
+        """Open, and the tables answer a read (failed writes: `writable`)."""
         if self._closed:
             return False
         try:
@@ -169,9 +170,31 @@ class SQLiteStore(SessionStore):
             conn.execute("SELECT 1 FROM sessions LIMIT 1").fetchone()
             conn.execute("SELECT 1 FROM leases LIMIT 1").fetchone()
         except sqlite3.Error as exc:  # the probe's failure is the answer
-            self._failure = f"{type(exc).__name__}: {exc}"
+            self._failures.last = f"read: {type(exc).__name__}: {exc}"
             return False
-        return self._failure is None
+        return True
+
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until a write succeeds again."""
+        return not self._failures.writes_fail
+
+    def last_error(self) -> str | None:
+        """The last failure, while it stands."""
+        return self._failures.last
+
+    @store_call("probe", ERRORS)
+    def _probe(self) -> None:
+        with self._write() as conn:  # a page really written (and fsynced at the checkpoint)
+            conn.execute("UPDATE schema_version SET version = version")
+
+    def probe_write(self) -> bool:
+        """One tiny durable write now; `writable` after it."""
+        try:
+            self._probe()
+        except StoreFailure:
+            pass
+        return self.writable
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise RuntimeError."""
