@@ -32,9 +32,11 @@ def create_app(config: Config | None = None) -> Flask:
     from .memory.budget import MemoryBudget
     from .telemetry.listeners import Recorder
     from .telemetry.metrics import Metrics
-    from .telemetry.multiproc import MULTIPROC_ENV
+    from .telemetry.multiproc import MULTIPROC_ENV, backed_files
     from .telemetry.sampler import Sampler
     multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+    if multiprocess:  # no SIGBUS when the metrics folder fills up
+        backed_files()
     # Sessions in SQLite (the default) or Redis are one store that every worker reports whole:
     # summing the workers' reports would count each session once per worker, so the history gauges
     # take the freshest report instead. Only "memory" is per worker (sum them).

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import glob
 import json
+import mmap
 import os
 import sys
 
@@ -88,6 +89,64 @@ def _locked(path: str, exclusive: bool):
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+_write_failures = [0]  # metric writes lost to a full folder in this process (see backed_files)
+
+
+def write_failures() -> int:
+    """Metric values this process could not write to its files since it started (folder full)."""
+    return _write_failures[0]
+
+
+def backed_files() -> None:
+    """Make this worker's metric files take their disk blocks before a value is written in them.
+
+    prometheus_client grows its files with ftruncate, which on tmpfs (and most file systems) only
+    makes a hole; the first write through the mmap into a hole the full file system cannot fill
+    kills the process with SIGBUS. posix_fallocate reserves the blocks first and says ENOSPC
+    instead: the value is then kept in the worker (prometheus_client's own copy, written with its
+    next change once there is room) and counted (write_failures()). A worker that cannot even
+    create its files refuses to boot, naming the folder. Idempotent; call before any metric exists.
+    """
+    from prometheus_client import values
+    from prometheus_client.mmap_dict import MmapedDict
+    if getattr(values.MmapedDict, "_edgechat_backed", False):
+        return
+
+    class BackedMmapedDict(MmapedDict):
+        _edgechat_backed = True
+
+        def __init__(self, filename, read_mode=False):
+            if not read_mode:
+                try:
+                    with open(filename, "a+b") as fh:
+                        os.posix_fallocate(fh.fileno(), 0, mmap.PAGESIZE)  # the header it writes
+                except OSError as exc:
+                    raise RuntimeError(f"metrics_dir {os.path.dirname(filename)}: no room for this "
+                                       f"worker's metric files ({exc.strerror})") from exc
+            super().__init__(filename, read_mode)
+
+        def _init_value(self, key):
+            encoded = key.encode("utf-8")
+            size = 4 + len(encoded) + (8 - (len(encoded) + 4) % 8) + 16  # as the parent packs it
+            os.posix_fallocate(self._f.fileno(), self._used, size)  # OSError: nothing written
+            super()._init_value(key)
+
+        def read_value(self, key):
+            try:
+                return super().read_value(key)
+            except OSError:
+                _write_failures[0] += 1
+                return 0.0, 0.0
+
+        def write_value(self, key, value, timestamp):
+            try:
+                super().write_value(key, value, timestamp)
+            except OSError:
+                _write_failures[0] += 1
+
+    values.MmapedDict = BackedMmapedDict
 
 
 def worker_exited(pid: int, path: str | None = None) -> None:
