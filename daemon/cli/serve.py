@@ -78,6 +78,22 @@ def check_model(cfg: Config) -> str | None:
     return None
 
 
+def check_store(cfg: Config) -> str | None:
+    """Open (create, check, migrate) a SQLite session file once here, before any worker: a corrupt
+    or unusable file stops the start with one message, untouched, instead of every worker failing
+    on it at once (or migrating it side by side); an error message or None."""
+    url = cfg.session_store_url()
+    if not url.startswith("sqlite:"):
+        return None
+    from ..sessions import StoreUnavailable
+    from ..sessions.sqlite_schema import open_file, path_from_url
+    try:
+        open_file(path_from_url(url), busy_timeout_s=5.0).close()
+    except StoreUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def run(ns: argparse.Namespace) -> int:
     """Validate, prepare the model, export the config to workers, run gunicorn until stopped."""
     try:
@@ -86,7 +102,7 @@ def run(ns: argparse.Namespace) -> int:
         logs.setup("INFO", os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text").strip().lower())
         return _fail(f"invalid configuration: {exc}")
     logs.setup(cfg.log_level, cfg.log_format, cfg.access_log)
-    problem = check_model(cfg)
+    problem = check_model(cfg) or check_store(cfg)
     if problem:
         return _fail(problem)
     # workers get `cfg` itself (forked from here); the environment says the same for anything that

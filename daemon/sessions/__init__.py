@@ -6,7 +6,6 @@ callable, metrics are reached through the StoreListener Protocol.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -28,7 +27,7 @@ def _scheme(url: object) -> str:
 
 
 def make_store(policy: HistoryPolicy, count_tokens: CountTokens, *, url: str = "memory",
-               clock: Callable[[], float] = time.time, listener: StoreListener | None = None,
+               clock: Callable[[], float] | None = None, listener: StoreListener | None = None,
                lease_s: float = 300.0) -> SessionStore:
     """The SessionStore for `url`: "memory", "sqlite:///abs/path.db" or "redis://host:port/db".
 

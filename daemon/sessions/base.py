@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from ..telemetry.labels import STORE_OPERATIONS, STORE_WRITES
+from .clock import SteadyClock
 from .policy import CountTokens, HistoryPolicy, Message, Pairs, Trimmed, count_prompt, as_messages, trim_history
 
 __all__ = ["CountTokens", "HistoryPolicy", "Message", "Pairs", "Trimmed", "as_messages", "trim_history",
@@ -219,15 +220,18 @@ class SessionStore(ABC):
     """Bounded per-session chat history; backends implement storage, the turn lifecycle is shared."""
 
     def __init__(self, policy: HistoryPolicy, count_tokens: CountTokens, *,
-                 clock: Callable[[], float] = time.time, listener: StoreListener | None = None,
+                 clock: Callable[[], float] | None = None, listener: StoreListener | None = None,
                  lease_s: float = 300.0):
-        """lease_s: how long a turn may hold a shared store's session lock before another process
-        may take it over (must exceed the longest turn: queue wait + generation timeout)."""
+        """clock: Unix seconds for TTLs and timestamps; None = the store's steady clock (clock.py),
+        which wall-clock steps do not move. lease_s: how long a turn may hold a shared store's
+        session lock before another process may take it over (must exceed the longest turn: queue
+        wait + generation timeout)."""
         if not lease_s > 0:
             raise ValueError(f"lease_s must be > 0, got {lease_s!r}")
         self.policy = policy
         self.count_tokens = count_tokens
-        self.clock = clock
+        self.steady = SteadyClock()  # backends that share a store re-anchor it on the store's clock
+        self.clock = clock if clock is not None else (lambda: self.steady())
         self.listener = listener
         self.lease_s = float(lease_s)
 

@@ -22,6 +22,7 @@ import redis
 from . import redis_scripts as lua
 from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreFailure, StoreStats,
                    StoreUnavailable)
+from .clock import SteadyClock, boottime
 from .leases import (Failures, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
                      store_call)
 
@@ -79,6 +80,8 @@ class RedisStore(SessionStore):
                              for name in ("CREATE", "GET", "ACQUIRE", "RELEASE", "COMMIT", "DELETE", "STATS",
                                           "OWNER_STATS", "MIGRATE_OWNERS")}
             self._check_schema()
+            seconds, micros = self._redis.time()  # Redis's clock: one "now" for every host sharing it
+            self.steady = SteadyClock(seconds + micros / 1e6 - boottime())
         except (redis.RedisError, ValueError) as exc:
             password = urlsplit(url).password
             reason = str(exc).replace(password, "***") if password else str(exc)

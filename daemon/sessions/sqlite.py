@@ -18,11 +18,11 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from contextlib import contextmanager
 
 from . import sqlite_schema as schema
 from .base import SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreFailure, StoreStats
+from .clock import SteadyClock
 from .leases import (Failures, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
                      store_call)
 
@@ -65,7 +65,13 @@ class SQLiteStore(SessionStore):
         self._host = host_identity()
         self._closed = False
         self._failures = Failures()
-        self._register(schema.open_file(path, busy_timeout_s))  # StoreUnavailable if unusable
+        conn = self._register(schema.open_file(path, busy_timeout_s))  # StoreUnavailable if unusable
+        try:
+            offset = schema.clock_anchor(conn, schema.boot_id())
+        except sqlite3.Error as exc:
+            raise schema.unavailable(path, exc) from None
+        if offset is not None:
+            self.steady = SteadyClock(offset)
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -244,7 +250,7 @@ class SQLiteStore(SessionStore):
                     outcome = "busy"
                 else:
                     conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)",
-                                 (session_id, token, os.getpid(), self._host, time.time() + self.lease_s))
+                                 (session_id, token, os.getpid(), self._host, self.steady() + self.lease_s))
                     outcome = "ok"
         if outcome == "ttl":
             self._notify_evict("ttl", 1)
@@ -260,7 +266,7 @@ class SQLiteStore(SessionStore):
 
     def _leased(self, conn, session_id: str) -> bool:
         row = conn.execute("SELECT pid, host, expires FROM leases WHERE session_id = ?", (session_id,)).fetchone()
-        return row is not None and self._live(*row, time.time())
+        return row is not None and self._live(*row, self.steady())
 
     def _expire_if_idle(self, conn, session_id: str, last_active: float) -> str | None:
         """Inside a write: delete the session if idle past the TTL and not in a turn; "ttl" if so."""
@@ -280,7 +286,7 @@ class SQLiteStore(SessionStore):
 
     def _expired_ids(self, conn, now: float) -> list[str]:
         """Idle-past-TTL sessions that no live lease protects."""
-        ttl, wall = self.policy.ttl_s, time.time()
+        ttl, wall = self.policy.ttl_s, self.steady()
         rows = conn.execute(_LEASED + "WHERE s.last_active <= ? AND ? - s.last_active >= ?",
                             (now - ttl + _SLACK_S, now, ttl)).fetchall()
         return [sid for sid, token, pid, host, expires in rows
@@ -312,7 +318,7 @@ class SQLiteStore(SessionStore):
 
     def _evict_owned(self, conn, keep: str, owner, excess: int) -> int:
         """Evict up to `excess` of `owner`'s least recently active sessions, never `keep` or one in a turn."""
-        victims, wall = [], time.time()
+        victims, wall = [], self.steady()
         if excess > 0:
             for sid, token, pid, host, expires in conn.execute(
                     _LEASED + "WHERE s.owner IS ? AND s.id != ? ORDER BY s.last_active, s.rowid",
