@@ -34,10 +34,12 @@ def invalid(message: str, param: str | None = None, code: str = "invalid_value")
 STORE_RETRY_AFTER_S = 5  # the housekeeping probe runs every metrics_refresh_s (5 s by default)
 
 
-def store_unavailable(err: StoreFailure) -> ApiError:
-    """503 store_unavailable with Retry-After for a session store failure (counted as rejected)."""
+def store_unavailable(err: StoreFailure, services=None) -> ApiError:
+    """503 store_unavailable with Retry-After for a session store failure (counted as rejected).
+
+    services: the app's Services where there is no app context (a streamed body's end)."""
     from ..services import get_services
-    get_services().recorder.on_reject("store_unavailable")
+    (services or get_services()).recorder.on_reject("store_unavailable")
     what = "store" if err.write else "read"
     return ApiError(503, f"the session store cannot {what} now ({err.operation} failed); nothing was "
                          "changed; retry later", code="store_unavailable", retry_after=STORE_RETRY_AFTER_S)

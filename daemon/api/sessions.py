@@ -144,7 +144,7 @@ def message(session_id: str):
                                 "was not stored", code="session_not_found", param="id") from None
         except StoreFailure as err:  # the disk filled or the store went away during the turn
             turns.observe(g_, services, turn=turn.index, history_messages=None)
-            raise store_unavailable(err) from None
+            raise store_unavailable(err, services) from None
         turns.observe(g_, services, turn=turn.index,
                       history_messages=len(result.session.messages) if result else None)
         if result is not None:  # the page's latency sparkline: committed turns only

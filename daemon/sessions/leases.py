@@ -154,11 +154,23 @@ def pid_alive(pid: int) -> bool:
 
 
 class Failures:
-    """A shared store's run-time failures: the last one (for /readyz), and whether writes fail."""
+    """A shared store's run-time failures: the last one (for /readyz), whether writes fail, and the
+    leases whose release failed (retried, so the session is not busy until the lease expires)."""
 
     def __init__(self) -> None:
         self.last: str | None = None
         self.writes_fail = False
+        self.unreleased: dict[tuple[str, str], Callable[[], None]] = {}  # (id, token) -> drop
+
+    def retry_releases(self, errors: tuple, session_id: str | None = None) -> None:
+        """Drop the leases left behind by failed releases (of one session, or all) now."""
+        for key, drop in list(self.unreleased.items()):
+            if session_id is None or key[0] == session_id:
+                try:
+                    drop()
+                except errors:
+                    continue
+                self.unreleased.pop(key, None)
 
     def failed(self, store, operation: str, exc: BaseException) -> StoreFailure:
         """Record a backend error of `operation`; the StoreFailure to raise in its place."""
@@ -206,6 +218,7 @@ def acquire_turn(store, session_id: str, timeout: float | None,
     if not store._locks.acquire(session_id, remaining(deadline)):
         store._observe_op("acquire", 0.0)
         raise SessionBusy("another turn on this session is in progress")
+    store._failures.retry_releases(errors, session_id)  # our own lease a failed release left
     token, spent = secrets.token_hex(16), [0.0]
 
     def attempt() -> SessionRecord | None:
@@ -238,9 +251,10 @@ def release_turn(store, session_id: str, token: str, drop_lease: Callable[[], No
     t0 = time.perf_counter()
     try:
         drop_lease()
-    except errors as exc:  # the lease then ends at its expiry; a finished turn must not fail here
+    except errors as exc:  # retried at the next turn on the session and by the write probe
         store._failures.failed(store, "release", exc)
-        log.warning("could not release a session lease: %s", exc)
+        store._failures.unreleased[(session_id, token)] = drop_lease
+        log.warning("could not release a session lease (retried): %s", exc)
     finally:
         store._locks.release(session_id)
         store._observe_op("release", time.perf_counter() - t0)

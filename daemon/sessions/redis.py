@@ -195,7 +195,8 @@ class RedisStore(SessionStore):
         try:
             self._probe()
         except StoreFailure:
-            pass
+            return self.writable
+        self._failures.retry_releases(ERRORS)
         return self.writable
 
     def close(self) -> None:

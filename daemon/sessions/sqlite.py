@@ -199,7 +199,8 @@ class SQLiteStore(SessionStore):
         try:
             self._probe()
         except StoreFailure:
-            pass
+            return self.writable
+        self._failures.retry_releases(ERRORS)
         return self.writable
 
     def close(self) -> None:
@@ -265,8 +266,11 @@ class SQLiteStore(SessionStore):
         return not (self._host and lease_host == self._host and not pid_alive(lease_pid))
 
     def _leased(self, conn, session_id: str) -> bool:
-        row = conn.execute("SELECT pid, host, expires FROM leases WHERE session_id = ?", (session_id,)).fetchone()
-        return row is not None and self._live(*row, self.steady())
+        row = conn.execute("SELECT pid, host, expires, token FROM leases WHERE session_id = ?",
+                           (session_id,)).fetchone()
+        if row is not None and (session_id, row[3]) in self._failures.unreleased:
+            return False  # ours, from a turn whose release failed: that turn is over
+        return row is not None and self._live(*row[:3], self.steady())
 
     def _expire_if_idle(self, conn, session_id: str, last_active: float) -> str | None:
         """Inside a write: delete the session if idle past the TTL and not in a turn; "ttl" if so."""
