@@ -227,6 +227,9 @@ def acquire_turn(store, session_id: str, timeout: float | None,
         try:
             record = try_lease(token)
         except errors as exc:
+            # a timed-out attempt may still be carried out by the store later (a paused Redis runs
+            # it when it resumes): the lease may be ours without our knowing, so drop it at retry
+            store._failures.unreleased[(session_id, token)] = store._dropper(session_id, token)
             raise store._failures.failed(store, "acquire", exc) from exc
         finally:
             store._reentry.leave()

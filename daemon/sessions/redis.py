@@ -228,10 +228,14 @@ class RedisStore(SessionStore):
         return _record(session_id, reply[1:])
 
     def _release(self, session_id, lease):
+        release_turn(self, session_id, lease, self._dropper(session_id, lease), ERRORS)
+
+    def _dropper(self, session_id: str, token: str):
+        """What drops this lease (if it is still ours), for a release now or a retry later."""
         def drop() -> None:
             if not self._closed:
-                self._run("RELEASE", session_id, self._lease_value(lease))
-        release_turn(self, session_id, lease, drop, ERRORS)
+                self._run("RELEASE", session_id, self._lease_value(token))
+        return drop
 
     @store_call("commit", ERRORS)
     def _commit(self, before, after):

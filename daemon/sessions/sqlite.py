@@ -218,11 +218,15 @@ class SQLiteStore(SessionStore):
                             lambda token: self._try_lease(session_id, owner, token), ERRORS)
 
     def _release(self, session_id, lease):
+        release_turn(self, session_id, lease, self._dropper(session_id, lease), ERRORS)
+
+    def _dropper(self, session_id: str, token: str):
+        """What drops this lease (if it is still ours), for a release now or a retry later."""
         def drop() -> None:
             if not self._closed:
                 self._sync(self._conn(), False).execute(
-                    "DELETE FROM leases WHERE session_id = ? AND token = ?", (session_id, lease))
-        release_turn(self, session_id, lease, drop, ERRORS)
+                    "DELETE FROM leases WHERE session_id = ? AND token = ?", (session_id, token))
+        return drop
 
     @store_call("commit", ERRORS)
     def _commit(self, before, after):
