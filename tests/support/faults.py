@@ -172,19 +172,45 @@ def faketime_lib() -> str | None:
     return next((lib for lib in FAKETIME_LIBS if os.path.exists(lib)), None)
 
 
+# libfaketime 0.9.10 with FAKETIME_DONT_FAKE_MONOTONIC=1 shifts the deadline of an absolute
+# clock_nanosleep on a monotonic clock by the fake offset (EINVAL: Python's time.sleep fails). Loaded
+# first, this passes those sleeps straight to the kernel; every other call goes on to libfaketime.
+MONOTONIC_SLEEP_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int clock_nanosleep(clockid_t clock, int flags, const struct timespec *t, struct timespec *rem) {
+    static __typeof__(clock_nanosleep) *next;
+    if (clock == CLOCK_MONOTONIC || clock == CLOCK_BOOTTIME || clock == CLOCK_MONOTONIC_RAW)
+        return syscall(SYS_clock_nanosleep, clock, flags, t, rem) == 0 ? 0 : errno;
+    if (!next) next = dlsym(RTLD_NEXT, "clock_nanosleep");
+    return next(clock, flags, t, rem);
+}
+"""
+
+
 class SteppedClock:
     """libfaketime for a daemon: the wall clock offset read from a file at every call, monotonic
     clocks left real. step("+2h") / step("-2h") / step("+0") move it while the daemon runs."""
 
     def __init__(self, workdir: Path):
-        self.file = Path(workdir) / "faketime.rc"
+        self.workdir = Path(workdir)
+        self.file = self.workdir / "faketime.rc"
         self.file.write_text("+0\n")
+        self.sleep_lib = self.workdir / "libmonosleep.so"
+        source = self.workdir / "monosleep.c"
+        source.write_text(MONOTONIC_SLEEP_C)
+        subprocess.run([shutil.which("cc") or "cc", "-shared", "-fPIC", "-O1", "-o", str(self.sleep_lib),
+                        str(source), "-ldl"], check=True, capture_output=True, timeout=120)
 
     def env(self) -> dict:
         """What the daemon's environment needs."""
-        return {"LD_PRELOAD": faketime_lib(), "FAKETIME_TIMESTAMP_FILE": str(self.file),
-                "FAKETIME_NO_CACHE": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-                "FAKETIME_DONT_RESET": "1"}
+        return {"LD_PRELOAD": f"{self.sleep_lib}:{faketime_lib()}",
+                "FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"}
 
     def step(self, offset: str) -> None:
         """Set the offset from the real clock (libfaketime's "+2h" syntax)."""
