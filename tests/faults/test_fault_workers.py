@@ -57,14 +57,15 @@ def worker_pid(url: str) -> int:
     return requests.get(url + "/readyz", timeout=30).json()["pid"]
 
 
-def ready_with_new_worker(url: str, old: int) -> int:
+def ready_with_new_worker(url: str, old: int, what: str) -> int:
     def new() -> int | None:
         try:
             resp = requests.get(url + "/readyz", timeout=5)
         except requests.RequestException:
             return None
         return resp.status_code == 200 and resp.json()["pid"] != old and resp.json()["pid"]
-    pid, _ = chat.eventually(new, RECOVERY_S, "a new worker, ready")
+    pid, took = chat.eventually(new, RECOVERY_S, "a new worker, ready")
+    print(f"[{what}] a new worker ready {took:.1f} s later")
     return pid
 
 
@@ -77,7 +78,7 @@ def test_worker_sigkilled_mid_stream(daemons):
                     on_first_event=lambda: os.kill(pid, signal.SIGKILL))
     # nothing can be said in-band by a killed process: the client sees the stream cut, not a hang
     assert mid.status == 200 and not mid.done and (mid.cut or not mid.events[-1].get("turn")), mid
-    ready_with_new_worker(d.url, pid)
+    ready_with_new_worker(d.url, pid, "SIGKILL")
     after, took = chat.eventually(lambda: (r := chat.turn(d.url, sid, "after the kill")).status == 200
                                   and r, RECOVERY_S, "a turn on the same session")  # lease freed
     users = [m["content"] for m in chat.history(d.url, sid) if m["role"] == "user"]
@@ -96,7 +97,7 @@ def test_worker_killed_by_a_real_memory_limit_mid_turn(daemons):
             else (group / "memory.events").read_text()
     assert not mid.done and (mid.cut or mid.status in (0, 200)), mid
     assert "oom_kill 1" in oom or "oom_kill 1\n" in oom, oom
-    ready_with_new_worker(d.url, pid)
+    ready_with_new_worker(d.url, pid, "OOM kill")
     assert chat.eventually(lambda: chat.turn(d.url, sid, "after the OOM kill").status == 200,
                            RECOVERY_S, "a turn after the OOM kill")
     assert [m["content"] for m in chat.history(d.url, sid) if m["role"] == "user"] == ["after the OOM kill"]
@@ -147,7 +148,7 @@ def test_sighup_with_turns_in_flight_finishes_them_and_reloads(daemons):
     for t in threads:
         t.join(120)
     assert all(replies[i].status == 200 and replies[i].done for i in range(2)), replies
-    new = ready_with_new_worker(d.url, old)
+    new = ready_with_new_worker(d.url, old, "SIGHUP")
     assert new != old and d.proc.poll() is None
     assert chat.turn(d.url, sids[0], "after the reload").status == 200
     assert len(chat.history(d.url, sids[0])) == 4
