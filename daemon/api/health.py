@@ -6,6 +6,7 @@ import os
 from flask import Blueprint, jsonify
 
 from ..services import get_services
+from ..telemetry.multiproc import write_failures
 
 bp = Blueprint("health", __name__)
 
@@ -38,6 +39,8 @@ def readyz():
     # work, and readiness must not flap with every read that succeeds between failed writes
     body["session_store"] = {"writable": services.store.writable,
                              "last_error": services.store.last_error()}
+    # this worker's metric values lost to a full metrics folder (it keeps serving: not gating)
+    body["metrics_write_failures"] = write_failures()
     if cfg.leak_mode != "off":
         body["leak_mode"] = cfg.leak_mode
     if pressure is not None:

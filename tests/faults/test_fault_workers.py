@@ -172,6 +172,7 @@ def test_metrics_folder_full_keeps_the_worker_alive(daemons):
         failures, _ = chat.eventually(lambda: chat.metric(d.url, "edgechat_metrics_write_failures_total"),
                                       RECOVERY_S, "write failures counted")
         assert failures > 0
+        assert requests.get(d.url + "/readyz", timeout=30).json()["metrics_write_failures"] > 0
     finally:
         if isinstance(means, Tmpfs):
             means.drain()
