@@ -1,5 +1,5 @@
 """The wall clock stepped by hours under a running daemon (libfaketime from Debian's `faketime`, with
-FAKETIME_DONT_FAKE_MONOTONIC=1 and the offset re-read from a file at every call, so the test steps it
+FAKETIME_DONT_FAKE_MONOTONIC=1 and the offset re-read from a file every second, so the test steps it
 while the daemon runs): sessions and leases keep time on the steady clock (daemon/sessions/clock.py)."""
 from __future__ import annotations
 

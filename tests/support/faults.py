@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 FAKETIME_LIBS = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
@@ -193,8 +194,11 @@ int clock_nanosleep(clockid_t clock, int flags, const struct timespec *t, struct
 
 
 class SteppedClock:
-    """libfaketime for a daemon: the wall clock offset read from a file at every call, monotonic
-    clocks left real. step("+2h") / step("-2h") / step("+0") move it while the daemon runs."""
+    """libfaketime for a daemon: the wall clock offset read from a file (again after at most 1 s),
+    monotonic clocks left real. step("+2h") / step("-2h") / step("+0") move it while the daemon
+    runs, in effect within STEP_S."""
+
+    STEP_S = 1.5
 
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
@@ -209,7 +213,7 @@ class SteppedClock:
     def env(self) -> dict:
         """What the daemon's environment needs."""
         return {"LD_PRELOAD": f"{self.sleep_lib}:{faketime_lib()}",
-                "FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1",
+                "FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_CACHE_DURATION": "1",
                 "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"}
 
     def step(self, offset: str) -> None:
@@ -217,6 +221,7 @@ class SteppedClock:
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(offset + "\n")
         os.replace(tmp, self.file)
+        time.sleep(self.STEP_S)  # libfaketime re-reads the file once a second
 
 
 def memory_cgroup_parent() -> Path | None:
@@ -264,5 +269,4 @@ def memory_limited(pid: int, limit_bytes: int):
                 with contextlib.suppress(OSError):
                     for proc in (group / "cgroup.procs").read_text().split():
                         (parent / "cgroup.procs").write_text(proc)
-                import time
                 time.sleep(0.1)
