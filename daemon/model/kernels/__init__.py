@@ -32,6 +32,10 @@ _ATEN_CAP = {"default": 0, "avx2": 1}
 _ONEDNN_CAP = {"sse41": 0, "avx": 0, "avx2": 1, "avx2_vnni": 1, "avx2_vnni_2": 1, "avx512_core": 2,
                "avx512_core_vnni": 2}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# no -march: one binary, the ISA picked at run time. -ffp-contract=off: the compiler may not fuse a scalar
+# a*b+c into an FMA in one instantiation of a kernel and not in another (a row's sums must not depend on
+# how many rows run beside it)
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def _build(cache_dir: str) -> str:
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (g++, c++ or clang++; or set CXX)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(version.encode() + platform.machine().encode())
+    digest = hashlib.sha256(version.encode() + platform.machine().encode() + " ".join(FLAGS).encode())
     for source in SOURCES:
         with open(source, "rb") as f:
             digest.update(f.read())
@@ -83,7 +87,7 @@ def _build(cache_dir: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, "-O3", "-fopenmp", "-shared", "-fPIC", "-o", tmp, SOURCE],
+        done = subprocess.run([cxx, *FLAGS, "-o", tmp, SOURCE],
                               capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
@@ -104,8 +108,8 @@ def load(cache_dir: str, log: Callable[[str], None] | None = None) -> Library | 
         try:
             path = _build(cache_dir)
             cdll = ctypes.CDLL(path)
-            cdll.edgechat_decode_step.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT]
-            cdll.edgechat_decode_step.restype = None
+            cdll.edgechat_batch_step.argtypes = [_P, _P, _INT, _INT]
+            cdll.edgechat_batch_step.restype = None
             cdll.edgechat_gemv_lin.argtypes = [_P, _P, _P, _I64, _INT, _INT]
             cdll.edgechat_gemv_lin.restype = None
             cdll.edgechat_dequantize.argtypes = [_P, _P, _INT, _INT]
