@@ -51,7 +51,7 @@ def test_two_daemons_side_by_side_each_report_their_own_worker(tmp_path, cache_d
 
         # a third daemon pointed at the first one's folder refuses to start, naming both
         held = next(p for p in (run / "edgechat").iterdir()
-                    if str(workers[0]) in requests.get(daemons[0].url + "/metrics", timeout=10).text)
+                    if daemons[0].state_dir in (p / ".edgechat.owner").read_text())
         third = tmp_path / "c"
         third.mkdir()
         out = subprocess.run([sys.executable, "-m", "daemon", "serve", "--model", "builtin:tiny",

@@ -107,15 +107,17 @@ def test_sigterm_with_four_turns_streaming_finishes_them_all(daemons):
     d = daemons["term"]
     sids = [chat.new_session(d.url) for _ in range(4)]
     replies: dict[int, chat.Reply] = {}
+    streaming = threading.Semaphore(0)
 
     def run(i: int) -> None:
-        replies[i] = chat.turn(d.url, sids[i], f"turn {i}", stream=True, max_tokens=MID)
+        replies[i] = chat.turn(d.url, sids[i], f"turn {i}", stream=True, max_tokens=MID,
+                               on_first_event=streaming.release)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    chat.eventually(lambda: requests.get(d.url + "/readyz", timeout=10).json()["queue_depth"] >= 3,
-                    30, "one turn running and three queued")
+    for _ in range(4):  # all four are streaming (decoded together, or waiting for a place)
+        assert streaming.acquire(timeout=60), "a turn never started streaming"
     d.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
