@@ -2,8 +2,8 @@
 
 Catches what tracemalloc cannot see: tensor storage is allocated by torch, outside Python's allocator.
 It walks every object the GC tracks (gc.get_objects), so it is O(objects), each walk inside C calls
-only (`_pick` says why: a heap list held by Python code can break another thread's work; holders(),
-which must hold what it finds, runs in a forked child): 0.15-0.5 s per ~375 k objects (torch + transformers + Flask loaded) on the 2-core dev box at load
+only (heapwalk.py says why: a heap list held by Python code can break another thread's work;
+holders(), which must hold what it finds, runs in a forked child): 0.15-0.5 s per ~375 k objects (torch + transformers + Flask loaded) on the 2-core dev box at load
 average ~10, plus a full gc.collect() (0.7 s there) when asked to collect first. The daemon runs it
 on demand (admin endpoints) and, without the collection, for the gauges at a low rate (CENSUS_EVERY_S,
 from the tracing thread in tracing.py). Never imports torch: a
@@ -12,126 +12,20 @@ process that has not loaded it simply has no tensors.
 from __future__ import annotations
 
 import gc
-import os
-import pickle
-import select
-import signal
 import sys
 import threading
 import time
 from collections import Counter
-from itertools import chain, compress, repeat
 from dataclasses import dataclass, field
 from types import FrameType, ModuleType
 from typing import Protocol
 
 from ..telemetry.labels import LIVE_OBJECT_TYPES, OTHER
+from .heapwalk import by_type_id, in_child, live_classes, pick
 
 CENSUS_EVERY_S = 120.0  # background census for the gauges: well under 1 % of one core
 TENSOR = "torch.Tensor"  # every tensor subclass (Parameter included) is counted under this name too
 HOLDER_SCANS = 20  # gc.get_referrers calls per holders() (each one walks the whole heap)
-HOLDERS_TIMEOUT_S = 60.0  # the forked holders() search is killed past this
-
-
-def _heap():
-    """Every GC-tracked object, lazily: the list gc.get_objects() makes lives only inside the C call
-    that consumes this iterator (see _pick for why that matters)."""
-    return chain.from_iterable(map(gc.get_objects, (None,)))
-
-
-class _CollectorOff:
-    """No collection inside a walk: it would run gc callbacks and finalizers, i.e. bytecode."""
-
-    def __enter__(self) -> None:
-        self.was = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc) -> None:
-        if self.was:
-            gc.enable()
-
-
-def _by_type_id() -> Counter:
-    """Live objects per id(type): ints hash in C, where a metaclass's own __hash__ would be bytecode."""
-    counts: Counter = Counter()
-    with _CollectorOff():
-        counts.update(map(id, map(type, _heap())))  # update() runs Python before the walk, none in it
-    return counts
-
-
-def _pick(type_ids: frozenset) -> list:
-    """The live objects whose id(type) is in type_ids (never tuples), picked inside one C call.
-
-    gc.get_objects() hands out every object, including a tuple another thread is still building from
-    a generator (`tuple(x for x in ...)`). Should that thread run while a list of ours holds its tuple,
-    the tuple's final resize sees a second reference and fails ("SystemError:
-    Objects/tupleobject.c: bad argument to internal function") in whatever request it serves. No
-    thread runs while a C call that runs no bytecode holds the GIL, so each generation's objects are
-    listed twice (the second list is the first plus that first list itself, at the end of generation
-    0) and compress() keeps the first list's objects whose type the second one selects: map, compress
-    and chain only, and every list is gone before any bytecode runs again. A tee() would do it with
-    one list, but its buffer lists itself among the objects: a cycle the collector would free later.
-    """
-    keep = (type_ids - {id(tuple)}).__contains__  # a tuple picked could be one still being built
-    picked: list = []
-    with _CollectorOff():
-        for generation in gc_generations():
-            objects, again = map(gc.get_objects, (generation,)), map(gc.get_objects, (generation,))
-            wanted = map(map, repeat(keep), map(map, repeat(id), map(map, repeat(type), again)))
-            picked.extend(chain.from_iterable(map(compress, objects, wanted)))
-    return picked
-
-
-def gc_generations() -> range:
-    """The collector's generations (0 youngest)."""
-    return range(len(gc.get_count()))
-
-
-def _classes() -> dict[int, type]:
-    """Every live class by id: tp_subclasses from object down (a walk of classes, not of the heap)."""
-    found, todo = {id(object): object}, [object]
-    while todo:
-        cls = todo.pop()
-        for sub in (type.__subclasses__(cls) if isinstance(cls, type) else ()):
-            if id(sub) not in found:
-                found[id(sub)] = sub
-                todo.append(sub)
-    return found
-
-
-def in_child(work, timeout_s: float = HOLDERS_TIMEOUT_S):
-    """work() run in a forked child, its picklable result returned: the child has one thread, so
-    walks that must hold what gc hands out (holders()) cannot break another thread's work there.
-    Costs the pages the walk touches (copy-on-write), so it serves on-demand reports only."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        status = 1
-        try:
-            os.close(read)
-            with os.fdopen(write, "wb") as out:
-                out.write(pickle.dumps(work()))
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write)
-    chunks, deadline = [], time.monotonic() + timeout_s
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read], [], [], left)[0]:
-                os.kill(pid, signal.SIGKILL)
-                raise TimeoutError(f"the forked walk took over {timeout_s:.0f} s")
-            chunk = os.read(read, 1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read)
-        os.waitpid(pid, 0)
-    if not chunks:
-        raise RuntimeError("the forked walk ended without a result")
-    return pickle.loads(b"".join(chunks))
 
 
 def _module(cls: type) -> str:
@@ -197,8 +91,8 @@ def take(collect: bool = True, ids: bool = True) -> Census:
     started = time.perf_counter()
     if collect:
         gc.collect()
-    by_id = _by_type_id()
-    classes = _classes()
+    by_id = by_type_id()
+    classes = live_classes()
     by_type = Counter()
     for type_id, n in by_id.items():
         cls = classes.get(type_id)  # None: the class died since the walk (its objects did too)
@@ -208,7 +102,7 @@ def take(collect: bool = True, ids: bool = True) -> Census:
     tensor_types = frozenset(id(t) for t in by_type if tensor_cls is not None and issubclass(t, tensor_cls))
     daemon_types = frozenset(id(t) for t in by_type if _module(t).startswith("daemon."))
     # second walk: the objects of those types (complete objects, safe to hold in Python)
-    picked = _pick(tensor_types | (daemon_types if ids else frozenset())) \
+    picked = pick(tensor_types | (daemon_types if ids else frozenset())) \
         if tensor_types or (ids and daemon_types) else []
     tensors = [o for o in picked if id(type(o)) in tensor_types]
     daemon_ids = {id(o) for o in picked if id(type(o)) in daemon_types} if ids else set()
@@ -252,9 +146,9 @@ def new_tensors(base: Census, sample: int = 6) -> list:
     if tensor_cls is None:
         return []
     # exact types, not isinstance(): that would run every object's __class__ and ABC machinery
-    classes = _classes()
-    kinds = frozenset(i for i in _by_type_id() if i in classes and issubclass(classes[i], tensor_cls))
-    found = [o for o in _pick(kinds) if id(o) not in base.tensor_ids]
+    classes = live_classes()
+    kinds = frozenset(i for i in by_type_id() if i in classes and issubclass(classes[i], tensor_cls))
+    found = [o for o in pick(kinds) if id(o) not in base.tensor_ids]
     picked = found[:: max(1, len(found) // sample)][:sample]
     del found  # it refers to every new tensor: it must not be around when holders() looks
     return picked
