@@ -4,7 +4,7 @@
 // Weights: bf16 or fp32 rows, int8 rows with one scale per row, or int4 groups of 32 with a bf16 scale
 // and minimum per group (w = scale * q + min, q in 0..15). Weights are converted to fp32 in registers.
 // x and y are fp32 ([M][K] and [M][N]). Built without -march: one function per ISA, picked at run time by
-// `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16, 4 AMX-BF16 for bf16 weights).
+// `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16, 4 AMX-BF16 and AMX-INT8).
 // Row independence: every (n, m) sum is accumulated in the same order whatever M and the tiling are, so a
 // row of x gets bit for bit the same result alone or beside others (batched decode = decode alone).
 #include <cstdint>
@@ -344,13 +344,13 @@ static inline void add_bias(float* y, const float* bias, int64_t n0, int64_t n1,
 static bool amx_usable() {
     unsigned a, b, c, d;
     __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    if (!((d >> 22) & 1) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;  // AMX-BF16, -TILE, -INT8
     return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
 }
 #endif
 
 extern "C" {
-// 4: AMX-BF16 too, 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them (or not x86)
+// 4: AMX (BF16 and INT8) too, 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them (or not x86)
 int edgechat_best_isa() {
 #ifdef X86
     __builtin_cpu_init();
