@@ -115,7 +115,7 @@ class Config:
     min_new_tokens: int = _opt(0, help="Suppress end-of-text before this many tokens (testing aid).")
     generation_timeout_s: float = _opt(120.0, help="Per-request generation deadline; the reply ends "
                                                    "with finish_reason=length.")
-    max_batch: int = _opt(4, help="Generations decoded together per worker (continuous batching: each step "
+    max_batch: int = _opt(8, help="Generations decoded together per worker (continuous batching: each step "
                                   "reads the weights once for all of them); a generation joins only when its "
                                   "KV cache fits kv_cache_bytes beside the others'. 1 = one at a time.")
     prefill_chunk: int = _opt(64, help="Prompt tokens one step prefills beside running generations: more "
