@@ -10,7 +10,7 @@ from typing import Any, Callable, Protocol, Sequence
 from .builtin import ensure_built, is_builtin, read_marker
 from ..config import Config
 from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
-from . import tune
+from . import kernels, tune
 from .forward import make_decoder
 from .sampling import Sampler, sampling_for
 from .tokens import TokenTable
@@ -94,6 +94,8 @@ class Engine:
         self.kernel = getattr(self.decoder, "kernel", "hf")
         describe = getattr(self.decoder, "describe", None)  # FastDecoder's; the HF path has nothing to add
         self.decode_path: dict = describe() if describe else {}
+        lib = getattr(getattr(self.decoder, "_step", None), "lib", None)
+        self._argmax = kernels.argmaxer(lib) if lib is not None else None  # greedy rows' token, compiled
         self.choice = choice
         # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
@@ -264,7 +266,8 @@ class Engine:
         sampling = sampling_for(params, max_new, self._generation_config, self.cfg.min_new_tokens)
         constraint = params.constraint() if params.constraint is not None else None
         logprobs: list | None = [] if params.top_logprobs is not None else None
-        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids, constraint, logprobs, params.seed)
+        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids, constraint, logprobs, params.seed,
+                          self._argmax)
         kv_bytes = self.decoder.kv_bytes(len(prompt_ids) + max_new)
         waited = self._admission.enter(kv_bytes, self.cfg.queue_timeout_s)
         try:

@@ -178,3 +178,20 @@ def test_amx_bf16_gives_each_row_what_it_gets_alone(lib, rows):
     kernels.gemv(lib, "bf16", (w,), None, x[-1:].contiguous(), alone)
     assert torch.equal(alone[0], many[-1])
     torch.testing.assert_close(many, x.to(torch.bfloat16).float() @ w.float().T, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 17, 1000, 151936])
+def test_compiled_argmax_is_torchs_with_the_banned_at_minus_infinity(lib, n):
+    """Greedy rows pick their token with edgechat_argmax: the same index as torch's, ties (the first), NaN
+    (the first NaN wins) and everything banned (0) included."""
+    argmax = kernels.argmaxer(lib)
+    g = torch.Generator().manual_seed(n)
+    for trial in range(24):
+        x = torch.randn(n, generator=g)
+        if trial % 4 == 1:
+            x[torch.randint(0, n, (1,), generator=g)] = x.max()  # a tie for the top
+        if trial % 6 == 2 and n > 3:
+            x[n // 2] = float("nan")
+        banned = torch.rand(n, generator=g) < (0.0, 0.3, 1.0)[trial % 3]
+        assert argmax(x, banned) == int(torch.argmax(x.masked_fill(banned, float("-inf"))))
+        assert argmax(x, None) == int(torch.argmax(x))

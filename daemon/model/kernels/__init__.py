@@ -115,6 +115,8 @@ def load(cache_dir: str, log: Callable[[str], None] | None = None) -> Library | 
             cdll.edgechat_gemv_lin.restype = None
             cdll.edgechat_dequantize.argtypes = [_P, _P, _INT, _INT]
             cdll.edgechat_dequantize.restype = None
+            cdll.edgechat_argmax.argtypes = [_P, _P, _I64]
+            cdll.edgechat_argmax.restype = _I64
             isa = min(cdll.edgechat_best_isa(), isa_cap())
             lib = Library(cdll, isa, path, vnni=isa >= 2 and isa_cap() >= 3 and bool(cdll.edgechat_has_vnni()))
             say(f"decode kernels: {path} ({lib.isa_name}{', vnni' if lib.vnni else ''})")
@@ -128,6 +130,15 @@ def current() -> Library | None:
     """The library loaded last (None if none was): what a decoder built without a cache_dir uses."""
     with _lock:
         return next((lib for lib in reversed(list(_loaded.values())) if lib is not None), None)
+
+
+def argmaxer(lib: Library) -> Callable[[torch.Tensor, torch.Tensor | None], int]:
+    """torch.argmax(logits.masked_fill(banned, -inf)) in one pass on one thread (fp32 logits, bool banned)."""
+    run = lib.lib.edgechat_argmax
+
+    def argmax(logits: torch.Tensor, banned: torch.Tensor | None) -> int:
+        return run(logits.data_ptr(), None if banned is None else banned.data_ptr(), logits.shape[0])
+    return argmax
 
 
 def gemv(lib: Library, kind: str, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None,

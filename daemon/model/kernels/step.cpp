@@ -577,6 +577,31 @@ static void step(const Model& M, const Batch& B, int isa, int threads) {
     }
 }
 
+#ifdef X86
+// the largest of x with banned entries left out, in `best`; returns n, or the index of the first NaN
+AVX512 static int64_t argmax512(const float* x, const uint8_t* banned, int64_t n, float& best) {
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    const __m512 none = top;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(x + i);
+        if (banned) {
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(banned + i)));
+            v = _mm512_mask_mov_ps(v, _mm512_test_epi32_mask(b, b), none);
+        }
+        if (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)) break;
+        top = _mm512_max_ps(top, v);
+    }
+    best = _mm512_reduce_max_ps(top);
+    for (; i < n; i++) {
+        const float v = banned && banned[i] ? -INFINITY : x[i];
+        if (v != v) return i;
+        best = v > best ? v : best;
+    }
+    return n;
+}
+#endif
+
 extern "C" {
 int edgechat_has_vnni() {
 #ifdef X86
@@ -642,6 +667,27 @@ void edgechat_dequantize(const Lin* L, void* out, int f32, int threads) {
         if (f32) std::memcpy((float*)out + n * K, row.data(), K * sizeof(float));
         else for (int64_t k = 0; k < K; k++) ((uint16_t*)out)[n * K + k] = f2bf16(row[k]);
     }
+}
+
+// torch.argmax over x with the banned entries at -inf: the first index of the largest value (the first NaN
+// if there is one). Greedy rows pick their token here: one pass in one thread, where torch's argmax and
+// masked_fill wake the OpenMP pool twice per row
+int64_t edgechat_argmax(const float* x, const uint8_t* banned, int64_t n) {
+    float best = -INFINITY;
+    int64_t i = 0;
+#ifdef X86
+    if (n >= 16 && edgechat_best_isa() >= 2) i = argmax512(x, banned, n, best);
+    else
+#endif
+    for (; i < n; i++) {
+        const float v = banned && banned[i] ? -INFINITY : x[i];
+        if (v != v) return i;
+        best = v > best ? v : best;
+    }
+    if (i < n) return i;  // argmax512 met a NaN at i
+    for (int64_t j = 0; j < n; j++)
+        if ((banned && banned[j] ? -INFINITY : x[j]) == best) return j;
+    return 0;
 }
 
 // every row of the batch through the model; logits of the rows asked for
