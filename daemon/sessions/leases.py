@@ -187,6 +187,32 @@ class Failures:
         self.last = None if not self.writes_fail else self.last
 
 
+class Probed:
+    """A shared store's failures as /readyz reports them, and its write probe: the store sets `_failures`,
+    `_errors` (its backend's exceptions) and defines `_probe` (one tiny write)."""
+
+    _failures: Failures
+    _errors: tuple
+
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until a write succeeds again."""
+        return not self._failures.writes_fail
+
+    def last_error(self) -> str | None:
+        """The last failure, while it stands."""
+        return self._failures.last
+
+    def probe_write(self) -> bool:
+        """One tiny write now; `writable` after it (a success also retries the leases left behind)."""
+        try:
+            self._probe()
+        except StoreFailure:
+            return self.writable
+        self._failures.retry_releases(self._errors)
+        return self.writable
+
+
 def store_call(operation: str, errors: tuple):
     """Decorate a shared store's method: timed, guarded against re-entry from GC, and `errors`
     (the backend's own exceptions) recorded (store._failures) and raised as StoreFailure, which the

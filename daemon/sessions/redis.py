@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 import redis
 
 from . import redis_scripts as lua
-from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreFailure, StoreStats,
+from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats,
                    StoreUnavailable)
 from .clock import SteadyClock, boottime
-from .leases import (Failures, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
+from .leases import (Failures, Probed, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
                      store_call)
 
 PREFIX = "edgechat:"
@@ -62,8 +62,10 @@ def _where(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
 
 
-class RedisStore(SessionStore):
+class RedisStore(Probed, SessionStore):
     """Sessions in one Redis database under the `edgechat:` prefix."""
+
+    _errors = ERRORS
 
     def __init__(self, policy, count_tokens, *, url: str, **kwargs):
         super().__init__(policy, count_tokens, **kwargs)
@@ -177,27 +179,9 @@ class RedisStore(SessionStore):
             return False
         return True
 
-    @property
-    def writable(self) -> bool:
-        """False from a failed write until a write succeeds again."""
-        return not self._failures.writes_fail
-
-    def last_error(self) -> str | None:
-        """The last failure, while it stands."""
-        return self._failures.last
-
     @store_call("probe", ERRORS)
     def _probe(self) -> None:
         self._redis.set(PREFIX + "probe", str(os.getpid()), px=60_000)
-
-    def probe_write(self) -> bool:
-        """One tiny write now (a key that expires by itself); `writable` after it."""
-        try:
-            self._probe()
-        except StoreFailure:
-            return self.writable
-        self._failures.retry_releases(ERRORS)
-        return self.writable
 
     def close(self) -> None:
         """Drop the connection pool; later calls raise RuntimeError. The data stays in Redis."""

@@ -21,9 +21,9 @@ import threading
 from contextlib import contextmanager
 
 from . import sqlite_schema as schema
-from .base import SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreFailure, StoreStats
+from .base import SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats
 from .clock import SteadyClock
-from .leases import (Failures, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
+from .leases import (Failures, Probed, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
                      store_call)
 
 ERRORS = (sqlite3.Error,)
@@ -50,8 +50,10 @@ def _dump(pairs) -> str:
     return json.dumps([list(p) for p in pairs], ensure_ascii=False, separators=(",", ":"))
 
 
-class SQLiteStore(SessionStore):
+class SQLiteStore(Probed, SessionStore):
     """Sessions in one SQLite file; safe for many threads and processes on one host."""
+
+    _errors = ERRORS
 
     def __init__(self, policy, count_tokens, *, path: str, busy_timeout_s: float = 5.0, **kwargs):
         super().__init__(policy, count_tokens, **kwargs)
@@ -180,28 +182,10 @@ class SQLiteStore(SessionStore):
             return False
         return True
 
-    @property
-    def writable(self) -> bool:
-        """False from a failed write until a write succeeds again."""
-        return not self._failures.writes_fail
-
-    def last_error(self) -> str | None:
-        """The last failure, while it stands."""
-        return self._failures.last
-
     @store_call("probe", ERRORS)
     def _probe(self) -> None:
         with self._write() as conn:  # a page really written (and fsynced at the checkpoint)
             conn.execute("UPDATE schema_version SET version = version")
-
-    def probe_write(self) -> bool:
-        """One tiny durable write now; `writable` after it."""
-        try:
-            self._probe()
-        except StoreFailure:
-            return self.writable
-        self._failures.retry_releases(ERRORS)
-        return self.writable
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise RuntimeError."""
