@@ -117,6 +117,15 @@ def http_json(method: str, url: str, body: dict | None = None, timeout: float = 
         return err.code, json.loads(err.read() or b"{}")
 
 
+def scrape(url: str) -> dict:
+    """{(name, sorted label pairs): value} of a daemon's /metrics (summed over workers by the daemon)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as resp:  # noqa: S310 - our own daemon
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of one process, in MiB (psutil)."""
     return psutil.Process(pid).memory_info().rss / MB
@@ -168,19 +177,21 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60.0) -> int | None:
     return proc.returncode
 
 
-def clean_env() -> dict:
-    """This environment without EDGECHAT_* settings, so only the bench's flags configure daemons."""
+def clean_env(repo: str = REPO) -> dict:
+    """This environment without EDGECHAT_* settings, so only the bench's flags configure daemons; the
+    daemon's code comes from `repo` (this checkout by default)."""
     from daemon.telemetry.multiproc import MULTIPROC_ENV  # light import: no prometheus_client
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECHAT_") and k != MULTIPROC_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     return env
 
 
 class ServedDaemon:
     """`python -m daemon serve` (one gunicorn worker) on a free port; a context manager that always stops it."""
 
-    def __init__(self, name: str, workdir: str, args: Sequence[str]) -> None:
+    def __init__(self, name: str, workdir: str, args: Sequence[str], repo: str = REPO) -> None:
         self.name = name
+        self.repo = repo
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, f"{name}.log")
@@ -193,7 +204,7 @@ class ServedDaemon:
     def start(self, timeout: float = 600.0) -> "ServedDaemon":
         """Start, wait for /readyz, and find the worker: /healthz's pid, a child of the master."""
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, env=clean_env(), cwd=REPO, stdout=log,
+            self.proc = subprocess.Popen(self.cmd, env=clean_env(self.repo), cwd=self.repo, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -26,12 +27,16 @@ def _xdg(var: str, fallback: str) -> str:
     return os.path.join(base, "edgechat")
 
 
-def _runtime_default() -> str:
-    """Metrics folder default: $XDG_RUNTIME_DIR/edgechat/metrics, else under the state folder."""
+def instance_metrics_dir(state_dir: str) -> str:
+    """The metrics folder of the daemon whose state folder this is: one per instance, so two daemons
+    on one host never share (and wipe) each other's files. Under $XDG_RUNTIME_DIR (a tmpfs: no
+    writes to an SD card) keyed by the state folder's path, else inside the state folder."""
+    state = os.path.abspath(os.path.expanduser(state_dir))
     run = os.environ.get("XDG_RUNTIME_DIR")
     if run:
-        return os.path.join(run, "edgechat", "metrics")
-    return os.path.join(_xdg("XDG_STATE_HOME", "~/.local/state"), "metrics")
+        key = hashlib.sha256(state.encode()).hexdigest()[:12]
+        return os.path.join(run, "edgechat", f"metrics-{key}")
+    return os.path.join(state, "metrics")
 
 
 def _opt(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None,
@@ -76,7 +81,8 @@ class Config:
     host: str = _opt("127.0.0.1", help="Address to listen on.")
     port: int = _opt(8000, help="TCP port to listen on.")
     workers: int = _opt(1, help="gunicorn worker processes; each holds one copy of the model.")
-    worker_threads: int = _opt(4, help="Request threads per worker (generation is serialized per model).")
+    worker_threads: int = _opt(4, help="Request threads per worker beyond those the batch and its waiting line "
+                                       "take (probes, /metrics, sessions).")
     graceful_timeout_s: float = _opt(60.0, help="Seconds in-flight turns get to finish after SIGTERM.")
     max_requests: int = _opt(0, help="Recycle a worker after this many requests (a leak safety "
                                      "valve); 0 = never.")
@@ -109,17 +115,24 @@ class Config:
     min_new_tokens: int = _opt(0, help="Suppress end-of-text before this many tokens (testing aid).")
     generation_timeout_s: float = _opt(120.0, help="Per-request generation deadline; the reply ends "
                                                    "with finish_reason=length.")
-    queue_limit: int = _opt(4, help="Requests that may wait for the model; more get 503.")
-    queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for the model before 503.")
+    max_batch: int = _opt(8, help="Generations decoded together per worker (continuous batching: each step "
+                                  "reads the weights once for all of them); a generation joins only when its "
+                                  "KV cache fits kv_cache_bytes beside the others'. 1 = one at a time.")
+    prefill_chunk: int = _opt(64, help="Prompt tokens one step prefills beside running generations: more "
+                                       "answers a new prompt sooner, fewer keeps the others streaming evenly.")
+    queue_limit: int = _opt(4, help="Requests that may wait for a place in the batch; more get 503.")
+    queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for a place in the batch before 503.")
     max_body_bytes: int = _opt(1_048_576, help="Largest accepted request body; larger gets 413.")
     request_read_timeout_s: float = _opt(10.0, help="Seconds a client has to send a request's head; "
                                                     "its body gets as long again plus its size at "
                                                     "request_read_min_rate. Later gets 408.")
     request_read_min_rate: int = _opt(65_536, help="Bytes/s a request body must arrive at, at least "
                                                    "(see request_read_timeout_s).")
-    kv_cache_bytes: int = _opt(134_217_728, help="Per-worker budget for KV caches kept between turns "
-                                                 "(a turn then prefills only its new tokens; LRU); "
-                                                 "0 = off.")
+    kv_cache_bytes: int = _opt(134_217_728, help="Per-worker budget for KV caches: running generations' "
+                                                 "(reserved whole when they join the batch) and those kept "
+                                                 "between turns (a turn then prefills only its new tokens; "
+                                                 "LRU, dropped first). 0 = none kept, one generation at a "
+                                                 "time.")
     # --- per-turn memory hygiene -----------------------------------------------------------
     gc_after_turn: bool = _opt(False, help="Run gc.collect() after every turn (see docs/memory.md).")
     malloc_trim_after_turn: bool = _opt(True, help="Call glibc malloc_trim(0) after every turn to "
@@ -139,8 +152,9 @@ class Config:
     metrics_key_file: str = _opt("", help="File holding metrics_key; default: "
                                           "$CREDENTIALS_DIRECTORY/metrics_key when systemd provides it.")
     max_turns_in_flight_per_key: int = _opt(0, help="Turns (running or waiting) one API key may have "
-                                                    "per worker; more get 429. 0 = half the model "
-                                                    "queue (1 + queue_limit, rounded up) when api_keys "
+                                                    "per worker; more get 429. 0 = half of what the "
+                                                    "model takes (max_batch + queue_limit, rounded up) "
+                                                    "when api_keys "
                                                     "is set, else no limit. Without api_keys, limits "
                                                     "apply per client address.")
     max_requests_per_minute_per_key: int = _opt(0, help="/v1 requests one API key may make per "
@@ -148,8 +162,10 @@ class Config:
     # --- observability ---------------------------------------------------------------------
     metrics_path: str = _opt("/metrics", help="Path of the Prometheus endpoint.")
     metrics_port: int = _opt(0, help="Serve /metrics on this separate port too; 0 = main port only.")
-    metrics_dir: str = _opt(help="prometheus_client multiprocess folder (wiped by edgechat serve).",
-                            factory=_runtime_default)
+    metrics_dir: str = _opt("", help="prometheus_client multiprocess folder, one per daemon (wiped at "
+                                     "start; a daemon finding it held by another running one refuses "
+                                     "to start); empty = $XDG_RUNTIME_DIR/edgechat/metrics-<hash of "
+                                     "state_dir>, else state_dir/metrics.")
     metrics_refresh_s: float = _opt(5.0, help="Seconds between refreshes of per-worker memory/GC gauges.")
     memory_limit_bytes: int = _opt(0, help="Memory budget; 0 = cgroup limit if set, else host total.")
     tracemalloc: bool = _opt(False, help="Trace Python allocations (costs memory and time).")
@@ -181,7 +197,7 @@ class Config:
                      "max_turns_in_flight_per_key", "max_requests_per_minute_per_key"):
             _at_least(self, name, 0)
         for name in ("workers", "worker_threads", "max_new_tokens", "max_body_bytes",
-                     "request_read_min_rate"):
+                     "request_read_min_rate", "max_batch", "prefill_chunk"):
             _at_least(self, name, 1)
         for name in ("session_ttl_s",):
             _at_least(self, name, 0)
@@ -197,6 +213,8 @@ class Config:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port!r}")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        if not self.metrics_dir:
+            object.__setattr__(self, "metrics_dir", instance_metrics_dir(self.state_dir))
         if not self.metrics_path.startswith("/"):
             raise ValueError(f"metrics_path must start with '/', got {self.metrics_path!r}")
         if not self.model:
@@ -236,7 +254,7 @@ class Config:
         """The effective per-key limit on turns in flight (0 = none); see max_turns_in_flight_per_key."""
         if self.max_turns_in_flight_per_key or not self.api_keys:
             return self.max_turns_in_flight_per_key
-        return (self.queue_limit + 2) // 2
+        return (self.max_batch + self.queue_limit + 1) // 2
 
     def session_store_url(self) -> str:
         """The session store to open: session_store, else the SQLite file in state_dir."""
@@ -349,8 +367,7 @@ def markdown_table() -> str:
     for f in dataclasses.fields(Config):
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = "(see meaning)" if f.name != "state_dir" else "`$XDG_STATE_HOME/edgechat`"
-            default = {"cache_dir": "`$XDG_CACHE_HOME/edgechat`",
-                       "metrics_dir": "`$XDG_RUNTIME_DIR/edgechat/metrics`"}.get(f.name, default)
+            default = {"cache_dir": "`$XDG_CACHE_HOME/edgechat`"}.get(f.name, default)
         else:
             value = f.default
             default = f"`{','.join(value) if isinstance(value, tuple) else value}`"

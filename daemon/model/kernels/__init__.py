@@ -26,12 +26,17 @@ import torch
 _LOG = logging.getLogger("edgechat.kernels")
 SOURCE = os.path.join(os.path.dirname(__file__), "step.cpp")  # includes gemv.cpp: one unit
 SOURCES = (os.path.join(os.path.dirname(__file__), "gemv.cpp"), SOURCE)
-ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16")
+ISA_NAMES = ("generic", "avx2", "avx512", "avx512_bf16", "amx_bf16")
+TOP = len(ISA_NAMES) - 1
 # ATen's and oneDNN's own caps (the forced-ISA switches) cap these kernels too
 _ATEN_CAP = {"default": 0, "avx2": 1}
 _ONEDNN_CAP = {"sse41": 0, "avx": 0, "avx2": 1, "avx2_vnni": 1, "avx2_vnni_2": 1, "avx512_core": 2,
-               "avx512_core_vnni": 2}
+               "avx512_core_vnni": 2, "avx512_core_bf16": 3, "avx10_1_512": 3, "avx512_core_fp16": 3}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# no -march: one binary, the ISA picked at run time. -ffp-contract=off: the compiler may not fuse a scalar
+# a*b+c into an FMA in one instantiation of a kernel and not in another (a row's sums must not depend on
+# how many rows run beside it)
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Library:
 
     @property
     def isa_name(self) -> str:
-        """generic | avx2 | avx512 | avx512_bf16."""
+        """generic | avx2 | avx512 | avx512_bf16 | amx_bf16."""
         return ISA_NAMES[self.isa]
 
 
@@ -58,10 +63,10 @@ def _compiler() -> str | None:
 
 
 def isa_cap(environ: dict | None = None) -> int:
-    """The highest ISA allowed by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (3 when neither caps it)."""
+    """The highest ISA allowed by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (TOP when neither caps it)."""
     env = os.environ if environ is None else environ
-    cap = _ATEN_CAP.get(env.get("ATEN_CPU_CAPABILITY", "").lower(), 3)
-    return min(cap, _ONEDNN_CAP.get(env.get("ONEDNN_MAX_CPU_ISA", "").lower(), 3))
+    cap = _ATEN_CAP.get(env.get("ATEN_CPU_CAPABILITY", "").lower(), TOP)
+    return min(cap, _ONEDNN_CAP.get(env.get("ONEDNN_MAX_CPU_ISA", "").lower(), TOP))
 
 
 def _build(cache_dir: str) -> str:
@@ -70,7 +75,7 @@ def _build(cache_dir: str) -> str:
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (g++, c++ or clang++; or set CXX)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(version.encode() + platform.machine().encode())
+    digest = hashlib.sha256(version.encode() + platform.machine().encode() + " ".join(FLAGS).encode())
     for source in SOURCES:
         with open(source, "rb") as f:
             digest.update(f.read())
@@ -83,7 +88,7 @@ def _build(cache_dir: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([cxx, "-O3", "-fopenmp", "-shared", "-fPIC", "-o", tmp, SOURCE],
+        done = subprocess.run([cxx, *FLAGS, "-o", tmp, SOURCE],
                               capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
@@ -104,12 +109,14 @@ def load(cache_dir: str, log: Callable[[str], None] | None = None) -> Library | 
         try:
             path = _build(cache_dir)
             cdll = ctypes.CDLL(path)
-            cdll.edgechat_decode_step.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT]
-            cdll.edgechat_decode_step.restype = None
+            cdll.edgechat_batch_step.argtypes = [_P, _P, _INT, _INT]
+            cdll.edgechat_batch_step.restype = None
             cdll.edgechat_gemv_lin.argtypes = [_P, _P, _P, _I64, _INT, _INT]
             cdll.edgechat_gemv_lin.restype = None
             cdll.edgechat_dequantize.argtypes = [_P, _P, _INT, _INT]
             cdll.edgechat_dequantize.restype = None
+            cdll.edgechat_argmax.argtypes = [_P, _P, _I64]
+            cdll.edgechat_argmax.restype = _I64
             isa = min(cdll.edgechat_best_isa(), isa_cap())
             lib = Library(cdll, isa, path, vnni=isa >= 2 and isa_cap() >= 3 and bool(cdll.edgechat_has_vnni()))
             say(f"decode kernels: {path} ({lib.isa_name}{', vnni' if lib.vnni else ''})")
@@ -123,6 +130,15 @@ def current() -> Library | None:
     """The library loaded last (None if none was): what a decoder built without a cache_dir uses."""
     with _lock:
         return next((lib for lib in reversed(list(_loaded.values())) if lib is not None), None)
+
+
+def argmaxer(lib: Library) -> Callable[[torch.Tensor, torch.Tensor | None], int]:
+    """torch.argmax(logits.masked_fill(banned, -inf)) in one pass on one thread (fp32 logits, bool banned)."""
+    run = lib.lib.edgechat_argmax
+
+    def argmax(logits: torch.Tensor, banned: torch.Tensor | None) -> int:
+        return run(logits.data_ptr(), None if banned is None else banned.data_ptr(), logits.shape[0])
+    return argmax
 
 
 def gemv(lib: Library, kind: str, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
