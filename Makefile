@@ -11,7 +11,7 @@ TORCH_PIN := $(shell sed -n 's/^ *\(torch==[0-9.]*\).*/\1/p' setup.cfg)
 
 .PHONY: venv serve test test-fast test-deps
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch is pinned in setup.cfg; installed first from TORCH_INDEX when set, it is the CPU build
 	$(if $(TORCH_INDEX),$(VENV)/bin/pip install -q --index-url $(TORCH_INDEX) '$(TORCH_PIN)')

@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 from .builtin import ensure_built, is_builtin, read_marker
 from ..config import Config
 from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
-from . import tune
+from . import kernels, tune
 from .forward import make_decoder
 from .sampling import Constraint, Sampler, Sampling, TurnCounts, run_turn, sampling_for
 from .tokens import TokenTable
@@ -160,7 +160,9 @@ class Engine:
         self.quantize = choice.quantize
         self.kernel = getattr(self.decoder, "kernel", "hf")
         describe = getattr(self.decoder, "describe", None)  # FastDecoder's; the HF path has nothing to add
-        self.decode_path: dict = describe() if describe else {}
+        # and where the compiled kernels came from (packaged, built, unavailable, off): a per-op step with
+        # them unavailable is the slow path EdgechatDecodeSlowPath reports
+        self.decode_path: dict = {**(describe() if describe else {}), "compiled": kernels.state()}
         self.choice = choice
         # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0

@@ -148,7 +148,7 @@ class FastDecoder:
         and the process's bytes in huge pages (the streamed weights, where the kernel granted them)."""
         lib = self._step.lib if self._step is not None else None
         return {"step": "one-call" if lib else "per-op",
-                "isa": f"{lib.isa_name}{'+vnni' if lib.vnni else ''}" if lib else None,
+                "isa": lib.label if lib else None,
                 "huge_pages_mb": round(huge_bytes_held() / 2**20)}
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

@@ -260,7 +260,14 @@ static inline void add_bias(float* y, const float* bias, int64_t n0, int64_t n1,
     if (bias) for (int64_t m = 0; m < M; m++) for (int64_t n = n0; n < n1; n++) y[m * N + n] += bias[n];
 }
 
+#ifndef EDGECHAT_SOURCE_HASH
+#define EDGECHAT_SOURCE_HASH "unknown"
+#endif
+
 extern "C" {
+// the hash of the sources this library was built from (kernels/build.py passes it)
+const char* edgechat_source_hash() { return EDGECHAT_SOURCE_HASH; }
+
 // 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them (or not x86)
 int edgechat_best_isa() {
 #ifdef X86
