@@ -40,12 +40,15 @@ class Daemon:
     """`edgechat serve` on builtin:tiny (or another model) as a real gunicorn, stopped on exit."""
 
     def __init__(self, tmp_path, cache_dir: str, *args: str, env: dict | None = None,
-                 start_timeout: float = 180.0):
+                 start_timeout: float = 180.0, command: list[str] | None = None):
+        """command: what runs `edgechat` instead of this interpreter's `-m daemon` (this checkout); a
+        command given runs in tmp_path, so it imports the daemon it was installed with, not the checkout."""
+        self.tmp_path = tmp_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = str(tmp_path / "metrics")
         self.log_path = tmp_path / "daemon.log"
-        self.cmd = [sys.executable, "-m", "daemon", "serve", "--port", str(self.port),
+        self.cmd = [*(command or [sys.executable, "-m", "daemon"]), "serve", "--port", str(self.port),
                     "--cache-dir", cache_dir, "--state-dir", str(tmp_path / "state"),
                     "--metrics-dir", self.metrics_dir, "--threads", "1",
                     "--metrics-refresh-s", "1", *args]
@@ -55,6 +58,7 @@ class Daemon:
                     if not k.startswith("EDGECHAT_") and k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env.update(env or {})
         self.start_timeout = start_timeout
+        self.command = command
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float | None = None) -> "Daemon":
@@ -67,8 +71,8 @@ class Daemon:
             raise RuntimeError(f"this Daemon was started already (pid {self.proc.pid}); "
                                "use either start()/stop() or `with Daemon(...)`, not both")
         self._log = open(self.log_path, "wb")
-        self.proc = track(subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
+        self.proc = track(subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, cwd=None if self.command is None else self.tmp_path))
         try:
             wait_http(self.url + "/readyz", self.start_timeout if timeout is None else timeout, self.proc)
         except Exception:
