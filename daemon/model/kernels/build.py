@@ -15,7 +15,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNIT = "step.cpp"  # the one compiled unit: it includes gemv.cpp, which includes arm.cpp on aarch64
-SOURCES = ("step.cpp", "gemv.cpp")
+SOURCES = ("step.cpp", "gemv.cpp", "arm.cpp")
 LIBRARY = "libedgechat_kernels.so"  # the packaged library's name: no Python ABI tag, it uses no Python API
 # No -march: one binary per architecture; each ISA's functions carry their own target attribute and
 # are picked at run time. -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded.

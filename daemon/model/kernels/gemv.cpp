@@ -3,7 +3,8 @@
 // Weights: bf16 or fp32 rows, int8 rows with one scale per row, or int4 groups of 32 with a bf16 scale
 // and minimum per group (w = scale * q + min, q in 0..15). Weights are converted to fp32 in registers.
 // x and y are fp32; m (rows of x) is small (decode: 1). Built without -march: one function per ISA,
-// picked at run time by `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16).
+// picked at run time by `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16; on aarch64, arm.cpp:
+// 1 NEON, 2 NEON with the dot-product instructions).
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -237,6 +238,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void bf16_dp(const
 }
 #endif
 
+#if defined(__aarch64__)
+#include "arm.cpp"
+#endif
+
 static inline uint16_t f2bf16(float f) {  // round to nearest even (x is finite)
     uint32_t u; std::memcpy(&u, &f, 4); return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
@@ -268,13 +273,15 @@ extern "C" {
 // the hash of the sources this library was built from (kernels/build.py passes it)
 const char* edgechat_source_hash() { return EDGECHAT_SOURCE_HASH; }
 
-// 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them (or not x86)
+// 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them; aarch64: 2 NEON+SDOT, 1 NEON
 int edgechat_best_isa() {
 #ifdef X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16")) return 3;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#elif defined(__aarch64__)
+    return arm_best_isa();
 #endif
     return 0;
 }
