@@ -85,3 +85,20 @@ def test_the_source_hash_covers_every_source_and_the_flags(tmp_path, monkeypatch
     assert build.source_hash(folder) != base
     os.unlink(os.path.join(folder, build.UNIT))
     assert build.source_hash(folder) is None
+
+
+@pytest.mark.parametrize("arch,isa,vnni_flag,name,label,dot", [
+    ("x86_64", 3, 1, "avx512_bf16", "avx512_bf16+vnni", True),
+    ("x86_64", 3, 0, "avx512_bf16", "avx512_bf16", False),
+    ("x86_64", 1, 1, "avx2", "avx2", False),
+    ("aarch64", 2, 0, "neon_dotprod", "neon_dotprod", True),  # SDOT: the interleaved layouts, no "+vnni"
+    ("aarch64", 1, 0, "neon", "neon", False),
+])
+def test_isa_names_and_the_dot_product_kernels_per_architecture(monkeypatch, arch, isa, vnni_flag, name, label, dot):
+    monkeypatch.setattr(kernels, "ARCH", arch)
+    monkeypatch.setattr(kernels, "ISA_NAMES", kernels.ISA_LEVELS[arch])
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)
+    chosen = kernels._dot(isa, lambda: vnni_flag)
+    lib = kernels.Library(None, isa, "lib.so", vnni=chosen)
+    assert (lib.isa_name, lib.label, chosen) == (name, label, dot)

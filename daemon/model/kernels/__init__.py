@@ -32,8 +32,8 @@ PACKAGED = os.path.join(build.HERE, build.LIBRARY)  # what setup.py builds into 
 MACHINE = platform.machine().lower()
 ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(MACHINE, MACHINE)
 # edgechat_best_isa()'s levels on each architecture (0 is the portable C++ everywhere)
-ISA_NAMES = {"x86_64": ("generic", "avx2", "avx512", "avx512_bf16"),
-             "aarch64": ("generic", "neon", "neon_dotprod")}.get(ARCH, ("generic",))
+ISA_LEVELS = {"x86_64": ("generic", "avx2", "avx512", "avx512_bf16"), "aarch64": ("generic", "neon", "neon_dotprod")}
+ISA_NAMES = ISA_LEVELS.get(ARCH, ("generic",))
 # ATen's and oneDNN's own caps (the forced-ISA switches) cap these kernels too
 _ATEN_CAP = {"default": 0, "avx2": 1}
 _ONEDNN_CAP = {"sse41": 0, "avx": 0, "avx2": 1, "avx2_vnni": 1, "avx2_vnni_2": 1, "avx512_core": 2,
@@ -104,11 +104,16 @@ def _open(path: str, source: str) -> Library:
     cdll.edgechat_dequantize.restype = None
     cdll.edgechat_source_hash.restype = ctypes.c_char_p
     isa = min(cdll.edgechat_best_isa(), isa_cap())
+    return Library(cdll, isa, path, vnni=_dot(isa, cdll.edgechat_has_vnni), source=source,
+                   digest=cdll.edgechat_source_hash().decode())
+
+
+def _dot(isa: int, has_vnni: Callable[[], int]) -> bool:
+    """Whether the interleaved int8 dot-product kernels run: neon_dotprod on aarch64; on x86 AVX512 with
+    VNNI, unless ATen or oneDNN is capped below AVX512."""
     if ARCH == "aarch64":
-        dot = isa >= 2
-    else:
-        dot = isa >= 2 and isa_cap() >= 3 and bool(cdll.edgechat_has_vnni())
-    return Library(cdll, isa, path, vnni=dot, source=source, digest=cdll.edgechat_source_hash().decode())
+        return isa >= 2
+    return ARCH == "x86_64" and isa >= 2 and isa_cap() >= 3 and bool(has_vnni())
 
 
 def _packaged(say: Callable[[str], None]) -> Library | None:
