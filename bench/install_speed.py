@@ -6,13 +6,15 @@ downloaded again); then, per precision, starts two children on builtin:qwen2.5-0
 checkout (kernels built at first start into a scratch cache) and the wheel install (PATH without a
 compiler: its packaged library or nothing) — and alternates them round by round (who goes first
 alternates too), 64 greedy tokens after a 32-token prompt each time. Prints each side's median tok/s and
-the median of the per-round ratios wheel / checkout.
+the median of the per-round ratios wheel / checkout, and whether the two libraries are the same bytes
+(they should be: one command, no -march, deterministic).
 
     .venv/bin/python -m bench.install_speed [--rounds 5] [--quantize none,int8,int4]
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import shutil
@@ -42,7 +44,7 @@ path = ensure_built("builtin:qwen2.5-0.5b-shape", model_cache, log=lambda *a: No
 decoder = FastDecoder(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), quantize,
                       "native" if lib else None)
 print(json.dumps({"daemon": daemon.__file__, "compiled": kernels.state(), "isa": lib.label if lib else None,
-                  **decoder.describe()}), flush=True)
+                  "library": lib.path if lib else None, **decoder.describe()}), flush=True)
 ids = list(range(1000, 1000 + prompt))
 for _ in sys.stdin:
     with torch.inference_mode():
@@ -140,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
                     child.stdin.close()
                     common.stop_process(child, 30)
             ratios = [w / c for w, c in zip(speeds["wheel"], speeds["checkout"])]
+            libraries = [said["library"] for _, said in sides.values()]
+            same = None not in libraries and filecmp.cmp(*libraries, shallow=False)
             rows.append([quantize, sides["wheel"][1]["compiled"], sides["wheel"][1]["step"], sides["wheel"][1]["isa"],
+                         "yes" if same else "no",
                          f"{common.median(speeds['checkout']):.1f}", f"{common.median(speeds['wheel']):.1f}",
                          f"{common.median(ratios):.3f}", f"{min(ratios):.3f}–{max(ratios):.3f}"])
-    print(common.markdown_table(["weights", "wheel: compiled", "step", "isa", "checkout tok/s", "wheel tok/s",
+    print(common.markdown_table(["weights", "wheel: compiled", "step", "isa", "same library bytes", "checkout tok/s",
+                                 "wheel tok/s",
                                  "wheel / checkout (median)", "per-round range"], rows))
     return 0
 
