@@ -5,11 +5,12 @@ builder stage does; installs the wheel into a fresh venv that reuses this venv's
 downloaded again); then, per precision, starts two children on builtin:qwen2.5-0.5b-shape — this
 checkout (kernels built at first start into a scratch cache) and the wheel install (PATH without a
 compiler: its packaged library or nothing) — and alternates them round by round (who goes first
-alternates too), 64 greedy tokens after a 32-token prompt each time. Prints each side's median tok/s and
+alternates too), a few greedy tokens after a 32-token prompt each time: short, many rounds, so that a
+shared machine's load, which moves by the second, falls alike on both sides. Prints each side's median tok/s and
 the median of the per-round ratios wheel / checkout, and whether the two libraries are the same bytes
 (they should be: one command, no -march, deterministic).
 
-    .venv/bin/python -m bench.install_speed [--rounds 5] [--quantize none,int8,int4]
+    .venv/bin/python -m bench.install_speed [--rounds 25] [--tokens 16] [--quantize none,int8,int4]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import tempfile
 
 from . import common
 
-NEW, PROMPT = 64, 32
+PROMPT = 32
 CONTEXT = ("pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "README.md", "daemon")
 # A child: load the kernels and the model, say where they came from, then one decode timing per stdin line.
 CHILD = r"""
@@ -90,8 +91,9 @@ def install(wheel: str, workdir: str) -> str:
     return os.path.join(venv, "bin")
 
 
-def spawn(python: str, env: dict, kernel_cache: str, quantize: str, cwd: str) -> tuple[subprocess.Popen, dict]:
-    child = subprocess.Popen([python, "-c", CHILD, common.default_cache_dir(), kernel_cache, quantize, str(NEW),
+def spawn(python: str, env: dict, kernel_cache: str, quantize: str, tokens: int,
+          cwd: str) -> tuple[subprocess.Popen, dict]:
+    child = subprocess.Popen([python, "-c", CHILD, common.default_cache_dir(), kernel_cache, quantize, str(tokens),
                               str(PROMPT)], cwd=cwd, env=env, text=True, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE)
     said = json.loads(child.stdout.readline() or "{}")
@@ -109,7 +111,8 @@ def ask(child: subprocess.Popen) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--tokens", type=int, default=16, help="greedy tokens timed per measurement")
     parser.add_argument("--quantize", default="none,int8,int4", help="comma-separated: none, int8, int4")
     args = parser.parse_args(argv)
     common.exit_on_sigterm()
@@ -125,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         for quantize in args.quantize.split(","):
             sides = {}
             try:
-                sides["checkout"] = spawn(sys.executable, base, os.path.join(workdir, "kernels"), quantize, common.REPO)
+                sides["checkout"] = spawn(sys.executable, base, os.path.join(workdir, "kernels"), quantize,
+                                          args.tokens, common.REPO)
                 sides["wheel"] = spawn(os.path.join(bin_dir, "python"), no_compiler, os.path.join(workdir, "none"),
-                                       quantize, workdir)
+                                       quantize, args.tokens, workdir)
                 for name, (_, said) in sides.items():
                     print(f"  {quantize} {name}: {said}", file=sys.stderr)
                 speeds: dict[str, list[float]] = {"checkout": [], "wheel": []}
