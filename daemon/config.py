@@ -77,7 +77,8 @@ class Config:
     host: str = _opt("127.0.0.1", help="Address to listen on.")
     port: int = _opt(8000, help="TCP port to listen on.")
     workers: int = _opt(1, help="gunicorn worker processes; each holds one copy of the model.")
-    worker_threads: int = _opt(4, help="Request threads per worker (generation is serialized per model).")
+    worker_threads: int = _opt(4, help="Request threads per worker beyond those the batch and its waiting line "
+                                       "take (probes, /metrics, sessions).")
     graceful_timeout_s: float = _opt(60.0, help="Seconds in-flight turns get to finish after SIGTERM.")
     max_requests: int = _opt(0, help="Recycle a worker after this many requests (a leak safety "
                                      "valve); 0 = never.")
@@ -110,17 +111,24 @@ class Config:
     min_new_tokens: int = _opt(0, help="Suppress end-of-text before this many tokens (testing aid).")
     generation_timeout_s: float = _opt(120.0, help="Per-request generation deadline; the reply ends "
                                                    "with finish_reason=length.")
-    queue_limit: int = _opt(4, help="Requests that may wait for the model; more get 503.")
-    queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for the model before 503.")
+    max_batch: int = _opt(4, help="Generations decoded together per worker (continuous batching: each step "
+                                  "reads the weights once for all of them); a generation joins only when its "
+                                  "KV cache fits kv_cache_bytes beside the others'. 1 = one at a time.")
+    prefill_chunk: int = _opt(64, help="Prompt tokens one step prefills beside running generations: more "
+                                       "answers a new prompt sooner, fewer keeps the others streaming evenly.")
+    queue_limit: int = _opt(4, help="Requests that may wait for a place in the batch; more get 503.")
+    queue_timeout_s: float = _opt(30.0, help="Seconds a request waits for a place in the batch before 503.")
     max_body_bytes: int = _opt(1_048_576, help="Largest accepted request body; larger gets 413.")
     request_read_timeout_s: float = _opt(10.0, help="Seconds a client has to send a request's head; "
                                                     "its body gets as long again plus its size at "
                                                     "request_read_min_rate. Later gets 408.")
     request_read_min_rate: int = _opt(65_536, help="Bytes/s a request body must arrive at, at least "
                                                    "(see request_read_timeout_s).")
-    kv_cache_bytes: int = _opt(134_217_728, help="Per-worker budget for KV caches kept between turns "
-                                                 "(a turn then prefills only its new tokens; LRU); "
-                                                 "0 = off.")
+    kv_cache_bytes: int = _opt(134_217_728, help="Per-worker budget for KV caches: running generations' "
+                                                 "(reserved whole when they join the batch) and those kept "
+                                                 "between turns (a turn then prefills only its new tokens; "
+                                                 "LRU, dropped first). 0 = none kept, one generation at a "
+                                                 "time.")
     # --- per-turn memory hygiene -----------------------------------------------------------
     gc_after_turn: bool = _opt(False, help="Run gc.collect() after every turn (see docs/memory.md).")
     malloc_trim_after_turn: bool = _opt(True, help="Call glibc malloc_trim(0) after every turn to "
@@ -140,8 +148,9 @@ class Config:
     metrics_key_file: str = _opt("", help="File holding metrics_key; default: "
                                           "$CREDENTIALS_DIRECTORY/metrics_key when systemd provides it.")
     max_turns_in_flight_per_key: int = _opt(0, help="Turns (running or waiting) one API key may have "
-                                                    "per worker; more get 429. 0 = half the model "
-                                                    "queue (1 + queue_limit, rounded up) when api_keys "
+                                                    "per worker; more get 429. 0 = half of what the "
+                                                    "model takes (max_batch + queue_limit, rounded up) "
+                                                    "when api_keys "
                                                     "is set, else no limit. Without api_keys, limits "
                                                     "apply per client address.")
     max_requests_per_minute_per_key: int = _opt(0, help="/v1 requests one API key may make per "
@@ -182,7 +191,7 @@ class Config:
                      "max_turns_in_flight_per_key", "max_requests_per_minute_per_key"):
             _at_least(self, name, 0)
         for name in ("workers", "worker_threads", "max_new_tokens", "max_body_bytes",
-                     "request_read_min_rate"):
+                     "request_read_min_rate", "max_batch", "prefill_chunk"):
             _at_least(self, name, 1)
         for name in ("session_ttl_s",):
             _at_least(self, name, 0)
@@ -237,7 +246,7 @@ class Config:
         """The effective per-key limit on turns in flight (0 = none); see max_turns_in_flight_per_key."""
         if self.max_turns_in_flight_per_key or not self.api_keys:
             return self.max_turns_in_flight_per_key
-        return (self.queue_limit + 2) // 2
+        return (self.max_batch + self.queue_limit + 1) // 2
 
     def session_store_url(self) -> str:
         """The session store to open: session_store, else the SQLite file in state_dir."""

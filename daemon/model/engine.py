@@ -1,13 +1,10 @@
-"""The model engine: load a model and tokenizer, serve one generation at a time behind a bounded queue."""
+"""The model engine: load a model and tokenizer, serve many generations at once (continuous batching) behind a
+bounded queue."""
 from __future__ import annotations
 
 import copy
 import logging
-import math
-import threading
 import time
-import weakref
-from collections import deque
 from typing import Any, Callable, Protocol, Sequence
 
 from .builtin import ensure_built, is_builtin, read_marker
@@ -15,16 +12,20 @@ from ..config import Config
 from .cpu import cpu_has_bf16, physical_cores, resolve_dtype, set_threads
 from . import kernels, tune
 from .forward import make_decoder
-from .sampling import Constraint, Sampler, Sampling, TurnCounts, run_turn, sampling_for
+from .sampling import Sampler, sampling_for
 from .tokens import TokenTable
-from .streaming import Generation, GenerationFailed, GenerationParams, GenerationStats, Plan, plain_text_mask
+from .streaming import (Generation, GenerationFailed, GenerationParams, GenerationShed, GenerationStats,
+                        plain_text_mask)
 from ..memory.hygiene import Hygiene, rss_bytes
+from .admission import Admission, AdmissionListener, EngineBusy
 from .kvpool import KVListener, KVPool
+from .scheduler import BatchListener, Scheduler
+from .sequence import Sequence as Running
 from . import counting
 
 __all__ = ["Engine", "EngineBusy", "EngineListener", "ModelLoadError", "ContextTooLong", "Generation",
-           "GenerationFailed", "GenerationParams", "GenerationStats", "cpu_has_bf16", "physical_cores",
-           "resolve_dtype"]
+           "GenerationFailed", "GenerationParams", "GenerationShed", "GenerationStats", "cpu_has_bf16",
+           "physical_cores", "resolve_dtype"]
 
 _LOG = logging.getLogger("edgechat.engine")
 _WARMUP = [{"role": "user", "content": "Hello!"}]
@@ -41,15 +42,6 @@ class ModelLoadError(RuntimeError):
             f"`--model builtin:tiny`.")
 
 
-class EngineBusy(RuntimeError):
-    """No slot for this request: reason "queue_full" or "queue_timeout"; retry after some seconds."""
-
-    def __init__(self, reason: str, retry_after: int) -> None:
-        super().__init__(f"model busy ({reason}); retry after {retry_after} s")
-        self.reason = reason
-        self.retry_after = retry_after
-
-
 class ContextTooLong(ValueError):
     """The prompt leaves no room for a single new token in the model's context."""
 
@@ -59,72 +51,13 @@ class ContextTooLong(ValueError):
         self.context_length = context_length
 
 
-class EngineListener(KVListener, Protocol):
-    """Observer of the queue and the KV pool (metrics); on_queue runs under the engine's lock: quick."""
-
-    def on_queue(self, waiting: int, running: int) -> None:
-        """Requests now waiting for the model, and generations running (0 or 1)."""
-
-
-class _Slot:
-    """One generation at a time, FIFO waiters, at most `limit` of them, each for at most a timeout."""
-
-    def __init__(self, limit: int, listener: EngineListener | None) -> None:
-        self._lock = threading.Lock()
-        self._busy = False
-        self._waiters: deque[threading.Event] = deque()
-        self._limit = limit
-        self._listener = listener
-        self._mean_s = 0.0  # moving average of turn durations, for Retry-After
-
-    def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return len(self._waiters), int(self._busy)
-
-    def _changed(self) -> None:
-        if self._listener is not None:
-            self._listener.on_queue(len(self._waiters), int(self._busy))
-
-    def _retry_after(self, timeout: float) -> int:
-        guess = self._mean_s * (len(self._waiters) + 1) if self._mean_s else timeout
-        return max(1, math.ceil(min(guess, timeout)))
-
-    def acquire(self, timeout: float) -> float:
-        """Take the slot (waiting in line); return the seconds waited or raise EngineBusy."""
-        started = time.monotonic()
-        with self._lock:
-            if not self._busy and not self._waiters:
-                self._busy = True
-                self._changed()
-                return 0.0
-            if len(self._waiters) >= self._limit:
-                raise EngineBusy("queue_full", self._retry_after(timeout))
-            ticket = threading.Event()
-            self._waiters.append(ticket)
-            self._changed()
-        ticket.wait(timeout)
-        with self._lock:
-            if ticket.is_set():  # handed over by release(); _busy stayed True for us
-                self._changed()
-                return time.monotonic() - started
-            self._waiters.remove(ticket)
-            self._changed()
-            raise EngineBusy("queue_timeout", self._retry_after(timeout))
-
-    def release(self, duration: float = 0.0) -> None:
-        """Free the slot, handing it straight to the first waiter if any."""
-        with self._lock:
-            if duration:
-                self._mean_s = duration if not self._mean_s else 0.8 * self._mean_s + 0.2 * duration
-            if self._waiters:
-                self._waiters.popleft().set()
-            else:
-                self._busy = False
-            self._changed()
+class EngineListener(KVListener, AdmissionListener, BatchListener, Protocol):
+    """Observer of the waiting line, the batch's steps and the KV pool (metrics)."""
 
 
 class Engine:
-    """One model and tokenizer; generate() runs one generation at a time behind a bounded queue."""
+    """One model and tokenizer; generate() admits a generation into the batch (bounded waiting line) and
+    streams it; one scheduler thread steps every running generation together."""
 
     def __init__(self, cfg: Config, model: Any, tokenizer: Any, *, model_id: str, dtype: str,
                  plain_text_only: bool, listener: EngineListener | None = None,
@@ -143,10 +76,8 @@ class Engine:
         self.ready = False
         self.retained: list = []
         self._log = log
-        self._slot = _Slot(cfg.queue_limit, listener)
         self._hygiene = Hygiene(cfg.gc_after_turn, cfg.malloc_trim_after_turn, log)
         self._closed = False
-        self._current: weakref.ref | None = None  # the running generation, for close()
         config = model.config
         limits = [x for x in (getattr(config, "max_position_embeddings", None),
                               getattr(tokenizer, "model_max_length", None))
@@ -167,6 +98,9 @@ class Engine:
         # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
         self.kv_pool = KVPool(budget, listener, memory_pressure)
+        self._admission = Admission(cfg.max_batch, cfg.queue_limit, self.kv_pool, listener)
+        self._scheduler = Scheduler(self.decoder, self.kv_pool, self._admission, hygiene=self._hygiene,
+                                    prefill_chunk=cfg.prefill_chunk, log=log, listener=listener)
         self._warming = False
         self._tokens: TokenTable | None = None
         self.last_count: counting.Count | None = None  # the latest count (tests, benchmarks)
@@ -270,30 +204,29 @@ class Engine:
         return self._hygiene()
 
     def queue_depth(self) -> int:
-        """Requests waiting for the model."""
-        return self._slot.counts()[0]
+        """Requests waiting to join the batch."""
+        return self._admission.counts()[0]
 
     def in_progress(self) -> int:
-        """Generations running now (0 or 1)."""
-        return self._slot.counts()[1]
+        """Generations in the batch now (at most max_batch)."""
+        return self._admission.counts()[1]
+
+    def batch(self) -> dict:
+        """The batch as /readyz and /v1/stats show it: places, running and waiting, KV bytes by owner."""
+        waiting, running = self._admission.counts()
+        return {"max_batch": self.cfg.max_batch, "running": running, "waiting": waiting,
+                "kv_budget_bytes": self.kv_pool.budget_bytes, "kv_running_bytes": self.kv_pool.held_bytes,
+                "kv_idle_bytes": self.kv_pool.bytes_held}
+
+    def shed(self, keep: int = 1) -> int:
+        """Cancel the newest generations, keeping the `keep` oldest (memory pressure); how many go."""
+        return self._scheduler.shed(keep)
 
     @property
     def dtype_label(self) -> str:
         """The dtype as edgechat_model_info shows it: "bfloat16", or "bfloat16+int8" for int8 weights
         ("+int4" for int4)."""
         return self.dtype if self.quantize == "none" else f"{self.dtype}+{self.quantize}"
-
-    def _decode(self, prompt_ids: list[int], sampling: Sampling, on_token: Callable[[int], bool],
-                interrupted: Callable[[], bool], constraint: Constraint | None = None,
-                logprobs: list | None = None) -> int:
-        """The worker thread's loop (see sampling.run_turn); returns the prompt tokens reused."""
-        counts = TurnCounts()
-        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids, constraint, logprobs)
-        pool = self.kv_pool if self.kv_pool.enabled and not self._warming else None
-        run_turn(self.decoder, pool, prompt_ids, sampler,
-                 on_token, interrupted, self.eos_ids, counts,
-                 retain=self.retained if self.leak_mode == "tensors" else None)
-        return counts.cached
 
     @property
     def vocab_rows(self) -> int:
@@ -314,10 +247,10 @@ class Engine:
     def generate(self, messages: Sequence[dict] | str, params: GenerationParams,
                  tools: list[dict] | None = None, *,
                  on_end: Callable[[], None] | None = None) -> Generation:
-        """Wait for the model (bounded), then start generating in a worker thread; iterate the result.
+        """Wait for a place in the batch (bounded), then generate; iterate the result for text deltas.
 
         messages: a conversation for the chat template, or one text when params.raw_prompt.
-        on_end runs once the generation has ended and freed the model (not when this raises)."""
+        on_end runs once the generation has ended and left the batch (not when this raises)."""
         if self._closed:
             raise RuntimeError("engine is closed")
         prompt_ids = (self.tokenizer(messages, add_special_tokens=False)["input_ids"] if params.raw_prompt
@@ -328,38 +261,26 @@ class Engine:
         sampling = sampling_for(params, max_new, self._generation_config, self.cfg.min_new_tokens)
         constraint = params.constraint() if params.constraint is not None else None
         logprobs: list | None = [] if params.top_logprobs is not None else None
-        waited = self._slot.acquire(self.cfg.queue_timeout_s)
-
-        def release(duration: float = 0.0) -> None:
-            try:
-                self._slot.release(duration)
-            finally:
-                if on_end is not None:
-                    on_end()
+        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids, constraint, logprobs, params.seed)
+        kv_bytes = self.decoder.kv_bytes(len(prompt_ids) + max_new)
+        waited = self._admission.enter(kv_bytes, self.cfg.queue_timeout_s)
         try:
-            gen = Generation(Plan(
-                tokenizer=self.tokenizer, prompt_ids=prompt_ids,
-                decode=lambda on_token, interrupted: self._decode(prompt_ids, sampling, on_token,
-                                                                 interrupted, constraint, logprobs),
-                stop=tuple(params.stop), seed=params.seed, eos_ids=self.eos_ids,
-                timeout_s=self.cfg.generation_timeout_s, hygiene=self._hygiene,
-                release=release, queue_wait_s=waited, started=time.monotonic(),
-                logprobs=logprobs, log=self._log))
-            self._current = weakref.ref(gen)
-            gen.start()
+            gen = Generation(self.tokenizer, prompt_ids, tuple(params.stop), self.eos_ids,
+                             timeout_s=self.cfg.generation_timeout_s, queue_wait_s=waited,
+                             started=time.monotonic(), logprobs=logprobs, on_end=on_end)
+            self._scheduler.submit(Running(gen, sampler, max_new, kv_bytes, use_pool=self.kv_pool.enabled and not self._warming,
+                                           retain=self.retained if self.leak_mode == "tensors" else None))
         except BaseException:
-            self._slot.release()
+            self._admission.leave(kv_bytes)
             raise
         return gen
 
     def close(self) -> None:
-        """Refuse new work, cancel the running generation (waiting for it) and drop the model."""
+        """Refuse new work, cancel every generation (waiting for them) and drop the model."""
         self._closed = True
         self.ready = False
-        current = self._current() if self._current else None
-        if current is not None:
-            current.close()
-        self._current = None
+        self._admission.close()
+        self._scheduler.close()
         self.retained.clear()
         self.kv_pool.release()
         self.model = self.tokenizer = self.decoder = None

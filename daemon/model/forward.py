@@ -7,7 +7,7 @@ table, grouped-query attention without repeating keys, and the lm_head on the la
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from .weights import Streamed, can_pack, drop_float_weights, fuse, linear, own_s
 QUANTIZE = ("none", "int8", "int4")
 # how the projections run: gemv.cpp (compiled), oneDNN prepacked, or plain F.linear
 KERNELS = ("native", "onednn", "plain")
+STEP_ROWS = 8  # rows of one prompt chunk up to which the compiled step runs them
 
 
 def default_kernel(dtype: torch.dtype = torch.bfloat16) -> str:
@@ -136,12 +137,54 @@ class FastDecoder:
             trim(0)
         linears = [getattr(layer, n) for layer in self.layers for n in ("qkv", "o", "gate_up", "down")]
         self._step = None  # the whole decode step in one call, where every linear runs on the kernels
+        self.step_rows = STEP_ROWS  # rows up to which a chunk goes through it (above: oneDNN's GEMMs)
         if lib is not None and all(isinstance(f, Streamed) for f in (*linears, self.lm_head)):
             self._step = fused.DecodeStep(lib, self)
 
     def new_state(self) -> KVState:
         """An empty cache for this model."""
         return KVState(len(self.layers), self.kv_heads, self.head_dim, self.dtype)
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of a cache reserved for `tokens` tokens (its buffers grow in whole blocks)."""
+        cap = -(-max(tokens, 1) // BLOCK) * BLOCK
+        return 2 * len(self.layers) * self.kv_heads * self.head_dim * cap * self.dtype.itemsize
+
+    @torch.inference_mode()
+    def step(self, work: Sequence[tuple[KVState, list[int], bool]]) -> list[torch.Tensor | None]:
+        """Run each (state, ids, want) item's ids after the tokens its state holds, all sequences at once:
+        chunks of up to step_rows ids and every decode row in one compiled call (each weight read once),
+        longer chunks op by op; float32 logits of each item's last id where wanted."""
+        out: list[torch.Tensor | None] = [None] * len(work)
+        together = [i for i, (_, ids, _) in enumerate(work) if self._step is not None and len(ids) <= self.step_rows]
+        for i, (state, ids, want) in enumerate(work):
+            if i not in together:
+                logits = self.forward(ids, state)
+                out[i] = logits if want else None
+        if not together:
+            return out
+        tokens: list[int] = []
+        positions: list[int] = []
+        seqs: list[int] = []
+        wanted: list[int] = []
+        caches = [work[i][0] for i in together]
+        for j, i in enumerate(together):
+            state, ids, want = work[i]
+            start = len(state)
+            state.reserve(start + len(ids))
+            tokens.extend(ids)
+            positions.extend(range(start, start + len(ids)))
+            seqs.extend([j] * len(ids))
+            if want:
+                wanted.append(len(tokens) - 1)
+        logits = self._step.run(tokens, positions, seqs, caches, wanted, torch.get_num_threads())
+        rows = iter(range(len(wanted)))
+        for i in together:
+            state, ids, want = work[i]
+            state.ids.extend(ids)
+            if want:
+                out[i] = logits[next(rows)]
+        return out
 
     def describe(self) -> dict:
         """How decode runs, for the load log and /readyz: one call per token or op by op, the kernels' ISA,
@@ -176,10 +219,11 @@ class FastDecoder:
         """Run `ids` after the tokens `state` holds, store their keys/values; float32 logits of the last."""
         start, count = len(state), len(ids)
         state.reserve(start + count)
-        if count == 1 and self._step is not None:
-            logits = self._step.run(ids[0], start, state.k, state.v, state.capacity, torch.get_num_threads())
+        if self._step is not None and count <= self.step_rows:
+            logits = self._step.run(ids, range(start, start + count), [0] * count, [state], [count - 1],
+                                    torch.get_num_threads())
             state.ids.extend(ids)
-            return logits
+            return logits[0]
         end = start + count
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
         x = self._embed(torch.tensor([ids], dtype=torch.long))
@@ -268,6 +312,18 @@ class HFDecoder:
     def new_state(self) -> HFState:
         """An empty cache."""
         return HFState()
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of the keys and values of `tokens` tokens (DynamicCache grows by concatenation)."""
+        cfg = self.model.config
+        layers, heads = cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * layers * heads * dim * max(tokens, 1) * self.model.dtype.itemsize
+
+    def step(self, work: Sequence[tuple[HFState, list[int], bool]]) -> list[torch.Tensor | None]:
+        """Each (state, ids, want) item's ids in turn (transformers' forward takes one cache at a time)."""
+        return [logits if want else None for logits, (_, _, want) in
+                zip((self.forward(ids, state) for state, ids, _ in work), work)]
 
     @torch.inference_mode()
     def forward(self, ids: list[int], state: HFState) -> torch.Tensor:

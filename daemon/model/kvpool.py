@@ -1,4 +1,5 @@
-"""KV caches kept between turns: an LRU pool keyed by the token ids each cache covers, under a byte budget.
+"""KV caches under one byte budget: those of running generations (held from admission) and idle ones kept
+between turns in an LRU pool keyed by the token ids each covers; idle ones make room for running ones.
 
 The engine knows nothing of sessions: a turn's prompt ids are matched against every kept cache and the
 longest common prefix is reused, so a prompt that re-renders the same history (a session's next turn,
@@ -7,6 +8,7 @@ assumed: a cache is reused only up to the first id where it differs from the new
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections import OrderedDict
 from typing import Callable, Protocol, Sequence
@@ -26,8 +28,9 @@ class KVListener(Protocol):
     """Observer of the pool (metrics); called outside the pool's lock."""
 
     def on_kv_cache(self, *, bytes_held: int, hit: bool | None = None, reused_tokens: int = 0,
-                    dropped: dict[str, int] | None = None) -> None:
-        """Bytes now held; a lookup's outcome (hit None: no lookup); caches dropped by reason."""
+                    dropped: dict[str, int] | None = None, running_bytes: int | None = None) -> None:
+        """Idle bytes now held; a lookup's outcome (hit None: no lookup); caches dropped by reason; the
+        bytes running generations reserve (None: unchanged)."""
 
 
 class KVState:
@@ -39,6 +42,7 @@ class KVState:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.ids: list[int] = []  # the ids whose keys/values are stored, in order
+        self._ptrs: tuple | None = None  # the buffers' addresses for the compiled step, while they stay put
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,6 +61,7 @@ class KVState:
         if tokens <= self.capacity:
             return
         cap = -(-tokens // BLOCK) * BLOCK
+        self._ptrs = None
         layers, heads, dim = self.shape
         n = len(self.ids)
         for buffers in (self.k, self.v):
@@ -68,6 +73,12 @@ class KVState:
                 else:
                     buffers.append(new)
 
+    def pointers(self) -> tuple[ctypes.Array, ctypes.Array]:
+        """Each layer's key and value buffer address (c_void_p arrays), made again only when they move."""
+        if self._ptrs is None:
+            self._ptrs = tuple((ctypes.c_void_p * len(b))(*(t.data_ptr() for t in b)) for b in (self.k, self.v))
+        return self._ptrs
+
     def crop(self, tokens: int) -> None:
         """Forget everything after the first `tokens` tokens (the buffers keep their capacity)."""
         del self.ids[tokens:]
@@ -76,6 +87,7 @@ class KVState:
         """Give back unused capacity beyond the next BLOCK boundary (before the state is kept idle)."""
         cap = -(-max(len(self.ids), 1) // BLOCK) * BLOCK
         if cap < self.capacity:
+            self._ptrs = None
             n = len(self.ids)
             for buffers in (self.k, self.v):
                 for i, buf in enumerate(buffers):
@@ -111,7 +123,9 @@ class _Entry:
 
 
 class KVPool:
-    """Idle KV caches, least recently used first; their bytes never exceed `budget_bytes` (0 = off).
+    """The KV budget's owner. Running generations hold bytes (hold/unhold, decided at admission); idle caches,
+    least recently used first, fill what is left of `budget_bytes` and are dropped to make room (0 = none
+    kept, and no generation joins another).
 
     take() hands a cache out (exclusively, for one generation); put() takes it back once the turn is
     over. release() drops everything, also a cache that is out: it will not be taken back.
@@ -126,6 +140,7 @@ class KVPool:
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # id(state) -> entry, LRU first
         self._bytes = 0
+        self._held = 0  # bytes reserved by running generations
         self._epoch = 0  # bumped by release(); a cache taken before it is not taken back
         self.hits = self.misses = self.reused_tokens = 0
 
@@ -139,8 +154,41 @@ class KVPool:
         """Bytes of the idle caches now kept."""
         return self._bytes
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes reserved by running generations."""
+        return self._held
+
     def __len__(self) -> int:
         return len(self._entries)
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a generation needing nbytes fits beside the running ones (idle caches always make room)."""
+        return self._held + nbytes <= self.budget_bytes
+
+    def hold(self, nbytes: int) -> None:
+        """A generation joins: reserve its bytes, dropping idle caches (LRU) until everything fits."""
+        with self._lock:
+            self._held += nbytes
+            dropped = self._evict_to(self.budget_bytes - self._held)
+            held, running = self._bytes, self._held
+        self._notify(bytes_held=held, dropped={LRU: dropped} if dropped else {}, running_bytes=running)
+
+    def unhold(self, nbytes: int) -> None:
+        """A generation left: its reservation is free again."""
+        with self._lock:
+            self._held = max(0, self._held - nbytes)
+            held, running = self._bytes, self._held
+        self._notify(bytes_held=held, running_bytes=running)
+
+    def _evict_to(self, room: int) -> int:
+        """Drop least recently used idle caches until they take at most `room` bytes; how many went."""
+        count = 0
+        while self._entries and self._bytes > max(room, 0):
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= old.nbytes
+            count += 1
+        return count
 
     def take(self, prompt_ids: Sequence[int]) -> tuple[KVState | None, int, int]:
         """The kept cache sharing the longest prefix with prompt_ids, how many of its tokens to reuse
@@ -179,8 +227,8 @@ class KVPool:
 
     def put(self, state: KVState, epoch: int) -> None:
         """Keep `state` as the most recently used cache, dropping the least recently used ones to
-        stay within the budget; dropped at once if it alone exceeds it, if release() ran since it
-        was taken, or under memory pressure."""
+        stay within what the running generations leave of the budget; dropped at once if it alone
+        exceeds that, if release() ran since it was taken, or under memory pressure."""
         dropped: dict[str, int] = {}
         if not self.enabled or not len(state):
             return
@@ -195,13 +243,12 @@ class KVPool:
                 self._bytes = 0
             elif epoch != self._epoch:
                 dropped[RELEASED] = 1
-            elif entry.nbytes > self.budget_bytes:
+            elif entry.nbytes > self.budget_bytes - self._held:
                 dropped[OVERSIZE] = 1
             else:
-                while self._entries and self._bytes + entry.nbytes > self.budget_bytes:
-                    _, old = self._entries.popitem(last=False)
-                    self._bytes -= old.nbytes
-                    dropped[LRU] = dropped.get(LRU, 0) + 1
+                evicted = self._evict_to(self.budget_bytes - self._held - entry.nbytes)
+                if evicted:
+                    dropped[LRU] = evicted
                 self._entries[id(state)] = entry
                 self._bytes += entry.nbytes
             held = self._bytes

@@ -1,20 +1,16 @@
-"""One turn's token loop: reuse a kept KV prefix, prefill the rest in chunks, then sample token by token.
+"""Picking a generation's next token from its logits, as transformers `generate` would.
 
-Replaces transformers `generate`: the logits of the last position only, the processors edgechat uses
-(repetition, presence and frequency penalties, logit bias, min_new_tokens, a banned-token mask, a
-constraint, temperature, top-k, min-p, top-p) applied in generate's order, each only when asked.
+The logits of the last position only, the processors edgechat uses (repetition, presence and frequency
+penalties, logit bias, min_new_tokens, a banned-token mask, a constraint, temperature, top-k, min-p,
+top-p) applied in generate's order, each only when asked; each generation draws from its own random
+generator (seeded by the request's `seed`), so sequences batched together never share a stream.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
-
-from .kvpool import KVPool
-
-PREFILL_CHUNK = 512  # prompt tokens per forward: bounds the activations of a long prompt
 
 
 @dataclass(frozen=True)
@@ -77,8 +73,11 @@ class Sampler:
 
     def __init__(self, sampling: Sampling, eos_ids: frozenset[int], banned: torch.Tensor | None,
                  prompt_ids: Sequence[int], constraint: Constraint | None = None,
-                 logprobs: list | None = None) -> None:
+                 logprobs: list | None = None, seed: int | None = None) -> None:
+        """seed: this generation's random stream (None: one drawn from torch's global generator)."""
         self.s = sampling
+        self.generator = torch.Generator()
+        self.generator.manual_seed(int(torch.randint(0, 2**62, ())) if seed is None else seed)
         self.banned = banned
         self._eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self._seen: torch.Tensor | None = None
@@ -157,7 +156,7 @@ class Sampler:
         elif self.s.temperature <= 0:
             token = int(torch.argmax(logits))
         else:
-            token = int(torch.multinomial(self._truncate(logits).softmax(-1), 1))
+            token = int(torch.multinomial(self._truncate(logits).softmax(-1), 1, generator=self.generator))
         if self.logprobs is not None:
             self._record(logits, token)
         return token
@@ -171,7 +170,7 @@ class Sampler:
             for _ in range(64):  # rejections are rare once mask() has removed the impossible
                 if not probs.sum() > 0:
                     break
-                token = int(torch.multinomial(probs, 1))
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
                 if check.accepts(token):
                     check.advance(token)
                     return token
@@ -190,53 +189,3 @@ class Sampler:
         top = torch.topk(logprobs, n) if n else None
         alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
         self.logprobs.append((token, float(logprobs[token]), alternatives))
-
-
-@dataclass
-class TurnCounts:
-    """What a turn's loop did: prompt tokens reused from a kept cache and run fresh, tokens produced."""
-
-    cached: int = 0
-    prefilled: int = 0
-    produced: int = 0
-
-
-@torch.inference_mode()
-def run_turn(decoder: Any, pool: KVPool | None, prompt_ids: list[int], sampler: Sampler,
-             on_token: Callable[[int], bool], interrupted: Callable[[], bool],
-             eos_ids: frozenset[int], counts: TurnCounts, retain: list | None = None) -> None:
-    """Generate until on_token(id) says stop, an eos id, max_new tokens, or interrupted() between
-    prefill chunks. The cache goes back to the pool afterwards (cancelled and timed-out turns too:
-    it holds only ids that really ran); after an exception it is dropped."""
-    state, reused, epoch = pool.take(prompt_ids) if pool is not None else (None, 0, 0)
-    if state is None:
-        state = decoder.new_state()
-    state.crop(reused)
-    counts.cached = reused
-    scores: list[torch.Tensor] | None = [] if retain is not None else None
-    finished = False
-    try:
-        logits = None
-        todo = prompt_ids[reused:]
-        for start in range(0, len(todo), PREFILL_CHUNK):
-            if interrupted():
-                logits = None  # a partly prefilled prompt's logits predict nothing: no token
-                break
-            logits = decoder.forward(todo[start:start + PREFILL_CHUNK], state)
-            counts.prefilled += min(PREFILL_CHUNK, len(todo) - start)
-        last = None
-        while logits is not None and counts.produced < sampler.s.max_new:
-            if scores is not None:
-                scores.append(logits.clone())
-            last = sampler(logits, counts.produced, last)
-            counts.produced += 1
-            if on_token(last) or last in eos_ids or counts.produced >= sampler.s.max_new:
-                break
-            logits = decoder.forward([last], state)
-        finished = True
-    finally:
-        if retain is not None:  # leak_mode "tensors": keep it all on purpose, never pool it
-            retain.append(SimpleNamespace(past_key_values=state, scores=tuple(scores or ())))
-        elif pool is not None and finished:
-            pool.put(state, epoch)
-        state = logits = None

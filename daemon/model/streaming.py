@@ -1,12 +1,10 @@
-"""One generation: the decode loop in a worker thread, streaming text deltas, stop strings, cancel, timeout."""
+"""One generation as its caller sees it: text deltas streamed from the scheduler, stop strings, cancel, timeout."""
 from __future__ import annotations
 
-import contextvars
-import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -15,7 +13,7 @@ from .tokens import byte_decoder
 
 _END = object()
 _CONTROL = frozenset(chr(c) for c in (*range(32), 127)) - {"\n", "\t"}  # not plain text
-THREAD_PREFIX = "edgechat-generate-"
+THREAD_PREFIX = "edgechat-generate-"  # the scheduler thread's name starts with it
 
 
 @dataclass(frozen=True)
@@ -59,11 +57,12 @@ class GenerationParams:
 
 @dataclass
 class GenerationStats:
-    """How a generation went; ttft_s and duration_s count from the slot being acquired (queue wait apart)."""
+    """How a generation went; ttft_s and duration_s count from its admission into the batch (queue wait apart)."""
 
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (eos or stop string) | "length" (max tokens or timeout) | "cancelled" | "error"
+    #                     | "shed" (cancelled by the memory watchdog)
     timed_out: bool
     queue_wait_s: float
     ttft_s: float | None
@@ -73,7 +72,15 @@ class GenerationStats:
 
 
 class GenerationFailed(RuntimeError):
-    """The worker's generate() raised; the slot has been released all the same."""
+    """The model failed on this generation's step; its place in the batch has been freed all the same."""
+
+
+class GenerationShed(RuntimeError):
+    """The memory watchdog cancelled this generation to keep the process alive (retry later)."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("generation cancelled: the worker is short of memory")
+        self.retry_after = retry_after
 
 
 def plain_text_mask(tokenizer: Any, vocab_rows: int, eos_ids: frozenset[int]) -> torch.Tensor:
@@ -150,8 +157,8 @@ class TextTracker:
         return best
 
 
-class _Control:
-    """Told every new token by the decode loop: feeds the text tracker and decides to stop early."""
+class Control:
+    """Told every new token by the scheduler: feeds the text tracker and decides to stop early."""
 
     def __init__(self, tracker: TextTracker, cancel: threading.Event, deadline: float) -> None:
         self.tracker, self.cancel, self.deadline = tracker, cancel, deadline
@@ -167,7 +174,7 @@ class _Control:
         return self.interrupted()
 
     def interrupted(self) -> bool:
-        """Whether to stop now (also asked between prefill chunks): cancelled, timed out or stopped."""
+        """Whether to stop now (asked before every step): cancelled, timed out or stopped."""
         if self.reason is None:
             if self.cancel.is_set():
                 self.reason = "cancelled"
@@ -176,53 +183,40 @@ class _Control:
         return self.reason is not None
 
 
-@dataclass
-class Plan:
-    """Everything one generation needs, prepared by the engine while it holds the slot."""
-
-    tokenizer: Any
-    prompt_ids: list[int]
-    # decode(on_token, interrupted) -> prompt tokens reused from a kept KV cache; runs the whole loop
-    decode: Callable[[Callable[[int], bool], Callable[[], bool]], int]
-    stop: tuple[str, ...]
-    seed: int | None
-    eos_ids: frozenset[int]
-    timeout_s: float
-    hygiene: Callable[[], float]
-    release: Callable[[float], None]  # frees the slot; gets the duration
-    queue_wait_s: float
-    started: float  # monotonic time the slot was acquired
-    # per generated token, (id, logprob, [(id, logprob) of the top alternatives]); None: not asked
-    logprobs: list | None = None
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("edgechat.engine"))
-
-
 class Generation:
-    """A running generation: iterate for text deltas; cancel()/close() stop it and free the model."""
+    """A generation in the batch: iterate for text deltas; cancel()/close() stop it and free its place.
 
-    def __init__(self, plan: Plan) -> None:
-        self._plan = plan
+    The scheduler thread produces (through `control` and `finish`); the caller's thread consumes."""
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...], eos_ids: frozenset[int], *,
+                 timeout_s: float, queue_wait_s: float, started: float, logprobs: list | None = None,
+                 on_end: Callable[[], None] | None = None) -> None:
+        """started: monotonic time of admission; on_end: run once it has ended and left the batch."""
+        self.prompt_ids = prompt_ids
+        self.eos_ids = eos_ids
+        self.queue_wait_s, self.started = queue_wait_s, started
+        self.logprobs = logprobs  # per generated token, (id, logprob, [(id, logprob) of the top alternatives])
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
         self._done = threading.Event()
-        self._tracker = TextTracker(plan.tokenizer, plan.stop, self._emit)
+        self._tracker = TextTracker(tokenizer, stop, self._emit)
+        self.control = Control(self._tracker, self._cancel, started + timeout_s)
         self.stats: GenerationStats | None = None
         self._covered = 0  # tokens whose text the consumer has been given
         self._logprobs_taken = 0
         self._ended = False  # the consumer has seen the end; iterating again yields nothing
-        # the caller's context (its request id, for log lines) goes with the work
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
-                                        daemon=True,
-                                        name=f"{THREAD_PREFIX}{id(self):x}")
-
-    def start(self) -> None:
-        """Start the worker thread (the engine calls this once)."""
-        self._thread.start()
+        self._producer: threading.Thread | None = None  # the scheduler's thread, once it runs this
+        self._on_end = on_end
 
     @property
     def text(self) -> str:
         """The text produced so far (stop strings excluded)."""
         return self._tracker.text
+
+    @property
+    def done(self) -> bool:
+        """Whether the generation has ended (its stats are set)."""
+        return self._done.is_set()
 
     def _emit(self, delta: str) -> None:
         self._queue.put((delta, len(self._tracker.ids)))
@@ -230,13 +224,13 @@ class Generation:
     def take_logprobs(self, *, final: bool = False) -> list[tuple[int, float, list]] | None:
         """Logprob entries of the tokens whose text was handed out since the last call (None when
         not asked for); `final` takes the rest of the reply, without the end-of-text token."""
-        entries = self._plan.logprobs
+        entries = self.logprobs
         if entries is None:
             return None
         end = self._covered
         if final:
             ids = self._tracker.ids
-            end = len(ids) - (1 if ids and ids[-1] in self._plan.eos_ids else 0)
+            end = len(ids) - (1 if ids and ids[-1] in self.eos_ids else 0)
         out = entries[self._logprobs_taken:end]
         self._logprobs_taken = max(self._logprobs_taken, end)
         return out
@@ -256,6 +250,8 @@ class Generation:
                     return
                 if isinstance(item, BaseException):
                     finished = self._ended = True
+                    if isinstance(item, GenerationShed):
+                        raise item
                     raise GenerationFailed(f"generation failed: {item!r}") from item
                 text, self._covered = item
                 yield text
@@ -264,50 +260,46 @@ class Generation:
                 self.close()
 
     def cancel(self) -> None:
-        """Stop decoding within a token; returns once the worker is gone and the slot is free."""
+        """Stop decoding within a step; returns once the scheduler has let it go (its KV freed)."""
         self._cancel.set()
-        if threading.current_thread() is not self._thread and self._thread.ident is not None:
-            self._thread.join()
+        if threading.current_thread() is not self._producer:
+            self._done.wait()  # the scheduler sees it before its next step
 
     def close(self) -> None:
         """Cancel if unfinished; safe to call any number of times."""
         if not self._done.is_set():
             self.cancel()
 
-    def _work(self) -> None:
-        plan = self._plan
-        control = _Control(self._tracker, self._cancel, plan.started + plan.timeout_s)
-        error: BaseException | None = None
-        cached = 0
-        try:
-            if not self._cancel.is_set():
-                if plan.seed is not None:
-                    torch.manual_seed(plan.seed)
-                cached = plan.decode(control, control.interrupted)
-            self._tracker.finish()
-        except Exception as exc:  # any failure must still free the slot; the caller gets it from __iter__
-            plan.log.error("generation failed", exc_info=exc)
-            error = exc.with_traceback(None)  # the traceback would pin the KV cache's frames
-        finally:
-            duration = 0.0
-            try:
-                hygiene_s = plan.hygiene()
-                duration = time.monotonic() - plan.started
-                self.stats = GenerationStats(
-                    prompt_tokens=len(plan.prompt_ids), completion_tokens=len(self._tracker.ids),
-                    finish_reason="error" if error else self._finish_reason(control),
-                    timed_out=control.reason == "timeout", queue_wait_s=plan.queue_wait_s,
-                    ttft_s=None if control.first_token_at is None else control.first_token_at - plan.started,
-                    duration_s=duration, hygiene_s=hygiene_s, cached_tokens=cached)
-            finally:  # whatever happened, the next request must get the model
-                plan.release(duration)
-                self._done.set()
-                self._queue.put(error if error else _END)
+    # --- the scheduler's side ------------------------------------------------------------------
+    def adopt(self) -> None:
+        """The calling thread (the scheduler's) produces this generation from now on."""
+        self._producer = threading.current_thread()
 
-    def _finish_reason(self, control: _Control) -> str:
+    def finish(self, *, cached: int, hygiene_s: float, error: BaseException | None = None) -> None:
+        """End it: emit held-back text, set the stats, wake the consumer (error: raised to it)."""
+        control = self.control
+        if error is None:
+            self._tracker.finish()
+        if isinstance(error, GenerationShed):
+            reason = "shed"
+        else:
+            reason = "error" if error else self._finish_reason()
+        self.stats = GenerationStats(
+            prompt_tokens=len(self.prompt_ids), completion_tokens=len(self._tracker.ids),
+            finish_reason=reason, timed_out=control.reason == "timeout", queue_wait_s=self.queue_wait_s,
+            ttft_s=None if control.first_token_at is None else control.first_token_at - self.started,
+            duration_s=time.monotonic() - self.started, hygiene_s=hygiene_s, cached_tokens=cached)
+        try:
+            if self._on_end is not None:
+                self._on_end()
+        finally:
+            self._done.set()
+            self._queue.put(error if error is not None else _END)
+
+    def _finish_reason(self) -> str:
         ids = self._tracker.ids
-        if self._tracker.stopped or (ids and ids[-1] in self._plan.eos_ids):
+        if self._tracker.stopped or (ids and ids[-1] in self.eos_ids):
             return "stop"
-        if control.reason == "cancelled" or (not ids and self._cancel.is_set()):
+        if self.control.reason == "cancelled" or (not ids and self._cancel.is_set()):
             return "cancelled"
         return "length"

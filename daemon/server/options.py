@@ -23,8 +23,8 @@ def bind_address(cfg: Config) -> str:
 
 
 def request_threads(cfg: Config) -> int:
-    """Threads per worker: the model queue's capacity (1 running + queue_limit) + worker_threads."""
-    return cfg.worker_threads + cfg.queue_limit + 1
+    """Threads per worker: what the model takes (max_batch running + queue_limit waiting) + worker_threads."""
+    return cfg.worker_threads + cfg.queue_limit + cfg.max_batch
 
 
 def gunicorn_options(cfg: Config) -> dict:
@@ -36,10 +36,10 @@ def gunicorn_options(cfg: Config) -> dict:
         # gthread whose event loop reads each request whole, under deadlines, before a thread takes
         # it (server/worker.py): slow clients hold a connection, never a thread.
         "worker_class": WORKER_CLASS,
-        # Threads, not processes, for concurrency: a thread for each turn the model queue can hold
-        # (one running, queue_limit waiting), so a burst beyond it reaches the queue and gets its
-        # 503 instead of waiting unseen for a thread, and worker_threads more for everything else
-        # (probes, /metrics, sessions) while turns generate.
+        # Threads, not processes, for concurrency: a thread for each turn the model can hold
+        # (max_batch running, queue_limit waiting), so a burst beyond it reaches the queue and gets
+        # its 503 instead of waiting unseen for a thread, and worker_threads more for everything
+        # else (probes, /metrics, sessions) while turns generate.
         "threads": request_threads(cfg),
         # A worker's heartbeat must survive the longest generation and, at boot, the model load and
         # warm-up that run before its loop starts; 120 s covers a 1 GB model read from eMMC.

@@ -11,10 +11,13 @@ STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "com
 # Why a request was refused: by the API, or by the server while reading it (daemon.server.worker).
 REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy", "memory_pressure",
                   "read_timeout", "request_too_large", "malformed_request", "read_busy",
-                  "prompt_too_long", "rate_limited", "too_many_in_flight", "session_quota")
+                  "prompt_too_long", "rate_limited", "too_many_in_flight", "session_quota", "shutting_down")
+# Why a generation had to wait before joining the batch (daemon.model.admission): every place taken, or
+# its KV cache did not fit the budget beside the running ones.
+ADMISSION_WAIT_REASONS = ("batch_full", "kv_budget")
 # What the memory watchdog (daemon.memory.watchdog) does.
 PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_trim", "refuse_turns",
-                    "resume_turns")
+                    "resume_turns", "shed_generations")
 # The object census (daemon.memory.census) exports these types; every other type is summed into "other".
 LIVE_OBJECT_TYPES = ("torch.Tensor", "dict", "list", "tuple", "set", "function", "cell", "other")
 # Why the KV pool (daemon.model.kvpool) dropped a cache.

@@ -6,8 +6,9 @@ implements them all, so renaming a method breaks a type check, never silently a 
 """
 from __future__ import annotations
 
-from .labels import (COMPILED_STATES, DECODE_STEPS, EVICT_REASONS, KV_DROP_REASONS, LIVE_OBJECT_TYPES, OUTCOMES,
-                     PRESSURE_ACTIONS, REJECT_REASONS, STORE_OPERATIONS, TRUNCATE_REASONS, bounded, turn_index_bucket)
+from .labels import (ADMISSION_WAIT_REASONS, COMPILED_STATES, DECODE_STEPS, EVICT_REASONS, KV_DROP_REASONS,
+                     LIVE_OBJECT_TYPES, OUTCOMES, PRESSURE_ACTIONS, REJECT_REASONS, STORE_OPERATIONS,
+                     TRUNCATE_REASONS, bounded, turn_index_bucket)
 from .metrics import Metrics
 
 
@@ -50,10 +51,23 @@ class Recorder:
         if store_bytes is not None:
             self.m.session_store_bytes.set(store_bytes)
 
+    def on_admission_wait(self, reason: str) -> None:
+        """A request had to wait to join the batch (reason in ADMISSION_WAIT_REASONS)."""
+        self.m.admission_waits_total.labels(bounded(reason, ADMISSION_WAIT_REASONS)).inc()
+
+    def on_batch_step(self, *, rows: int, decode_rows: int, prefill_rows: int, seconds: float) -> None:
+        """One batch step ran: its rows, and how many generations decoded in it."""
+        self.m.batch_rows.observe(rows)
+        if decode_rows:
+            self.m.batch_decode_rows.observe(decode_rows)
+
     def on_kv_cache(self, *, bytes_held: int, hit: bool | None = None, reused_tokens: int = 0,
-                    dropped: dict | None = None) -> None:
-        """The engine's KV pool changed: bytes held, a lookup's outcome, caches dropped by reason."""
+                    dropped: dict | None = None, running_bytes: int | None = None) -> None:
+        """The engine's KV pool changed: idle bytes held, a lookup's outcome, caches dropped by reason, and
+        the bytes running generations reserve (when they changed)."""
         self.m.kv_cache_bytes.set(bytes_held)
+        if running_bytes is not None:
+            self.m.kv_running_bytes.set(running_bytes)
         if hit is not None:
             (self.m.kv_cache_hits_total if hit else self.m.kv_cache_misses_total).inc()
             self.m.kv_cache_reused_tokens_total.inc(max(reused_tokens, 0))
@@ -75,9 +89,10 @@ class Recorder:
         self.m.torch_tensor_bytes.set(tensor_bytes)
 
     def set_config(self, cfg) -> None:
-        """Export configured limits: history turns kept, the KV cache budget per worker."""
+        """Export configured limits: history turns kept, the KV cache budget and batch size per worker."""
         self.m.history_max_turns.set(cfg.max_history_turns)
         self.m.kv_cache_budget_bytes.set(cfg.kv_cache_bytes)
+        self.m.batch_limit.set(cfg.max_batch)
 
     def set_model_info(self, model: str, dtype: str, leak_mode: str, load_seconds: float,
                        kernel: str = "", step: str = "per-op", compiled: str = "off") -> None:

@@ -13,7 +13,7 @@ import platform
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 from .gcstats import GENERATIONS as GC_GENERATIONS
-from .labels import (EVICT_REASONS, KV_DROP_REASONS, OUTCOMES, PRESSURE_ACTIONS, REJECT_REASONS,
+from .labels import (ADMISSION_WAIT_REASONS, EVICT_REASONS, KV_DROP_REASONS, OUTCOMES, PRESSURE_ACTIONS, REJECT_REASONS,
                      STORE_OPERATIONS, TRUNCATE_REASONS, TURN_INDEX_BUCKETS)
 from .multiproc import MULTIPROC_ENV
 
@@ -27,6 +27,8 @@ GC_PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 HISTORY_MESSAGE_BUCKETS = (1, 2, 3, 5, 7, 11, 13, 21, 41, 81, 161, 321, 641)  # 2n+1: n turns + new one
 PROMPT_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # rows of one step: decode tokens + prompt ids
+BATCH_DECODE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # generations decoding in one step
 
 
 def _version(dist: str, missing: str) -> str:
@@ -111,12 +113,23 @@ class Metrics:
                                              buckets=LATENCY_BUCKETS)
         self.time_per_output_token_seconds = h("time_per_output_token_seconds", "Decode time per "
                                                "token after the first.", buckets=TOKEN_TIME_BUCKETS)
-        self.queue_wait_seconds = h("queue_wait_seconds", "Wait for the model lock.", buckets=QUEUE_BUCKETS)
+        self.queue_wait_seconds = h("queue_wait_seconds", "Wait for a place in the batch.", buckets=QUEUE_BUCKETS)
         self.prompt_tokens_total = c("prompt_tokens_total", "Prompt tokens processed.")
         self.completion_tokens_total = c("completion_tokens_total", "Tokens generated.")
         self.turns_total = c("turns_total", "Turns by outcome.", ("outcome",))
-        self.generations_in_progress = g("generations_in_progress", "Generations running.", mode="livesum")
-        self.queue_depth = g("queue_depth", "Requests waiting for the model.", mode="livesum")
+        self.generations_in_progress = g("generations_in_progress", "Generations in the batch.", mode="livesum")
+        self.queue_depth = g("queue_depth", "Requests waiting to join the batch.", mode="livesum")
+        # --- the batch: every running generation advances one token per step (continuous batching)
+        self.batch_limit = g("batch_limit", "Configured generations per worker's batch (max_batch).",
+                             mode="livemax")
+        self.batch_rows = h("batch_rows", "Rows per batch step: decode tokens and prompt tokens.",
+                            buckets=BATCH_ROW_BUCKETS)
+        self.batch_decode_rows = h("batch_decode_rows", "Generations decoding together per batch step.",
+                                   buckets=BATCH_DECODE_BUCKETS)
+        self.admission_waits_total = c("admission_waits_total", "Requests that waited to join the batch, by "
+                                       "what they waited for.", ("reason",))
+        self.kv_running_bytes = g("kv_running_bytes", "Bytes of KV caches reserved by generations in the "
+                                  "batch.")
         # --- KV caches kept between turns: each worker holds its own, so bytes are per pid
         self.kv_cache_bytes = g("kv_cache_bytes", "Bytes of KV caches kept between turns.")
         self.kv_cache_budget_bytes = g("kv_cache_budget_bytes", "Configured KV cache budget per "
@@ -189,6 +202,8 @@ class Metrics:
             self.requests_rejected_total.labels(reason)
         for action in PRESSURE_ACTIONS:
             self.memory_pressure_actions_total.labels(action)
+        for reason in ADMISSION_WAIT_REASONS:
+            self.admission_waits_total.labels(reason)
         for gen in map(str, GC_GENERATIONS):
             for metric in (self.gc_collections_total, self.gc_collected_objects_total,
                            self.gc_uncollectable_objects_total, self.gc_pause_seconds):

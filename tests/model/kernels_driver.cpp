@@ -1,9 +1,9 @@
 // Runs the decode kernels on cases written by tests/model/test_arm_kernels.py (raw little-endian files),
 // for every ISA level this CPU has, and writes the outputs beside them:
 //   NAME.gemv.ISA  y [M][N] from edgechat_gemv_lin (the stable entry point, 2 threads)
-//   NAME.rows.ISA  y [M][N] from the kernels called directly with all M rows of x at once (the batch
-//                  step's calling convention: gemv.cpp's row signatures, and for the interleaved kinds a
-//                  Prepared holding M rows, `Rows` below); cases without outlier columns only
+//   NAME.rows.ISA  y [M][N] from the kernels called directly with all M rows of x at once (gemv.cpp's
+//                  row signatures; a Prepared of M rows for the interleaved kinds); no outlier columns
+//   NAME.one.ISA   the same, each row of x alone (M = 1): row independence wants the same bits
 //   NAME.deq       the fp32 weight edgechat_dequantize gives (quantized kinds)
 // cases.txt: one case a line: name kind n k m n_out has_bias (kind: step.cpp's Kind). Prints the best ISA
 // and the source hash. One translation unit with step.cpp, so the static kernels are reachable.
@@ -25,33 +25,17 @@ static void write_file(const std::string& path, const float* data, size_t count)
     out.write((const char*)data, count * sizeof(float));
 }
 
-// M rows of x prepared for L, laid out as the batch step's Prepared: row m at q[m*K], dx/xs/qs[m*G]
-struct Rows {
-    int64_t M = 0;
-    std::vector<float> f, dx, xs;
-    std::vector<int8_t> q;
-    std::vector<int32_t> qs;
-};
-static Rows prepare_rows(const Lin& L, const float* x, int64_t M, int isa) {
-    const int64_t K = L.k, G = K / 32;
-    Rows r;
-    r.M = M; r.f.resize(M * K); r.q.resize(M * K); r.dx.resize(M * G); r.xs.resize(M * G); r.qs.resize(M * G);
+// rows m0..m0+M-1 of x prepared for L as the batch step prepares them (step.cpp's prepare_row)
+static Prepared prepare_rows(const Lin& L, const float* x, int64_t m0, int64_t M, int isa) {
     Prepared p;
-    for (int64_t m = 0; m < M; m++) {  // one row at a time through step.cpp's own preparation
-        prepare(L, x + m * K, p, isa);
-        std::copy(p.f.begin(), p.f.end(), r.f.begin() + m * K);
-        if (!p.q.empty()) {
-            std::copy(p.q.begin(), p.q.end(), r.q.begin() + m * K);
-            std::copy(p.dx.begin(), p.dx.end(), r.dx.begin() + m * G);
-            std::copy(p.xs.begin(), p.xs.end(), r.xs.begin() + m * G);
-            std::copy(p.qs.begin(), p.qs.end(), r.qs.begin() + m * G);
-        }
-    }
-    return r;
+    p.size(M, L.k, L.n_out);
+    p.M = M; p.K = L.k;
+    for (int64_t m = 0; m < M; m++) prepare_row(L, x + (m0 + m) * L.k, p, m, isa);
+    return p;
 }
 
 // all M rows at once through the kernels the step dispatches to on this ISA
-static void run_all_rows(const Lin& L, const Rows& r, float* y, int isa) {
+static void run_all_rows(const Lin& L, const Prepared& r, float* y, int isa) {
     const int64_t N = L.n, K = L.k, M = r.M;
     const float* x = r.f.data();
     switch (L.kind) {
@@ -104,8 +88,11 @@ int main(int argc, char** argv) {
             write_file(at + ".gemv." + std::to_string(isa), y.data(), y.size());
             if (n_out == 0) {
                 std::fill(y.begin(), y.end(), NAN);
-                run_all_rows(L, prepare_rows(L, x, m, isa), y.data(), isa);
+                run_all_rows(L, prepare_rows(L, x, 0, m, isa), y.data(), isa);
                 write_file(at + ".rows." + std::to_string(isa), y.data(), y.size());
+                std::fill(y.begin(), y.end(), NAN);  // each row alone: the same bits (row independence)
+                for (int64_t r = 0; r < m; r++) run_all_rows(L, prepare_rows(L, x, r, 1, isa), y.data() + r * n, isa);
+                write_file(at + ".one." + std::to_string(isa), y.data(), y.size());
             }
         }
         if (kind != K_BF16 && kind != K_F32) {

@@ -42,6 +42,12 @@ class KVRecorder:
     def on_kv_cache(self, **report) -> None:
         self.reports.append(report)
 
+    def on_admission_wait(self, reason: str) -> None:
+        pass
+
+    def on_batch_step(self, **step) -> None:
+        pass
+
 
 def reply(e: Engine, messages: list[dict], params: GenerationParams = GREEDY):
     """Run one generation to the end; returns it (text, token_ids, stats)."""
@@ -210,15 +216,15 @@ def test_failed_generation_drops_its_cache(make_engine, monkeypatch):
     first = [{"role": "user", "content": "Tell me about the sea."}]
     one = reply(e, first)
     assert len(e.kv_pool) == 1
-    real = e.decoder.forward
+    real = e.decoder.step
     calls = {"n": 0}
 
-    def flaky(ids, state):
+    def flaky(work):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("boom")
-        return real(ids, state)
-    monkeypatch.setattr(e.decoder, "forward", flaky)
+        return real(work)
+    monkeypatch.setattr(e.decoder, "step", flaky)
     gen = e.generate(first + [{"role": "assistant", "content": one.text}, {"role": "user", "content": "x"}], GREEDY)
     with pytest.raises(Exception, match="boom"):
         for _ in gen:

@@ -1,6 +1,5 @@
-"""The token loop on its own (daemon/model/sampling.py): Sampler's processors on hand-made logits, and
-run_turn over a fake decoder and a fake KV pool: prefill chunks, stop conditions, what it counts, what
-goes back to the pool."""
+"""Picking tokens on its own (daemon/model/sampling.py): Sampler's processors on hand-made logits, and
+each generation's own random stream (the scheduler's loop: test_scheduler.py)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -8,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from daemon.model.sampling import PREFILL_CHUNK, Sampler, Sampling, TurnCounts, run_turn
+from daemon.model.sampling import Sampler, Sampling
 
 EOS = 9
 VOCAB = 10
@@ -109,165 +108,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(only) == {0}
 
 
-# --- run_turn over a fake decoder --------------------------------------------------------------------
-class State:
-    """A stand-in KV state: the ids it holds."""
-
-    def __init__(self, ids=()):
-        self.ids = list(ids)
-
-    def crop(self, tokens: int) -> None:
-        del self.ids[tokens:]
-
-
-class Decoder:
-    """Next token = last id + 1 (mod VOCAB), as a one-hot logit row; records every forward call."""
-
-    def __init__(self, fail_on_call: int | None = None):
-        self.calls: list[list[int]] = []
-        self.outputs: list[torch.Tensor] = []
-        self.fail_on_call = fail_on_call
-
-    def new_state(self) -> State:
-        return State()
-
-    def forward(self, ids: list[int], state: State) -> torch.Tensor:
-        self.calls.append(list(ids))
-        if len(self.calls) == self.fail_on_call:
-            raise RuntimeError("boom")
-        state.ids += ids
-        row = torch.zeros(VOCAB)
-        row[(state.ids[-1] + 1) % VOCAB] = 10.0
-        self.outputs.append(row.clone())
-        return row
-
-
-class Pool:
-    """A stand-in KV pool: hands out one prepared state, keeps what comes back."""
-
-    def __init__(self, state: State | None = None, reused: int = 0, epoch: int = 7):
-        self.offer = (state, reused, epoch if state is not None else 0)
-        self.taken: list[list[int]] = []
-        self.put_back: list[tuple[State, int]] = []
-
-    def take(self, prompt_ids):
-        self.taken.append(list(prompt_ids))
-        return self.offer
-
-    def put(self, state, epoch) -> None:
-        self.put_back.append((state, epoch))
-
-
-def turn(prompt, decoder=None, pool=None, on_token=lambda t: False, interrupted=lambda: False,
-         retain=None, **sampling_kw):
-    decoder = decoder or Decoder()
-    tokens: list[int] = []
-    counts = TurnCounts()
-
-    def seen(token: int) -> bool:
-        tokens.append(token)
-        return on_token(token)
-    s = Sampler(Sampling(**{"max_new": 5, **sampling_kw}), frozenset({EOS}), None, prompt)
-    run_turn(decoder, pool, list(prompt), s, seen, interrupted, frozenset({EOS}), counts, retain=retain)
-    return tokens, counts, decoder
-
-
-def test_turn_counts_start_at_zero():
-    assert (TurnCounts().cached, TurnCounts().prefilled, TurnCounts().produced) == (0, 0, 0)
-
-
-def test_max_new_tokens_ends_the_turn_without_a_forward_past_the_last_token():
-    tokens, counts, decoder = turn([1, 2], max_new=4)
-    assert tokens == [3, 4, 5, 6]
-    assert (counts.cached, counts.prefilled, counts.produced) == (0, 2, 4)
-    assert decoder.calls == [[1, 2], [3], [4], [5]]
-
-
-def test_eos_ends_the_turn_and_is_the_last_token_reported():
-    tokens, counts, decoder = turn([6], max_new=10)
-    assert tokens == [7, 8, EOS] and counts.produced == 3
-    assert decoder.calls == [[6], [7], [8]]
-
-
-def test_min_new_tokens_runs_past_eos():
-    tokens, counts, _ = turn([6], max_new=10, min_new=5)
-    # the decoder's favourite after 8 is EOS: masked, the runner-up (token 0, all zeros: the first) wins
-    assert tokens[:3] == [7, 8, 0] and EOS not in tokens[:5] and counts.produced >= 5
-
-
-def test_on_token_saying_stop_ends_the_turn():
-    tokens, counts, decoder = turn([1], max_new=10, on_token=lambda t: t == 3)
-    assert tokens == [2, 3] and counts.produced == 2 and len(decoder.calls) == 2
-
-
-def test_a_long_prompt_is_prefilled_in_chunks():
-    prompt = [i % 5 for i in range(2 * PREFILL_CHUNK + 10)]
-    tokens, counts, decoder = turn(prompt, max_new=2)
-    assert [len(c) for c in decoder.calls] == [PREFILL_CHUNK, PREFILL_CHUNK, 10, 1]
-    assert sum(decoder.calls[:3], []) == prompt
-    assert counts.prefilled == len(prompt) and counts.produced == 2
-
-
-def test_interrupted_before_the_prefill_runs_nothing():
-    tokens, counts, decoder = turn([1, 2, 3], interrupted=lambda: True)
-    assert tokens == [] and decoder.calls == [] and (counts.prefilled, counts.produced) == (0, 0)
-
-
-def test_interrupted_between_prefill_chunks_produces_no_token():
-    asked = []
-
-    def interrupted() -> bool:  # the deadline passes after the first chunk
-        asked.append(1)
-        return len(asked) > 1
-    prompt = [1] * (PREFILL_CHUNK + 3)
-    # on_token answers as the engine's does: stop once interrupted
-    tokens, counts, decoder = turn(prompt, interrupted=interrupted, on_token=lambda t: interrupted())
-    assert counts.prefilled == PREFILL_CHUNK and len(decoder.calls) == 1
-    assert tokens == [] and counts.produced == 0
-
-
-def test_a_kept_prefix_is_reused_and_the_state_goes_back_to_the_pool():
-    prompt = [1, 2, 3, 4, 5, 6]
-    kept = State([1, 2, 3, 4, 9, 9])  # longer than what matches: cropped to the reused tokens
-    pool = Pool(kept, reused=4, epoch=7)
-    tokens, counts, decoder = turn(prompt, pool=pool, max_new=2)
-    assert pool.taken == [prompt] and decoder.calls[0] == [5, 6]
-    assert (counts.cached, counts.prefilled, counts.produced) == (4, 2, 2)
-    assert pool.put_back == [(kept, 7)]
-    assert kept.ids == prompt + tokens[:-1]  # the last token never ran through the model
-
-
-def test_a_pool_miss_starts_a_new_state_and_keeps_it():
-    pool = Pool()
-    tokens, counts, decoder = turn([1, 2], pool=pool, max_new=3)
-    assert counts.cached == 0 and counts.prefilled == 2
-    ((state, epoch),) = pool.put_back
-    assert state.ids == [1, 2, 3, 4] and epoch == 0
-
-
-def test_a_failed_forward_drops_the_state():
-    pool = Pool()
-    with pytest.raises(RuntimeError, match="boom"):
-        turn([1, 2], decoder=Decoder(fail_on_call=2), pool=pool, max_new=3)
-    assert pool.put_back == []
-
-
-def test_retain_keeps_the_state_and_the_raw_scores_instead_of_pooling():
-    pool, retained = Pool(), []
-    tokens, counts, decoder = turn([1, 2], pool=pool, retain=retained, max_new=3, min_new=3)
-    assert pool.put_back == []
-    (kept,) = retained
-    assert kept.past_key_values.ids == [1, 2] + tokens[:-1]
-    assert len(kept.scores) == 3  # one row per produced token, before any processor touched it
-    assert all(torch.equal(a, b) for a, b in zip(kept.scores, decoder.outputs))
-
-
-def test_the_loop_runs_without_autograd():
-    seen = []
-
-    class Watching(Decoder):
-        def forward(self, ids, state):
-            seen.append(torch.is_inference_mode_enabled())
-            return super().forward(ids, state)
-    turn([1], decoder=Watching(), max_new=2)
-    assert seen == [True, True]
+def test_a_seed_gives_a_generation_its_own_stream():
+    """Two generations with the same seed draw the same tokens, whatever else draws between them."""
+    values = (0.0, 0.1, 0.2, 0.3)
+    first = Sampler(Sampling(max_new=100, temperature=1.0), frozenset({EOS}), None, [], seed=11)
+    second = Sampler(Sampling(max_new=100, temperature=1.0), frozenset({EOS}), None, [], seed=11)
+    other = Sampler(Sampling(max_new=100, temperature=1.0), frozenset({EOS}), None, [], seed=12)
+    a, b, c = [], [], []
+    for _ in range(50):  # interleaved, as rows of one batch
+        a.append(first(logits(*values), 0, None))
+        c.append(other(logits(*values), 0, None))
+        torch.rand(7)  # the global generator moves too: nothing seeded reads it
+        b.append(second(logits(*values), 0, None))
+    assert a == b and a != c

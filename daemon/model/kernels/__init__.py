@@ -96,8 +96,8 @@ def _build(cache_dir: str) -> str:
 def _open(path: str, source: str) -> Library:
     """Load the library at `path` and pick its ISA (OSError when it cannot be loaded)."""
     cdll = ctypes.CDLL(path)
-    cdll.edgechat_decode_step.argtypes = [_P, _I64, _I64, _P, _P, _I64, _P, _INT, _INT]
-    cdll.edgechat_decode_step.restype = None
+    cdll.edgechat_batch_step.argtypes = [_P, _P, _INT, _INT]
+    cdll.edgechat_batch_step.restype = None
     cdll.edgechat_gemv_lin.argtypes = [_P, _P, _P, _I64, _INT, _INT]
     cdll.edgechat_gemv_lin.restype = None
     cdll.edgechat_dequantize.argtypes = [_P, _P, _INT, _INT]

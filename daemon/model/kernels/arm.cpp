@@ -9,7 +9,9 @@
 // 4 k, which is exactly SDOT's by-element form: vdotq_laneq_s32 sums them against 4 int8 values of x, 4
 // rows at a time, with no horizontal sums. int8 is stored +128 for VNNI's unsigned operand: XOR 0x80
 // gives back the signed weight SDOT takes. Without SDOT, widening multiplies and pairwise adds compute
-// the same sums. x comes quantized per 32 (step.cpp's Prepared: q, dx, xs; M = p.M rows, or one).
+// the same sums. x comes quantized per 32 (step.cpp's Prepared: p.M rows, q at [m*K], dx and xs at [m*G]).
+// Row independence, as gemv.cpp: a row's sums are accumulated in the same order whatever M and the tiling.
+// The interleaved kernels are templates on Lin and Prepared: step.cpp defines both after including gemv.cpp.
 #include <arm_neon.h>
 #include <sys/auxv.h>
 
@@ -165,10 +167,6 @@ static inline int32x4_t dot4(int32x4_t acc, int8x16_t w, int8x16_t x) {
     else return dot4_neon<L>(acc, w, x);
 }
 
-// rows of x in a Prepared: p.M where it has one (the batch step), else one row
-template <class P> static inline auto x_rows(const P& p, int) -> decltype(p.M) { return p.M; }
-template <class P> static inline int64_t x_rows(const P&, long) { return 1; }
-
 // 16 fp32 sums + bias into y[b*16 ..], rows past L.n left alone
 template <class Lin>
 static inline void store16_arm(const Lin& L, const float32x4_t acc[4], float* y, int64_t b) {
@@ -250,7 +248,7 @@ static inline void tile_arm(const Lin& L, const P& p, float* y, int64_t ldy, int
 }
 template <bool DOT, bool INT4, class Lin, class P>
 static inline void blocks_arm(const Lin& L, const P& p, float* y, int64_t ldy, int64_t b0, int64_t b1) {
-    const int64_t M = x_rows(p, 0);
+    const int64_t M = p.M;
     for (int64_t b = b0; b < b1; b++) {
         int64_t m = 0;
         for (; m + 4 <= M; m += 4) tile_arm<DOT, INT4, 4>(L, p, y, ldy, b, m);

@@ -18,8 +18,10 @@ UNIT = "step.cpp"  # the one compiled unit: it includes gemv.cpp, which includes
 SOURCES = ("step.cpp", "gemv.cpp", "arm.cpp")
 LIBRARY = "libedgechat_kernels.so"  # the packaged library's name: no Python ABI tag, it uses no Python API
 # No -march: one binary per architecture; each ISA's functions carry their own target attribute and
-# are picked at run time. -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded.
-FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+# are picked at run time. -ffp-contract=off: the compiler may not fuse a scalar a*b+c into an FMA in one
+# instantiation of a kernel and not in another (a row's sums must not depend on how many rows run beside
+# it). -fopenmp links libgomp.so.1, which resolves to the copy torch already loaded.
+FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 def compiler(environ: dict | None = None) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 from ctypes import POINTER, c_float, c_int32, c_int64, c_void_p
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -109,8 +109,17 @@ def pack_int4v(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
     return out, _by_block(scales, blocks), _by_block(mins, blocks)
 
 
+class Batch(ctypes.Structure):
+    """step.cpp's `Batch`: R rows, each a token at a position of one sequence, and the rows whose logits
+    are wanted."""
+
+    _fields_ = [("rows", c_int64), ("token", c_void_p), ("pos", c_void_p), ("seq", c_void_p), ("kc", c_void_p),
+                ("vc", c_void_p), ("cap", c_void_p), ("n_logits", c_int64), ("logit_rows", c_void_p),
+                ("logits", c_void_p)]
+
+
 class DecodeStep:
-    """One token through the whole model in one call to step.cpp (decode: one position at a time)."""
+    """Rows of one or more sequences through the whole model in one call to step.cpp (each weight read once)."""
 
     def __init__(self, lib: Library, decoder: Any) -> None:
         """Describe `decoder`'s weights (a FastDecoder whose linears all run on the compiled kernels)."""
@@ -137,14 +146,28 @@ class DecodeStep:
         self._keep.append(t)
         return t.data_ptr()
 
-    def run(self, token: int, pos: int, k: list[torch.Tensor], v: list[torch.Tensor], capacity: int,
-            threads: int) -> torch.Tensor:
-        """fp32 logits of `token` at position `pos`; its keys and values are written into k/v."""
-        if not 0 <= token < self.vocab:
-            raise IndexError(f"token id {token} outside the vocabulary ({self.vocab})")
-        logits = torch.empty(self.vocab, dtype=torch.float32)
-        kc = (c_void_p * len(k))(*(t.data_ptr() for t in k))
-        vc = (c_void_p * len(v))(*(t.data_ptr() for t in v))
-        self.lib.lib.edgechat_decode_step(ctypes.byref(self.model), token, pos, kc, vc, capacity,
-                                          logits.data_ptr(), self.lib.isa, threads)
+    def run(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], caches: Sequence[Any],
+            logit_rows: Sequence[int], threads: int) -> torch.Tensor:
+        """fp32 logits [len(logit_rows), vocab] of `tokens`, row r at positions[r] of the sequence whose
+        cache is caches[seqs[r]] (a KVState whose capacity covers it); the rows' keys and values are
+        written into those caches."""
+        rows = len(tokens)
+        if any(not 0 <= t < self.vocab for t in tokens):
+            bad = next(t for t in tokens if not 0 <= t < self.vocab)
+            raise IndexError(f"token id {bad} outside the vocabulary ({self.vocab})")
+        for r in range(rows):
+            if not 0 <= positions[r] < caches[seqs[r]].capacity:
+                raise IndexError(f"position {positions[r]} outside its cache ({caches[seqs[r]].capacity})")
+        logits = torch.empty(len(logit_rows), self.vocab, dtype=torch.float32)
+        ptrs = [c.pointers() for c in caches]
+        kc = (c_void_p * len(caches))(*(ctypes.addressof(k) for k, _ in ptrs))
+        vc = (c_void_p * len(caches))(*(ctypes.addressof(v) for _, v in ptrs))
+        ints = c_int64 * rows
+        token, pos, seq = ints(*tokens), ints(*positions), ints(*seqs)
+        cap = (c_int64 * len(caches))(*(c.capacity for c in caches))
+        want = (c_int64 * max(1, len(logit_rows)))(*logit_rows)
+        batch = Batch(rows, ctypes.addressof(token), ctypes.addressof(pos), ctypes.addressof(seq),
+                      ctypes.addressof(kc), ctypes.addressof(vc), ctypes.addressof(cap), len(logit_rows),
+                      ctypes.addressof(want), logits.data_ptr())
+        self.lib.lib.edgechat_batch_step(ctypes.byref(self.model), ctypes.byref(batch), self.lib.isa, threads)
         return logits

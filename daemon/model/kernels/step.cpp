@@ -1,7 +1,9 @@
-// One decode step in one call: the token's embedding, every layer (norms, projections, rotary, the KV
-// write, attention, SiLU MLP, residuals) and the lm_head, inside one OpenMP region whose phases meet at
-// spin barriers. The per-op path pays a Python dispatch per tensor op and a thread wake-up per GEMV
-// (about 5 ms of a 30 ms step on a 2-core box); here the threads only stream weights.
+// A batch step in one call: R rows (decode tokens of different sequences, a chunk of one sequence's prompt,
+// or both) through every layer (norms, projections, rotary, the KV write, attention, SiLU MLP, residuals)
+// and the lm_head, inside one OpenMP region whose phases meet at spin barriers. Each weight is read once
+// for all R rows (decode on a CPU is bound by reading the weights); attention stays per row, over its own
+// sequence's cache (its own length and capacity). The per-op path pays a Python dispatch per tensor op and
+// a thread wake-up per GEMV; here the threads only stream weights.
 // Compiled as one unit with gemv.cpp (its row kernels are reused). Kinds of weight: bf16/f32 rows,
 // int8/int4 rows (gemv.cpp's), and with AVX512-VNNI int8/int4 "interleaved": 16 rows side by side so
 // one vpdpbusd gives 16 rows' sums against an int8 copy of x (one scale per 32 of x, as llama.cpp's
@@ -39,6 +41,18 @@ struct Model {
     const void* embed;      // bf16/f32 rows of the embedding, or null
     int32_t embed_f32, pad2;
 };
+struct Batch {             // R rows, each a token at a position of one sequence
+    int64_t rows;
+    const int64_t* token;  // [R]
+    const int64_t* pos;    // [R] 0-based position; the row sees its sequence's keys 0..pos
+    const int64_t* seq;    // [R] the row's sequence: an index into kc, vc and cap
+    void* const* const* kc;  // [S] -> per layer [kv_heads, cap, head_dim] (bf16, or fp32 if kv_f32)
+    void* const* const* vc;
+    const int64_t* cap;    // [S] positions each sequence's buffers hold
+    int64_t n_logits;      // rows whose logits are wanted
+    const int64_t* logit_rows;  // [n_logits]
+    float* logits;         // [n_logits][vocab] fp32
+};
 }
 
 // ---- a barrier that spins (waiting threads are about to get work: a futex sleep costs more) ----
@@ -63,69 +77,72 @@ struct SpinBarrier {
     }
 };
 
-// ---- x prepared for a kind: rounded to bf16, or quantized to int8 per 32. Each thread prepares its
-// own copy (a few microseconds): cheaper than a barrier more per projection ----
+// ---- M rows of x prepared for a kind: rounded to bf16, or quantized to int8 per 32. Row m's data sit at
+// f[m*K], b[m*K], q[m*K], dx/qs/xs[m*G], xo[m*n_out]. Sized once for the largest linear and R rows ----
 struct Prepared {
+    int64_t M = 0, K = 0;
     std::vector<float> f;         // x (fp32), outlier columns zeroed
     std::vector<uint16_t> b;      // bf16 of x (AVX512-BF16 kernel)
     std::vector<int8_t> q;        // int8 x
     std::vector<float> dx, xs;    // per 32: int8 scale, exact sum of x
     std::vector<int32_t> qs;      // per 32: sum of the int8 x (for I8G's +128)
     std::vector<float> xo;        // x at the outlier columns (taken out of f)
+    void size(int64_t rows, int64_t kmax, int64_t outmax) {
+        f.resize(rows * kmax); b.resize(rows * kmax); q.resize(rows * kmax);
+        dx.resize(rows * (kmax / 32 + 1)); xs.resize(rows * (kmax / 32 + 1)); qs.resize(rows * (kmax / 32 + 1));
+        xo.resize(rows * (outmax + 1));
+    }
 };
 
-// int8 copy of x per 32 (scale amax/127), its sums, and x's exact sums
-static void quantize_x(const float* f, int64_t K, Prepared& p) {
-    const int64_t G = K / 32;
-    for (int64_t g = 0; g < G; g++) {
+// int8 copy of one row of x per 32 (scale amax/127), its sums, and x's exact sums
+static void quantize_x(const float* f, int64_t K, int8_t* q, float* dx, float* xs, int32_t* qs) {
+    for (int64_t g = 0; g < K / 32; g++) {
         const float* xg = f + g * 32;
         float s = 0, amax = 0;
         for (int j = 0; j < 32; j++) { s += xg[j]; amax = std::fmax(amax, std::fabs(xg[j])); }
         const float inv = amax > 0 ? 127.f / amax : 0.f;
         int sum = 0;
-        for (int j = 0; j < 32; j++) { int v = (int)std::nearbyint(xg[j] * inv); p.q[g * 32 + j] = (int8_t)v; sum += v; }
-        p.xs[g] = s; p.dx[g] = amax / 127.f; p.qs[g] = sum;
+        for (int j = 0; j < 32; j++) { int v = (int)std::nearbyint(xg[j] * inv); q[g * 32 + j] = (int8_t)v; sum += v; }
+        xs[g] = s; dx[g] = amax / 127.f; qs[g] = sum;
     }
 }
 #ifdef X86
-__attribute__((target("avx512f,avx512bw"))) static void quantize_x512(const float* f, int64_t K, Prepared& p) {
-    const int64_t G = K / 32;
-    for (int64_t g = 0; g < G; g++) {
+AVX512 static void quantize_x512(const float* f, int64_t K, int8_t* q, float* dx, float* xs, int32_t* qs) {
+    for (int64_t g = 0; g < K / 32; g++) {
         __m512 a = _mm512_loadu_ps(f + g * 32), b = _mm512_loadu_ps(f + g * 32 + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
         const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
         __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-        _mm_storeu_si128((__m128i*)(p.q.data() + g * 32), _mm512_cvtsepi32_epi8(qa));
-        _mm_storeu_si128((__m128i*)(p.q.data() + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
-        p.xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)); p.dx[g] = amax / 127.f;
-        p.qs[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+        _mm_storeu_si128((__m128i*)(q + g * 32), _mm512_cvtsepi32_epi8(qa));
+        _mm_storeu_si128((__m128i*)(q + g * 32 + 16), _mm512_cvtsepi32_epi8(qb));
+        xs[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b)); dx[g] = amax / 127.f;
+        qs[g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
     }
 }
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void to_bf16_512(const float* f, uint16_t* b, int64_t K) {
+AVX512BF static void to_bf16_512(const float* f, uint16_t* b, int64_t K) {
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) _mm256_storeu_si256((__m256i*)(b + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(f + k)));
     for (; k < K; k++) b[k] = f2bf16(f[k]);
 }
 #endif
 
-static void prepare(const Lin& L, const float* x, Prepared& p, int isa) {
-    const int64_t K = L.k;
-    p.f.resize(K);
-    std::memcpy(p.f.data(), x, K * sizeof(float));
-    p.xo.resize(L.n_out);
-    for (int64_t c = 0; c < L.n_out; c++) { p.xo[c] = p.f[L.out_idx[c]]; p.f[L.out_idx[c]] = 0; }
+// row m of x for L (its rows already sized by Prepared::size)
+static void prepare_row(const Lin& L, const float* x, Prepared& p, int64_t m, int isa) {
+    const int64_t K = L.k, G = K / 32;
+    float* f = p.f.data() + m * K;
+    std::memcpy(f, x, K * sizeof(float));
+    for (int64_t c = 0; c < L.n_out; c++) { p.xo[m * L.n_out + c] = f[L.out_idx[c]]; f[L.out_idx[c]] = 0; }
     if (L.kind == K_BF16 && isa >= 3) {
-        p.b.resize(K);
 #ifdef X86
-        to_bf16_512(p.f.data(), p.b.data(), K);
+        to_bf16_512(f, p.b.data() + m * K, K);
 #endif
     }
     if (L.kind == K_I4 || interleaved(L.kind)) {
-        p.xs.resize(K / 32); p.dx.resize(K / 32); p.qs.resize(K / 32); p.q.resize(K);
+        int8_t* q = p.q.data() + m * K; float* dx = p.dx.data() + m * G; float* xs = p.xs.data() + m * G; int32_t* qs = p.qs.data() + m * G;
 #ifdef X86
-        if (isa >= 2) { quantize_x512(p.f.data(), K, p); return; }
+        if (isa >= 2) { quantize_x512(f, K, q, dx, xs, qs); return; }
 #endif
-        quantize_x(p.f.data(), K, p);
+        quantize_x(f, K, q, dx, xs, qs);
     }
 }
 
@@ -135,86 +152,105 @@ VNNI static inline __m512 bf16x16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 VNNI static inline __m512i bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+VNNI static inline void store16(const Lin& L, __m512 acc, float* y, int64_t b) {
+    const int64_t n = b * 16, left = L.n - n;
+    const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    if (L.bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, L.bias + n));
+    _mm512_mask_storeu_ps(y + n, m, acc);
+}
 
-// blocks [b0, b1) of 16 rows, y[n] for n < N. int8 with a bf16 scale per 32 of each row (as llama.cpp's
-// Q8_0), stored +128: the +128 comes back per group from x's int8 sums
-VNNI static void i8g_vnni(const Lin& L, const Prepared& p, float* y, int64_t b0, int64_t b1) {
+// MR rows of x against block b of 16 weight rows: int8 with a bf16 scale per 32 of each row (as llama.cpp's
+// Q8_0), stored +128: the +128 comes back per group from x's int8 sums. The block's 8 vectors per group
+// are loaded once for the MR rows
+template <int MR>
+VNNI static inline void i8g_tile(const Lin& L, const Prepared& p, float* y, int64_t ldy, int64_t b, int64_t m) {
     const int64_t K = L.k, G = K / 32;
-    const uint8_t* W = (const uint8_t*)L.w; const uint16_t* S = (const uint16_t*)L.s;
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t* w = W + b * 16 * K;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; g++, w += 512) {
-            const int8_t* xq = p.q.data() + g * 32;
+    const uint8_t* w = (const uint8_t*)L.w + b * 16 * K; const uint16_t* S = (const uint16_t*)L.s;
+    __m512 acc[MR];
+    for (int j = 0; j < MR; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++, w += 512) {
+        __m512i wv[8];
+        for (int t = 0; t < 8; t++) wv[t] = _mm512_loadu_si512(w + t * 64);
+        const __m512 sc = bf16x16(S + (b * G + g) * 16);
+        for (int j = 0; j < MR; j++) {
+            const int8_t* xq = p.q.data() + (m + j) * K + g * 32;
             __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
             for (int t = 0; t < 8; t += 2) {
-                s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(w + t * 64), bcast4(xq + t * 4));
-                s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(w + t * 64 + 64), bcast4(xq + t * 4 + 4));
+                s0 = _mm512_dpbusd_epi32(s0, wv[t], bcast4(xq + t * 4));
+                s1 = _mm512_dpbusd_epi32(s1, wv[t + 1], bcast4(xq + t * 4 + 4));
             }
-            const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * p.qs[g]));
-            const __m512 scale = _mm512_mul_ps(bf16x16(S + (b * G + g) * 16), _mm512_set1_ps(p.dx[g]));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc);
+            const int64_t at = (m + j) * G + g;
+            const __m512i d = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(128 * p.qs[at]));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sc, _mm512_set1_ps(p.dx[at])), acc[j]);
         }
-        const int64_t n = b * 16, left = L.n - n;
-        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        if (L.bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m, L.bias + n));
-        _mm512_mask_storeu_ps(y + n, m, acc);
+    }
+    for (int j = 0; j < MR; j++) store16(L, acc[j], y + (m + j) * ldy, b);
+}
+VNNI static void i8g_vnni(const Lin& L, const Prepared& p, float* y, int64_t ldy, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t m = 0;
+        for (; m + 4 <= p.M; m += 4) i8g_tile<4>(L, p, y, ldy, b, m);
+        for (; m < p.M; m++) i8g_tile<1>(L, p, y, ldy, b, m);
     }
 }
 
-VNNI static void i4v_vnni(const Lin& L, const Prepared& p, float* y, int64_t b0, int64_t b1) {
+template <int MR>
+VNNI static inline void i4v_tile(const Lin& L, const Prepared& p, float* y, int64_t ldy, int64_t b, int64_t m) {
     const int64_t K = L.k, G = K / 32;
-    const uint8_t* W = (const uint8_t*)L.w;
+    const uint8_t* w = (const uint8_t*)L.w + b * 8 * K;
     const uint16_t* S = (const uint16_t*)L.s; const uint16_t* Z = (const uint16_t*)L.z;
     const __m512i low = _mm512_set1_epi8(15);
-    for (int64_t b = b0; b < b1; b++) {
-        const uint8_t* w = W + b * 8 * K;
-        __m512 acc = _mm512_setzero_ps(), accz = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; g++, w += 256) {
-            const int8_t* xq = p.q.data() + g * 32;
+    __m512 acc[MR], accz[MR];
+    for (int j = 0; j < MR; j++) { acc[j] = _mm512_setzero_ps(); accz[j] = _mm512_setzero_ps(); }
+    for (int64_t g = 0; g < G; g++, w += 256) {
+        __m512i lo[4], hi[4];
+        for (int t = 0; t < 4; t++) {
+            const __m512i v = _mm512_loadu_si512(w + t * 64);
+            lo[t] = _mm512_and_si512(v, low); hi[t] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        const int64_t at = (b * G + g) * 16;
+        const __m512 sc = bf16x16(S + at), mn = bf16x16(Z + at);
+        for (int j = 0; j < MR; j++) {
+            const int8_t* xq = p.q.data() + (m + j) * K + g * 32;
             __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
             for (int t = 0; t < 4; t++) {
-                __m512i v = _mm512_loadu_si512(w + t * 64);
-                s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, low), bcast4(xq + t * 8));
-                s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), bcast4(xq + t * 8 + 4));
+                s0 = _mm512_dpbusd_epi32(s0, lo[t], bcast4(xq + t * 8));
+                s1 = _mm512_dpbusd_epi32(s1, hi[t], bcast4(xq + t * 8 + 4));
             }
-            const int64_t at = (b * G + g) * 16;
-            __m512 scale = _mm512_mul_ps(bf16x16(S + at), _mm512_set1_ps(p.dx[g]));
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), scale, acc);
-            accz = _mm512_fmadd_ps(bf16x16(Z + at), _mm512_set1_ps(p.xs[g]), accz);
+            const int64_t xg = (m + j) * G + g;
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(sc, _mm512_set1_ps(p.dx[xg])), acc[j]);
+            accz[j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(p.xs[xg]), accz[j]);
         }
-        const int64_t n = b * 16, left = L.n - n;
-        const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        __m512 out = _mm512_add_ps(acc, accz);
-        if (L.bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(m, L.bias + n));
-        _mm512_mask_storeu_ps(y + n, m, out);
+    }
+    for (int j = 0; j < MR; j++) store16(L, _mm512_add_ps(acc[j], accz[j]), y + (m + j) * ldy, b);
+}
+VNNI static void i4v_vnni(const Lin& L, const Prepared& p, float* y, int64_t ldy, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t m = 0;
+        for (; m + 4 <= p.M; m += 4) i4v_tile<4>(L, p, y, ldy, b, m);
+        for (; m < p.M; m++) i4v_tile<1>(L, p, y, ldy, b, m);
     }
 }
 #endif
 
-static void rows_of(const Lin& L, int64_t& n0, int64_t& n1, int t, int T);
-static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, int isa);
-
-// this thread's share of L's rows: blocks of 16 for the interleaved kinds, even row spans otherwise
-static void run_rows(const Lin& L, const Prepared& p, float* y, int t, int T, int isa) {
-    run_kernel(L, p, y, t, T, isa);
-    if (L.n_out) {
-        int64_t n0, n1; rows_of(L, n0, n1, t, T);
-        for (int64_t c = 0; c < L.n_out; c++) {
-            const float* w = L.out_w + c * L.n; const float xc = p.xo[c];
-            for (int64_t n = n0; n < n1; n++) y[n] += w[n] * xc;
-        }
+// the rows of L this thread computes: blocks of 16 for the interleaved kinds, even row spans otherwise
+static void rows_of(const Lin& L, int64_t& n0, int64_t& n1, int t, int T) {
+    if (interleaved(L.kind)) {
+        const int64_t blocks = (L.n + 15) / 16, per = (blocks + T - 1) / T;
+        n0 = per * t * 16 < L.n ? per * t * 16 : L.n; n1 = n0 + per * 16 < L.n ? n0 + per * 16 : L.n;
+    } else {
+        span(L.n, n0, n1, t, T);
     }
 }
 
 static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, int isa) {
-    const int64_t N = L.n, K = L.k;
+    const int64_t N = L.n, K = L.k, M = p.M;
     if (interleaved(L.kind)) {
         const int64_t blocks = (N + 15) / 16, per = (blocks + T - 1) / T;
         const int64_t b0 = per * t < blocks ? per * t : blocks, b1 = b0 + per < blocks ? b0 + per : blocks;
 #ifdef X86
-        if (L.kind == K_I8G) i8g_vnni(L, p, y, b0, b1);
-        else i4v_vnni(L, p, y, b0, b1);
+        if (L.kind == K_I8G) i8g_vnni(L, p, y, N, b0, b1);
+        else i4v_vnni(L, p, y, N, b0, b1);
 #elif defined(__aarch64__)
         if (L.kind == K_I8G) i8g_arm(L, p, y, N, b0, b1, isa);
         else i4v_arm(L, p, y, N, b0, b1, isa);
@@ -226,45 +262,58 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
     switch (L.kind) {
     case K_BF16:
 #ifdef X86
-        if (isa >= 3) bf16_dp((const uint16_t*)L.w, p.b.data(), y, n0, n1, K, 1, N);
-        else if (isa == 2) bf16_avx512((const uint16_t*)L.w, x, y, n0, n1, K, 1, N);
-        else if (isa == 1) bf16_avx2((const uint16_t*)L.w, x, y, n0, n1, K, 1, N); else
+        if (isa >= 3) bf16_dp((const uint16_t*)L.w, p.b.data(), y, n0, n1, K, M, N);
+        else if (isa == 2) bf16_avx512((const uint16_t*)L.w, x, y, n0, n1, K, M, N);
+        else if (isa == 1) bf16_avx2((const uint16_t*)L.w, x, y, n0, n1, K, M, N); else
 #elif defined(__aarch64__)
-        if (isa >= 1) bf16_neon((const uint16_t*)L.w, x, y, n0, n1, K, 1, N); else
+        if (isa >= 1) bf16_neon((const uint16_t*)L.w, x, y, n0, n1, K, M, N); else
 #endif
-        bf16_generic((const uint16_t*)L.w, x, y, n0, n1, K, 1, N);
+        bf16_generic((const uint16_t*)L.w, x, y, n0, n1, K, M, N);
         break;
     case K_F32:
 #ifdef X86
-        if (isa >= 2) f32_avx512((const float*)L.w, x, y, n0, n1, K, 1, N);
-        else if (isa == 1) f32_avx2((const float*)L.w, x, y, n0, n1, K, 1, N); else
+        if (isa >= 2) f32_avx512((const float*)L.w, x, y, n0, n1, K, M, N);
+        else if (isa == 1) f32_avx2((const float*)L.w, x, y, n0, n1, K, M, N); else
 #elif defined(__aarch64__)
-        if (isa >= 1) f32_neon((const float*)L.w, x, y, n0, n1, K, 1, N); else
+        if (isa >= 1) f32_neon((const float*)L.w, x, y, n0, n1, K, M, N); else
 #endif
-        f32_generic((const float*)L.w, x, y, n0, n1, K, 1, N);
+        f32_generic((const float*)L.w, x, y, n0, n1, K, M, N);
         break;
     case K_I8:
 #ifdef X86
-        if (isa >= 2) i8_avx512((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, 1, N);
-        else if (isa == 1) i8_avx2((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, 1, N); else
+        if (isa >= 2) i8_avx512((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N);
+        else if (isa == 1) i8_avx2((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N); else
 #elif defined(__aarch64__)
-        if (isa >= 1) i8_neon((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, 1, N); else
+        if (isa >= 1) i8_neon((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N); else
 #endif
-        i8_generic((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, 1, N);
+        i8_generic((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N);
         break;
     case K_I4: {
         const uint8_t* Q = (const uint8_t*)L.w; const uint16_t* S = (const uint16_t*)L.s; const uint16_t* Z = (const uint16_t*)L.z;
 #ifdef X86
-        if (isa >= 2) i4_avx512(Q, S, Z, x, p.xs.data(), y, n0, n1, K, 1, N);
-        else if (isa == 1) i4_avx2(Q, S, Z, x, p.xs.data(), y, n0, n1, K, 1, N); else
+        if (isa >= 2) i4_avx512(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N);
+        else if (isa == 1) i4_avx2(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N); else
 #elif defined(__aarch64__)
-        if (isa >= 1) i4_neon(Q, S, Z, x, p.xs.data(), y, n0, n1, K, 1, N); else
+        if (isa >= 1) i4_neon(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N); else
 #endif
-        i4_generic(Q, S, Z, x, p.xs.data(), y, n0, n1, K, 1, N);
+        i4_generic(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N);
         break;
     }
     }
-    add_bias(y, L.bias, n0, n1, 1, N);
+    add_bias(y, L.bias, n0, n1, M, N);
+}
+
+// this thread's share of L's rows for all M rows of x, outlier columns added back
+static void run_rows(const Lin& L, const Prepared& p, float* y, int t, int T, int isa) {
+    run_kernel(L, p, y, t, T, isa);
+    if (L.n_out) {
+        int64_t n0, n1; rows_of(L, n0, n1, t, T);
+        for (int64_t m = 0; m < p.M; m++)
+            for (int64_t c = 0; c < L.n_out; c++) {
+                const float* w = L.out_w + c * L.n; const float xc = p.xo[m * L.n_out + c]; float* ym = y + m * L.n;
+                for (int64_t n = n0; n < n1; n++) ym[n] += w[n] * xc;
+            }
+    }
 }
 
 static void rms_norm(const float* x, const float* w, float* out, int64_t n, float eps) {
@@ -298,9 +347,8 @@ static void attend(const float* q, const T* k, const T* v, int64_t n, int64_t d,
     }
 }
 #ifdef X86
-#define AVX512 __attribute__((target("avx512f,avx512bw")))
 AVX512 static inline __m512 ld16(const float* p) { return _mm512_loadu_ps(p); }
-AVX512 static inline __m512 ld16(const uint16_t* p) { return bf16x16(p); }
+AVX512 static inline __m512 ld16(const uint16_t* p) { return w16(p); }
 AVX512 static inline __m512 exp16(__m512 x) {  // e^x, relative error ~2e-7, x <= 0 here
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
     __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -333,9 +381,6 @@ AVX512 static void attend512(const float* q, const T* k, const T* v, int64_t n, 
         _mm512_storeu_ps(out + i, _mm512_mul_ps(o, _mm512_set1_ps(inv)));
     }
 }
-#endif
-
-#ifdef X86
 AVX512 static int64_t swiglu512(const float* gu, float* out, int64_t I) {
     int64_t i = 0;
     for (; i + 16 <= I; i += 16) {
@@ -356,16 +401,6 @@ static void rope(float* h, const float* cs, const float* sn, int64_t d) {
     }
 }
 
-// the rows of L this thread computed (what run_rows gave it)
-static void rows_of(const Lin& L, int64_t& n0, int64_t& n1, int t, int T) {
-    if (interleaved(L.kind)) {
-        const int64_t blocks = (L.n + 15) / 16, per = (blocks + T - 1) / T;
-        n0 = per * t * 16 < L.n ? per * t * 16 : L.n; n1 = n0 + per * 16 < L.n ? n0 + per * 16 : L.n;
-    } else {
-        span(L.n, n0, n1, t, T);
-    }
-}
-
 // SiLU(gate) * up
 static void swiglu(const float* gu, float* out, int64_t I, int isa) {
     int64_t i = 0;
@@ -375,77 +410,124 @@ static void swiglu(const float* gu, float* out, int64_t I, int isa) {
     for (; i < I; i++) { const float g = gu[i]; out[i] = g / (1.f + std::exp(-g)) * gu[I + i]; }
 }
 
-template <typename KV>
-static void step(const Model& M, int64_t token, int64_t pos, void* const* kc, void* const* vc, int64_t cap,
-                 float* logits, int isa, int threads) {
-    const int64_t H = M.hidden, h = M.heads, kvh = M.kv_heads, d = M.head_dim, I = M.inter, n = pos + 1;
-    const int64_t qdim = (h + 2 * kvh) * d;
-    std::vector<float> x(H), qkv(qdim), attn(h * d), gu(2 * I), cs(d / 2), sn(d / 2);
-    for (int64_t i = 0; i < d / 2; i++) { cs[i] = std::cos((float)pos * M.inv_freq[i]); sn[i] = std::sin((float)pos * M.inv_freq[i]); }
+// the embedding row of `token` (tied: the lm_head's row: bf16/fp32, int8 rows, or interleaved
+// [n/16][k/4][16][4] + 128)
+static void embed_row(const Model& M, int64_t token, float* x) {
+    const int64_t H = M.hidden;
     if (M.embed) {
         for (int64_t i = 0; i < H; i++) x[i] = M.embed_f32 ? ((const float*)M.embed)[token * H + i] : bf16f(((const uint16_t*)M.embed)[token * H + i]);
-    } else {  // tied: the lm_head's row (bf16/fp32, int8 rows, or interleaved [n/16][k/4][16][4] + 128)
-        const Lin& E = M.head;
-        for (int64_t i = 0; i < H; i++) {
-            switch (E.kind) {
-            case K_BF16: x[i] = bf16f(((const uint16_t*)E.w)[token * H + i]); break;
-            case K_F32: x[i] = ((const float*)E.w)[token * H + i]; break;
-            case K_I8: x[i] = (float)((const int8_t*)E.w)[token * H + i] * ((const float*)E.s)[token]; break;
-            default: {
-                const float q = (float)((const uint8_t*)E.w)[((token / 16) * (H / 4) + i / 4) * 64 + (token % 16) * 4 + i % 4] - 128.f;
-                x[i] = q * bf16f(((const uint16_t*)E.s)[((token / 16) * (H / 32) + i / 32) * 16 + token % 16]);
-            }
-            }
+        return;
+    }
+    const Lin& E = M.head;
+    for (int64_t i = 0; i < H; i++) {
+        switch (E.kind) {
+        case K_BF16: x[i] = bf16f(((const uint16_t*)E.w)[token * H + i]); break;
+        case K_F32: x[i] = ((const float*)E.w)[token * H + i]; break;
+        case K_I8: x[i] = (float)((const int8_t*)E.w)[token * H + i] * ((const float*)E.s)[token]; break;
+        default: {
+            const float q = (float)((const uint8_t*)E.w)[((token / 16) * (H / 4) + i / 4) * 64 + (token % 16) * 4 + i % 4] - 128.f;
+            x[i] = q * bf16f(((const uint16_t*)E.s)[((token / 16) * (H / 32) + i / 32) * 16 + token % 16]);
+        }
         }
     }
+}
+
+// Rows of x prepared for a linear. A few rows: every thread prepares all of them itself (microseconds,
+// cheaper than a barrier more per projection). More: the threads share the rows, then meet.
+struct Stage {
+    Prepared shared;
+    bool split;
+    SpinBarrier& bar;
+    Stage(int64_t R, SpinBarrier& b) : split(R > 2), bar(b) {}
+    // make(row m of the input into `dst`), called for the rows this thread prepares
+    template <typename F>
+    const Prepared& prepare(const Lin& L, int64_t M, Prepared& own, int t, int T, int isa, F make) {
+        Prepared& p = split ? shared : own;
+        std::vector<float> row(L.k);
+        if (!split || t == 0) { p.M = M; p.K = L.k; }
+        for (int64_t m = split ? t : 0; m < M; m += split ? T : 1) { make(m, row.data()); prepare_row(L, row.data(), p, m, isa); }
+        if (split) bar.wait();
+        return p;
+    }
+};
+
+template <typename KV>
+static void step(const Model& M, const Batch& B, int isa, int threads) {
+    const int64_t H = M.hidden, h = M.heads, kvh = M.kv_heads, d = M.head_dim, I = M.inter, R = B.rows;
+    const int64_t qdim = (h + 2 * kvh) * d, half = d / 2, L_ = B.n_logits;
+    std::vector<float> x(R * H), qkv(R * qdim), attn(R * h * d), gu(R * 2 * I), act(R * I), out(R * H), cs(R * half), sn(R * half);
+    int64_t longest = 1, kmax = I > H ? I : H, outmax = 0;
+    if (h * d > kmax) kmax = h * d;
+    for (int64_t r = 0; r < R; r++) {
+        embed_row(M, B.token[r], x.data() + r * H);
+        for (int64_t i = 0; i < half; i++) {
+            cs[r * half + i] = std::cos((float)B.pos[r] * M.inv_freq[i]); sn[r * half + i] = std::sin((float)B.pos[r] * M.inv_freq[i]);
+        }
+        if (B.pos[r] + 1 > longest) longest = B.pos[r] + 1;
+    }
+    for (int32_t l = 0; l < M.layers; l++) {
+        const Layer& Ly = M.layer[l];
+        for (const Lin* L : {&Ly.qkv, &Ly.o, &Ly.gate_up, &Ly.down}) if (L->n_out > outmax) outmax = L->n_out;
+    }
+    if (M.head.n_out > outmax) outmax = M.head.n_out;
     SpinBarrier bar(threads);
+    Stage stage(R, bar);
+    if (stage.split) stage.shared.size(R, kmax, outmax);
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num_(), T = omp_get_num_threads_();
         if (t == 0) bar.threads = T;  // what OpenMP gave, which may be fewer than asked
 #pragma omp barrier
-        Prepared p;
-        std::vector<float> y(I > H ? I : H), s(n), out(H);
+        Prepared own;
+        if (!stage.split) own.size(R > L_ ? R : L_, kmax, outmax);
+        std::vector<float> s(longest);
         for (int32_t l = 0; l < M.layers; l++) {
             const Layer& L = M.layer[l];
-            rms_norm(x.data(), L.ln1, y.data(), H, M.eps);
-            prepare(L.qkv, y.data(), p, isa);
-            run_rows(L.qkv, p, qkv.data(), t, T, isa);
+            const Prepared& pq = stage.prepare(L.qkv, R, own, t, T, isa,
+                [&](int64_t r, float* y) { rms_norm(x.data() + r * H, L.ln1, y, H, M.eps); });
+            run_rows(L.qkv, pq, qkv.data(), t, T, isa);
             bar.wait();
-            KV* K = (KV*)kc[l]; KV* V = (KV*)vc[l];
-            for (int64_t j = t; j < h + kvh; j += T) {  // rotary on q and k heads; k and v into the cache
-                rope(qkv.data() + j * d, cs.data(), sn.data(), d);
+            for (int64_t job = t; job < R * (h + kvh); job += T) {  // rotary on q and k heads; k and v into the cache
+                const int64_t r = job / (h + kvh), j = job % (h + kvh), sq = B.seq[r], cap = B.cap[sq], pos = B.pos[r];
+                float* row = qkv.data() + r * qdim;
+                rope(row + j * d, cs.data() + r * half, sn.data() + r * half, d);
                 if (j >= h) {
-                    const int64_t kv = j - h; KV* kd = K + (kv * cap + pos) * d; KV* vd = V + (kv * cap + pos) * d;
-                    for (int64_t i = 0; i < d; i++) { st(kd, i, qkv[j * d + i]); st(vd, i, qkv[(h + kvh + kv) * d + i]); }
+                    const int64_t kv = j - h;
+                    KV* kd = (KV*)B.kc[sq][l] + (kv * cap + pos) * d; KV* vd = (KV*)B.vc[sq][l] + (kv * cap + pos) * d;
+                    for (int64_t i = 0; i < d; i++) { st(kd, i, row[j * d + i]); st(vd, i, row[(h + kvh + kv) * d + i]); }
                 }
             }
             bar.wait();
-            for (int64_t j = t; j < h; j += T) {
-                const int64_t kv = j / (h / kvh);
+            for (int64_t job = t; job < R * h; job += T) {
+                const int64_t r = job / h, j = job % h, kv = j / (h / kvh), sq = B.seq[r], cap = B.cap[sq], n = B.pos[r] + 1;
+                const KV* K = (const KV*)B.kc[sq][l] + kv * cap * d; const KV* V = (const KV*)B.vc[sq][l] + kv * cap * d;
+                const float* q = qkv.data() + r * qdim + j * d; float* o = attn.data() + (r * h + j) * d;
 #ifdef X86
-                if (isa >= 2 && d % 16 == 0) attend512<KV>(qkv.data() + j * d, K + kv * cap * d, V + kv * cap * d, n, d, M.scale, s.data(), attn.data() + j * d); else
+                if (isa >= 2 && d % 16 == 0) attend512<KV>(q, K, V, n, d, M.scale, s.data(), o); else
 #endif
-                attend<KV>(qkv.data() + j * d, K + kv * cap * d, V + kv * cap * d, n, d, M.scale, s.data(), attn.data() + j * d);
+                attend<KV>(q, K, V, n, d, M.scale, s.data(), o);
             }
             bar.wait();
-            prepare(L.o, attn.data(), p, isa);
-            run_rows(L.o, p, out.data(), t, T, isa);
-            { int64_t n0, n1; rows_of(L.o, n0, n1, t, T); for (int64_t i = n0; i < n1; i++) x[i] += out[i]; }
+            const Prepared& po = stage.prepare(L.o, R, own, t, T, isa,
+                [&](int64_t r, float* y) { std::memcpy(y, attn.data() + r * h * d, h * d * sizeof(float)); });
+            run_rows(L.o, po, out.data(), t, T, isa);
+            { int64_t n0, n1; rows_of(L.o, n0, n1, t, T); for (int64_t r = 0; r < R; r++) for (int64_t i = n0; i < n1; i++) x[r * H + i] += out[r * H + i]; }
             bar.wait();
-            rms_norm(x.data(), L.ln2, y.data(), H, M.eps);
-            prepare(L.gate_up, y.data(), p, isa);
-            run_rows(L.gate_up, p, gu.data(), t, T, isa);
+            const Prepared& pg = stage.prepare(L.gate_up, R, own, t, T, isa,
+                [&](int64_t r, float* y) { rms_norm(x.data() + r * H, L.ln2, y, H, M.eps); });
+            run_rows(L.gate_up, pg, gu.data(), t, T, isa);
             bar.wait();
-            swiglu(gu.data(), y.data(), I, isa);
-            prepare(L.down, y.data(), p, isa);
-            run_rows(L.down, p, out.data(), t, T, isa);
-            { int64_t n0, n1; rows_of(L.down, n0, n1, t, T); for (int64_t i = n0; i < n1; i++) x[i] += out[i]; }
+            const Prepared& pd = stage.prepare(L.down, R, own, t, T, isa,
+                [&](int64_t r, float* y) { swiglu(gu.data() + r * 2 * I, y, I, isa); });
+            run_rows(L.down, pd, out.data(), t, T, isa);
+            { int64_t n0, n1; rows_of(L.down, n0, n1, t, T); for (int64_t r = 0; r < R; r++) for (int64_t i = n0; i < n1; i++) x[r * H + i] += out[r * H + i]; }
             bar.wait();
         }
-        rms_norm(x.data(), M.norm, y.data(), H, M.eps);
-        prepare(M.head, y.data(), p, isa);
-        run_rows(M.head, p, logits, t, T, isa);
+        if (L_ > 0) {
+            const Prepared& ph = stage.prepare(M.head, L_, own, t, T, isa,
+                [&](int64_t j, float* y) { rms_norm(x.data() + B.logit_rows[j] * H, M.norm, y, H, M.eps); });
+            run_rows(M.head, ph, B.logits, t, T, isa);
+        }
     }
 }
 
@@ -460,16 +542,21 @@ int edgechat_has_vnni() {
 #endif
 }
 
-// y[m, :] = L(x[m, :]) for m < M (a few rows: short prompts; one row: tests)
+// y[m, :] = L(x[m, :]) for m < M, each weight read once for the M rows
 void edgechat_gemv_lin(const Lin* L, const float* x, float* y, int64_t M, int isa, int threads) {
+    SpinBarrier bar(threads);
+    Stage stage(M, bar);
+    if (stage.split) stage.shared.size(M, L->k, L->n_out);
 #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num_(), T = omp_get_num_threads_();
-        Prepared p;
-        for (int64_t m = 0; m < M; m++) {
-            prepare(*L, x + m * L->k, p, isa);
-            run_rows(*L, p, y + m * L->n, t, T, isa);
-        }
+        if (t == 0) bar.threads = T;
+#pragma omp barrier
+        Prepared own;
+        if (!stage.split) own.size(M, L->k, L->n_out);
+        const Prepared& p = stage.prepare(*L, M, own, t, T, isa,
+            [&](int64_t m, float* row) { std::memcpy(row, x + m * L->k, L->k * sizeof(float)); });
+        run_rows(*L, p, y, t, T, isa);
     }
 }
 
@@ -511,11 +598,9 @@ void edgechat_dequantize(const Lin* L, void* out, int f32, int threads) {
     }
 }
 
-// token at position pos (0-based); kc/vc: per layer [kv_heads, cap, head_dim] (bf16, or fp32 if kv_f32);
-// logits: [vocab] fp32
-void edgechat_decode_step(const Model* m, int64_t token, int64_t pos, void* const* kc, void* const* vc, int64_t cap,
-                          float* logits, int isa, int threads) {
-    if (m->kv_f32) step<float>(*m, token, pos, kc, vc, cap, logits, isa, threads);
-    else step<uint16_t>(*m, token, pos, kc, vc, cap, logits, isa, threads);
+// every row of the batch through the model; logits of the rows asked for
+void edgechat_batch_step(const Model* m, const Batch* b, int isa, int threads) {
+    if (m->kv_f32) step<float>(*m, *b, isa, threads);
+    else step<uint16_t>(*m, *b, isa, threads);
 }
 }
