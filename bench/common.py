@@ -168,19 +168,21 @@ def stop_process(proc: subprocess.Popen, timeout: float = 60.0) -> int | None:
     return proc.returncode
 
 
-def clean_env() -> dict:
-    """This environment without EDGECHAT_* settings, so only the bench's flags configure daemons."""
+def clean_env(repo: str = REPO) -> dict:
+    """This environment without EDGECHAT_* settings, so only the bench's flags configure daemons; the
+    daemon's code comes from `repo` (this checkout by default)."""
     from daemon.telemetry.multiproc import MULTIPROC_ENV  # light import: no prometheus_client
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGECHAT_") and k != MULTIPROC_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     return env
 
 
 class ServedDaemon:
     """`python -m daemon serve` (one gunicorn worker) on a free port; a context manager that always stops it."""
 
-    def __init__(self, name: str, workdir: str, args: Sequence[str]) -> None:
+    def __init__(self, name: str, workdir: str, args: Sequence[str], repo: str = REPO) -> None:
         self.name = name
+        self.repo = repo
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, f"{name}.log")
@@ -193,7 +195,7 @@ class ServedDaemon:
     def start(self, timeout: float = 600.0) -> "ServedDaemon":
         """Start, wait for /readyz, and find the worker: /healthz's pid, a child of the master."""
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.cmd, env=clean_env(), cwd=REPO, stdout=log,
+            self.proc = subprocess.Popen(self.cmd, env=clean_env(self.repo), cwd=self.repo, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:

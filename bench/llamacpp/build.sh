@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the llama.cpp peer for bench.decode_options (llama-bench, llama-quantize) from the
+# Builds the llama.cpp peer for bench.decode_options and bench.concurrency (llama-bench, llama-batched-bench,
+# llama-server, llama-quantize) from the
 # llama-cpp-python 0.3.36 sdist (llama.cpp 0c1e57098) and converts builtin:qwen2.5-0.5b-shape to GGUF
 # F32/BF16/Q8_0/Q4_K_M. About 15 min on 2 cores. Output: $LLAMACPP_DIR (default
 # <tmpdir>/llamacpp-<cpu>) with build/bin/llama-bench and gguf/q05-{f32,bf16,q8_0,q4_k_m}.gguf.
@@ -19,7 +20,7 @@ src=$root/llama_cpp_python-0.3.36/vendor/llama.cpp
 (cd "$src" && patch -p1 -N < "$here/amx-tilecfg-fix.patch" || true)
 command -v cmake >/dev/null || apt-get install -y -qq cmake g++
 cmake -S "$src" -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DGGML_OPENMP=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
-cmake --build build -j"$(nproc)" --target llama-bench llama-quantize >/dev/null
+cmake --build build -j"$(nproc)" --target llama-bench llama-batched-bench llama-server llama-quantize >/dev/null
 # the converter runs on the given interpreter (it needs torch, transformers, safetensors, numpy)
 $py -c "import torch, transformers, safetensors, numpy" || { echo "PYTHON=$py lacks torch/transformers"; exit 1; }
 # and sentencepiece (imported before it falls back to the BPE vocabulary), kept beside the build

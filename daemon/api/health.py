@@ -32,7 +32,7 @@ def readyz():
     body = {"ready": ready, "checks": checks, "model": engine.model_id, "dtype": engine.dtype,
             "decode": {"dtype": engine.dtype, "quantize": engine.quantize, "kernel": engine.kernel,
                        "chosen": choice.source, "step_ms": choice.step_ms, **engine.decode_path},
-            "queue_depth": waiting, "pid": os.getpid()}
+            "queue_depth": waiting, "batch": engine.batch(), "pid": os.getpid()}
     if cfg.leak_mode != "off":
         body["leak_mode"] = cfg.leak_mode
     if pressure is not None:

@@ -121,7 +121,8 @@ def stats():
     store = services.store.owner_stats(g.owner)  # tenant data: the caller's own sessions only
     limit = history_limit(cfg.max_history_turns)
     body = {"pid": os.getpid(), "model": engine.model_id, "dtype": engine.dtype,
-            "leak_mode": cfg.leak_mode, "queue_depth": engine.queue_depth(), "memory": memory(),
+            "leak_mode": cfg.leak_mode, "queue_depth": engine.queue_depth(), "batch": engine.batch(),
+            "memory": memory(),
             "history": {"max_turns": cfg.max_history_turns, "limit": limit,
                         "sessions": store.sessions, "messages_total": store.messages_total,
                         "messages_max": store.messages_max, "tokens_max": store.tokens_max}}

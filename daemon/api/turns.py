@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 from flask import Response
 
-from ..model.engine import ContextTooLong, EngineBusy, GenerationParams
+from ..model.engine import ContextTooLong, EngineBusy, GenerationParams, GenerationShed
 from ..services import Services, get_services
 from .errors import ApiError, error_body, invalid
 from . import params, validate
@@ -24,8 +24,8 @@ def outcome_of(stats) -> str:
         return "error"
     if stats.timed_out:
         return "timeout"
-    return {"stop": "ok", "length": "length", "cancelled": "cancelled"}.get(stats.finish_reason,
-                                                                            "error")
+    return {"stop": "ok", "length": "length", "cancelled": "cancelled",
+            "shed": "cancelled"}.get(stats.finish_reason, "error")
 
 
 def sampling_params(body: dict, *, allow_stop: bool, legacy: bool = False,
@@ -145,10 +145,18 @@ def observe(gen, services: Services, *, turn: int, history_messages: int | None)
     services.sampler.refresh(max_age_s=1.0)  # sub-second turns share one refresh; the sampler and scrapes keep gauges fresh
 
 
+def shed_error(shed: GenerationShed) -> ApiError:
+    """503 memory_pressure for a generation the memory watchdog cancelled mid-way (retry later)."""
+    return ApiError(503, f"{shed}; retry later", code="memory_pressure", retry_after=shed.retry_after)
+
+
 def drain(gen) -> str:
     """Run a generation to the end without streaming."""
-    for _ in gen:
-        pass
+    try:
+        for _ in gen:
+            pass
+    except GenerationShed as shed:
+        raise shed_error(shed) from None
     return gen.text
 
 
@@ -204,6 +212,9 @@ def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callabl
             # the client went away mid-stream: stop generating, commit nothing
             gen.cancel()
             raise
+        except GenerationShed as shed:  # the memory watchdog took it back: a final error event, no commit
+            err = shed_error(shed)
+            yield sse(error_body(err.status, err.message, err.code))
         except Exception:  # noqa: BLE001 - the status line is sent; tell the client in-band
             log.exception("stream failed")
             yield sse(error_body(500, "generation failed", "internal_error"))

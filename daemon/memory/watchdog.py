@@ -8,9 +8,11 @@ so all of them free and refuse together.
 - level 1, above `memory_soft_limit_ratio`: evict idle sessions of an in-process store, drop cached
   per-session state (Engine.release_caches: KV caches kept between turns), gc.collect(), malloc_trim(0);
   at most every RELEASE_EVERY_S while memory stays high, and at once when the level rises.
-- level 2, above `memory_hard_limit_ratio`: the same with every idle session, then new turns get 503 +
-  Retry-After (code memory_pressure) and /readyz fails, until memory falls below the soft limit
-  (hysteresis: a daemon hovering at the hard limit does not flap in and out of the load balancer).
+- level 2, above `memory_hard_limit_ratio`: the same with every idle session; if that was not enough, the
+  newest generations of the batch are cancelled (the oldest one runs on; theirs get 503 memory_pressure);
+  then new turns get 503 + Retry-After (code memory_pressure) and /readyz fails, until memory falls below
+  the soft limit (hysteresis: a daemon hovering at the hard limit does not flap in and out of the load
+  balancer).
 
 leak_mode "tensors" keeps every turn's outputs in Engine.retained on purpose; the watchdog leaves them:
 a real leak is memory nobody knows how to free, and the point of the demo is to show the daemon
@@ -46,10 +48,13 @@ class PressureListener(Protocol):
 
 
 class Releaser(Protocol):
-    """What can drop caches it keeps between turns (the engine's KV pool)."""
+    """What can drop caches it keeps between turns (the engine's KV pool) and cancel running generations."""
 
     def release_caches(self) -> int:
         """Drop them; return the bytes freed."""
+
+    def shed(self, keep: int = 1) -> int:
+        """Cancel the newest running generations, keeping the `keep` oldest; return how many go."""
 
 
 class IdleEvicter(Protocol):
@@ -119,6 +124,12 @@ class MemoryWatchdog:
                 after = self._ratio()
                 ratio = ratio if after is None else after
                 wanted = self.budget.level(ratio)
+            if wanted == HARD and self.engine is not None:  # freeing was not enough: fewer at once
+                shed = self.engine.shed(keep=1)
+                if shed:
+                    self._count("shed_generations")
+                    log.error("memory pressure: %s; cancelled the %d newest generation(s) of the batch",
+                              self.describe(), shed)
             if self.level == HARD and wanted == SOFT:
                 wanted = HARD  # hysteresis: refuse until below the soft limit
             if wanted == OK:

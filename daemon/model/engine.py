@@ -212,11 +212,14 @@ class Engine:
         return self._admission.counts()[1]
 
     def batch(self) -> dict:
-        """The batch as /readyz and /v1/stats show it: places, running and waiting, KV bytes by owner."""
+        """The batch as /readyz and /v1/stats show it: places, running and waiting, KV bytes by owner, and
+        the steps that only decoded by generations in them (since start: the decode rate at each size)."""
         waiting, running = self._admission.counts()
+        decode = {str(n): {"steps": steps, "seconds": round(seconds, 6), "tokens_per_s": round(n * steps / seconds, 2)}
+                  for n, (steps, seconds) in sorted(self._scheduler.decode_steps.items()) if seconds > 0}
         return {"max_batch": self.cfg.max_batch, "running": running, "waiting": waiting,
                 "kv_budget_bytes": self.kv_pool.budget_bytes, "kv_running_bytes": self.kv_pool.held_bytes,
-                "kv_idle_bytes": self.kv_pool.bytes_held}
+                "kv_idle_bytes": self.kv_pool.bytes_held, "decode_steps": decode}
 
     def shed(self, keep: int = 1) -> int:
         """Cancel the newest generations, keeping the `keep` oldest (memory pressure); how many go."""

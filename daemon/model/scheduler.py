@@ -46,6 +46,9 @@ class Scheduler:
         self._shed = 0  # newest generations the memory watchdog asked to cancel
         self._since_hygiene = 0
         self._thread: threading.Thread | None = None
+        # steps that only decoded, by generations in them: [steps, seconds] (n tokens per step: the
+        # aggregate decode rate at n concurrent generations is n * steps / seconds)
+        self.decode_steps: dict[int, list] = {}
 
     def submit(self, seq: Sequence) -> None:
         """Add an admitted sequence; it starts at the next step."""
@@ -120,7 +123,7 @@ class Scheduler:
         try:
             seq.start(self.decoder, self.pool)
         except Exception as exc:  # noqa: BLE001 - e.g. no memory for its cache: this generation fails alone
-            self.log.error("generation failed to start", exc_info=exc)
+            seq.gen.context.run(self.log.error, "generation failed to start", exc_info=exc)
             self._running.append(seq)
             self._finish(seq, exc.with_traceback(None))
             return
@@ -150,17 +153,22 @@ class Scheduler:
                 rows.seq.ran_whole = False
                 self._finish(rows.seq, error)
             return
+        seconds = time.perf_counter() - started
+        decode = sum(1 for r in plan if not r.seq.prefilling)
+        total = sum(len(r.ids) for r in plan)
+        if decode == total:
+            tally = self.decode_steps.setdefault(decode, [0, 0.0])
+            tally[0] += 1
+            tally[1] += seconds
         if self.listener is not None:
-            decode = sum(1 for r in plan if not r.seq.prefilling)
-            total = sum(len(r.ids) for r in plan)
             self.listener.on_batch_step(rows=total, decode_rows=decode, prefill_rows=total - decode,
-                                        seconds=time.perf_counter() - started)
+                                        seconds=seconds)
         for rows, logits in zip(plan, outputs):
             seq = rows.seq
             try:
                 seq.advance(rows, logits)
             except Exception as exc:  # noqa: BLE001 - its sampler or constraint failed: it alone ends
-                self.log.error("generation failed", exc_info=exc)
+                seq.gen.context.run(self.log.error, "generation failed", exc_info=exc)
                 self._finish(seq, exc.with_traceback(None))
                 continue
             if seq.ended:

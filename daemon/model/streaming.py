@@ -1,6 +1,7 @@
 """One generation as its caller sees it: text deltas streamed from the scheduler, stop strings, cancel, timeout."""
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import time
@@ -207,6 +208,7 @@ class Generation:
         self._ended = False  # the consumer has seen the end; iterating again yields nothing
         self._producer: threading.Thread | None = None  # the scheduler's thread, once it runs this
         self._on_end = on_end
+        self.context = contextvars.copy_context()  # the caller's (its request id): the scheduler logs in it
 
     @property
     def text(self) -> str:

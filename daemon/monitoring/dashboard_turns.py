@@ -33,11 +33,12 @@ def _top_row():
              "none", [target(f"{quantile(0.95, _TURN, extra=_LATE)} / {quantile(0.95, _TURN, extra=_FIRST)}",
                              "{{instance}}")],
              [(None, "green"), (T.creep_ratio, "orange"), (2 * T.creep_ratio, "red")], decimals=1),
-        stat("Generations in progress", "Generations running now (the engine serves one at a time per worker).",
+        stat("Generations in progress", "Generations in the batch now (each worker decodes up to max_batch "
+             "together, one token each per step).",
              "short", [target(f"sum by (instance) ({sel('edgechat_generations_in_progress')})", "{{instance}}")],
              [(None, "blue")]),
-        stat("Queue depth", "Requests waiting for the model. Sustained above zero means the device is saturated "
-             "and new requests will soon be rejected.", "short",
+        stat("Queue depth", "Requests waiting to join the batch. Sustained above zero means the device is "
+             "saturated and new requests will soon be rejected.", "short",
              [target(f"sum by (instance) ({sel('edgechat_queue_depth')})", "{{instance}}")],
              [(None, "green"), (1, "orange"), (4, "red")]),
         stat("Model load time", "Seconds the worker took to load the model at start-up.", "s",
@@ -105,10 +106,12 @@ def _kv_rows():
                     target(f"sum by (instance) ({rate('edgechat_prompt_tokens_total')}) - {reused}",
                            "prefilled {{instance}}")], w=8, minimum=0),
         timeseries("KV cache bytes and budget",
-                   "Bytes of idle KV caches each worker keeps, against the per-worker budget "
-                   "(kv_cache_bytes). Bytes never exceed the budget; a tensor leak grows RSS while this "
-                   "stays flat.", "bytes",
+                   "Bytes of KV caches each worker holds, idle ones kept between turns and those the running "
+                   "generations reserved, against the per-worker budget (kv_cache_bytes) they share (one "
+                   "generation alone may exceed it). A tensor leak grows RSS while these stay flat.", "bytes",
                    [target(f"sum by (instance, pid) ({sel('edgechat_kv_cache_bytes')})", "held {{instance}} {{pid}}"),
+                    target(f"sum by (instance, pid) ({sel('edgechat_kv_running_bytes')})",
+                           "running {{instance}} {{pid}}"),
                     target(f"max by (instance) ({sel('edgechat_kv_cache_budget_bytes')})", "budget {{instance}}")],
                    w=8, minimum=0),
         timeseries("KV caches dropped by reason",
@@ -120,18 +123,46 @@ def _kv_rows():
     ]
 
 
+def _batch_rows():
+    """Return the batch panels: generations per step against the limit, rows per step, why arrivals waited."""
+    decode = "edgechat_batch_decode_rows"
+    return [
+        row("Batch"),
+        timeseries("Generations per step",
+                   "Generations decoding together in a step (each reads the weights once for all of them), "
+                   "mean over the interval, against max_batch. At the limit with a queue: the device serves "
+                   "all it can; more users need more devices.", "short",
+                   [target(f"sum by (instance) ({rate(decode + '_sum')}) / sum by (instance) "
+                           f"({rate(decode + '_count')})", "mean {{instance}}"),
+                    target(f"max by (instance) ({sel('edgechat_batch_limit')})", "max_batch {{instance}}")],
+                   w=8, minimum=0),
+        timeseries("Rows and steps",
+                   "Batch steps per second, and rows per step: decode tokens plus prompt tokens prefilled "
+                   "beside them (up to prefill_chunk while others decode).", "short",
+                   [target(f"sum by (instance) ({rate('edgechat_batch_rows_count')})", "steps/s {{instance}}"),
+                    target(f"sum by (instance) ({rate('edgechat_batch_rows_sum')}) / sum by (instance) "
+                           f"({rate('edgechat_batch_rows_count')})", "rows/step {{instance}}")], w=8, minimum=0),
+        timeseries("Waits to join the batch",
+                   "Requests per second that had to wait before joining the batch: batch_full (every place "
+                   "taken) or kv_budget (their KV cache did not fit kv_cache_bytes beside the running ones). "
+                   "Waits are not refusals; a wait past queue_timeout_s is (Rejected requests below).", "reqps",
+                   [target(f"sum by (instance, reason) ({rate('edgechat_admission_waits_total')})",
+                           "{{reason}} {{instance}}")], w=8, minimum=0),
+    ]
+
+
 def _queue_rows():
     """Return the queue panels: depth, wait and rejections."""
     return [
         row("Queue"),
         timeseries("Queue depth and generations in progress",
-                   "Requests waiting for the model and generations running. A queue that never drains means "
+                   "Requests waiting to join the batch and generations in it. A queue that never drains means "
                    "turns take longer than users arrive (often latency creep).", "short",
                    [target(f"sum by (instance) ({sel('edgechat_queue_depth')})", "queued {{instance}}"),
                     target(f"sum by (instance) ({sel('edgechat_generations_in_progress')})",
                            "generating {{instance}}")], w=8, minimum=0),
         timeseries("Queue wait",
-                   "p50 and p95 time a request waited for the model before its turn started.", "s",
+                   "p50 and p95 time a request waited for a place in the batch before its turn started.", "s",
                    [target(quantile(0.5, "edgechat_queue_wait_seconds"), "p50 {{instance}}"),
                     target(quantile(0.95, "edgechat_queue_wait_seconds"), "p95 {{instance}}")], w=8, minimum=0),
         timeseries("Rejected requests by reason",
@@ -184,8 +215,8 @@ def _prompt_rows():
 
 def build():
     """Return the turns dashboard as a dict."""
-    panels = [*_top_row(), *_latency_rows(), *_generation_rows(), *_kv_rows(), *_queue_rows(), *_http_rows(),
-              *_prompt_rows()]
+    panels = [*_top_row(), *_latency_rows(), *_generation_rows(), *_kv_rows(), *_batch_rows(), *_queue_rows(),
+              *_http_rows(), *_prompt_rows()]
     return dashboard(UID, TITLE,
                      "How edgechat's turns behave: latency by position in the conversation (creep), time to "
                      "first token, tokens/s, queue and HTTP. See docs/dashboards.md.",

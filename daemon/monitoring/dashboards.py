@@ -18,6 +18,7 @@ EMPTY_WHEN_HEALTHY = frozenset({
     "Latency creep (p95 turn 11+ / turn 1)",  # needs conversations that reached turn 11
     "History truncations and session evictions",  # nothing trimmed or evicted until a limit is hit
     "Rejected requests by reason",  # nothing rejected while the queue has room
+    "Waits to join the batch",  # nobody waits while the batch has room
     "HTTP errors by status",  # no 4xx/5xx while every request succeeds
 })
 

@@ -42,7 +42,7 @@ def test_shape_without_session(client):
     resp = client.get("/v1/stats")
     assert resp.status_code == 200 and resp.mimetype == "application/json"
     body = resp.get_json()
-    assert set(body) == {"pid", "model", "dtype", "leak_mode", "queue_depth", "memory", "history"}
+    assert set(body) == {"pid", "model", "dtype", "leak_mode", "queue_depth", "batch", "memory", "history"}
     assert body["pid"] == os.getpid()
     assert (body["model"], body["leak_mode"]) == ("builtin:tiny", "off")
     assert body["dtype"] in ("float32", "bfloat16")

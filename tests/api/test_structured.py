@@ -105,7 +105,7 @@ def test_json_object_replies_parse(client):
 def test_json_schema_streamed(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "flag", "schema": {
         "type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}}}}}
-    resp = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 24,
+    resp = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 24, "seed": 2,
                                                      "stream": True, "response_format": fmt})
     text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "")
                    for line in resp.get_data(as_text=True).splitlines()

@@ -47,12 +47,19 @@ class Memory:
 class Engine:
     """Stands in for daemon.model.engine.Engine: counts release_caches() calls."""
 
-    def __init__(self):
+    def __init__(self, running: int = 0):
         self.released = 0
+        self.running = running
+        self.kept: list[int] = []
 
     def release_caches(self) -> int:
         self.released += 1
         return 4 << 20
+
+    def shed(self, keep: int = 1) -> int:
+        self.kept.append(keep)
+        gone, self.running = max(0, self.running - keep), min(self.running, keep)
+        return gone
 
 
 def actions(metrics: Metrics) -> dict[str, float]:
@@ -95,7 +102,8 @@ def test_soft_limit_evicts_idle_sessions_releases_caches_and_counts_it(rig):
     assert store.stats().sessions == 1 and store.get(recent, None).id == recent
     assert metric_value(metrics, "edgechat_sessions_evicted_total", reason="memory_pressure", default=0.0) == 3
     assert actions(metrics) == {"evict_sessions": 1, "release_caches": 1, "gc_collect": 1, "malloc_trim": 1,
-                                "refuse_turns": 0, "resume_turns": 0}
+                                "refuse_turns": 0, "resume_turns": 0, "shed_generations": 0}
+    assert engine.kept == []  # the batch is left alone below the hard limit
     assert engine.released == 1 and trims == [0]
     assert metric_value(metrics, "edgechat_memory_pressure_level", default=0.0) == 1
     assert old  # noqa: the evicted ids are gone
@@ -122,6 +130,16 @@ def test_hard_limit_refuses_until_below_the_soft_limit(rig):
     assert dog.check() == wd.OK and not dog.refusing
     assert actions(metrics)["resume_turns"] == 1 and actions(metrics)["refuse_turns"] == 1
     assert metric_value(metrics, "edgechat_memory_pressure_level", default=0.0) == 0
+
+
+def test_hard_limit_sheds_the_newest_generations_once(rig):
+    dog, clock, memory, store, engine, metrics, trims = rig
+    engine.running = 3
+    memory.set(0.97)
+    assert dog.check() == wd.HARD
+    assert engine.kept == [1] and engine.running == 1 and actions(metrics)["shed_generations"] == 1
+    dog.check()  # still hard: asked again, but nothing is left to shed, so nothing is counted
+    assert engine.running == 1 and actions(metrics)["shed_generations"] == 1
 
 
 def test_memory_freed_by_the_release_avoids_refusing(rig):

@@ -52,8 +52,8 @@ def test_gunicorn_conf_gives_gunicorn_what_edgechat_serve_gives(monkeypatch):
     expected = gunicorn_options(Config.from_env())
     assert conf["wsgi_app"] == "daemon:create_app()"
     assert conf["worker_class"] == "daemon.server.worker.EdgeWorker"  # reads requests under deadlines
-    settings = Config.from_env()  # a thread for each turn the model queue holds, and worker_threads more
-    assert conf["threads"] == settings.worker_threads + settings.queue_limit + 1
+    settings = Config.from_env()  # a thread for each turn the model holds (batch + line), worker_threads more
+    assert conf["threads"] == settings.worker_threads + settings.queue_limit + settings.max_batch
     assert conf["timeout"] > 300, "the worker timeout must cover the longest generation"
     assert (conf["max_requests"], conf["max_requests_jitter"]) == (500, 50)
     for key, value in expected.items():

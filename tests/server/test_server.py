@@ -21,9 +21,10 @@ SUMMED = dict(combine=sum, default=0.0)  # a sample's value summed over the seri
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, cache_dir):
-    """One server for the module: EOS suppressed so replies run exactly max_tokens long."""
+    """One server for the module: EOS suppressed so replies run exactly max_tokens long; one generation at
+    a time, so a second one queues."""
     d = Daemon(tmp_path_factory.mktemp("srv"), cache_dir,
-               "--max-new-tokens", str(LONG), "--min-new-tokens", str(LONG),
+               "--max-new-tokens", str(LONG), "--min-new-tokens", str(LONG), "--max-batch", "1",
                "--queue-limit", "1", "--queue-timeout-s", "120", "--worker-threads", "4",
                "--generation-timeout-s", "300")
     with d:
