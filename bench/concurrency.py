@@ -40,7 +40,7 @@ def stream_completion(url: str, body: dict, timeout: float = 600.0) -> dict:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     started = time.monotonic()
-    ttft, tokens, usage = None, 0, None
+    ttft, tokens, usage, timings = None, 0, None, None
     try:
         conn.request("POST", parts.path, json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -59,10 +59,15 @@ def stream_completion(url: str, body: dict, timeout: float = 600.0) -> dict:
                     if ttft is None:
                         ttft = time.monotonic() - started
             usage = event.get("usage") or usage
+            timings = event.get("timings") or timings
     finally:
         conn.close()
     if usage and usage.get("completion_tokens"):
         tokens = usage["completion_tokens"]
+    if timings and timings.get("prompt_ms") is not None:
+        # llama-server streams no text for tokens that decode to nothing (random weights): its own prompt
+        # time stands in for the first token's arrival
+        ttft = timings["prompt_ms"] / 1000
     return {"status": 200, "ttft": ttft, "seconds": time.monotonic() - started, "tokens": tokens}
 
 

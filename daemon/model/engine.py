@@ -88,6 +88,8 @@ class Engine:
         rows = model.get_input_embeddings().weight.shape[0]
         self._banned = plain_text_mask(tokenizer, rows, self.eos_ids) if plain_text_only else None
         self.decoder = make_decoder(model, choice.quantize, choice.kernel if choice.kernel not in ("", "hf") else None)
+        if choice.prefill_rows and hasattr(self.decoder, "step_rows"):  # the tuner's crossover on this CPU
+            self.decoder.step_rows = max(self.decoder.step_rows, choice.prefill_rows)
         self.quantize = choice.quantize
         self.kernel = getattr(self.decoder, "kernel", "hf")
         describe = getattr(self.decoder, "describe", None)  # FastDecoder's; the HF path has nothing to add

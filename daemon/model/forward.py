@@ -23,7 +23,7 @@ from .weights import Streamed, can_pack, drop_float_weights, fuse, linear, own_s
 QUANTIZE = ("none", "int8", "int4")
 # how the projections run: gemv.cpp (compiled), oneDNN prepacked, or plain F.linear
 KERNELS = ("native", "onednn", "plain")
-STEP_ROWS = 8  # rows of one prompt chunk up to which the compiled step runs them
+STEP_ROWS = 8  # rows of one prompt chunk up to which the compiled step runs them (the tuner may raise it)
 
 
 def default_kernel(dtype: torch.dtype = torch.bfloat16) -> str:
@@ -187,11 +187,13 @@ class FastDecoder:
         return out
 
     def describe(self) -> dict:
-        """How decode runs, for the load log and /readyz: one call per token or op by op, the kernels' ISA,
-        and the process's bytes in huge pages (the streamed weights, where the kernel granted them)."""
+        """How decode runs, for the load log and /readyz: one call per step or op by op, the kernels' ISA,
+        the prompt chunks the compiled step takes (longer: oneDNN's GEMMs), and the process's bytes in huge
+        pages (the streamed weights, where the kernel granted them)."""
         lib = self._step.lib if self._step is not None else None
         return {"step": "one-call" if lib else "per-op",
                 "isa": lib.label if lib else None,
+                "prefill_rows": self.step_rows if lib else None,
                 "huge_pages_mb": round(huge_bytes_held() / 2**20)}
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

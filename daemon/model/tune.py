@@ -28,6 +28,7 @@ from .weights import can_pack
 WEIGHT_SHARE = 0.6  # a candidate's weights may take at most this share of the memory limit
 _BYTES = {("float32", "none"): 4.0, ("bfloat16", "none"): 2.0, "int8": 1.0, "int4": 0.625}
 TUNE_LAYERS, TUNE_VOCAB, WARM, STEPS = 4, 32768, 3, 10
+PREFILL_SIZES = (16, 32, 64, 128)  # prompt chunks timed both ways for the compiled step's crossover
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ class Choice:
     kernel: str
     source: str = "forced"
     step_ms: dict = field(default_factory=dict)  # candidate label -> median ms per decode step (tuned)
+    # prompt ids per chunk up to which the compiled step prefills faster than oneDNN's GEMMs (native only)
+    prefill_rows: int = 0
 
     @property
     def label(self) -> str:
@@ -114,8 +117,8 @@ def cache_key(cfg: Any, path: str, threads: int, lib: kernels.Library | None) ->
             "kernels": None if lib is None else [lib.digest, lib.isa_name]}
 
 
-def time_candidate(model_config: Any, dtype: str, quantize: str, kernel: str) -> float:
-    """Median seconds of one decode step on a model of this shape cut to TUNE_LAYERS layers (random weights:
+def _cut(model_config: Any, dtype: str, quantize: str, kernel: str) -> Any:
+    """A FastDecoder on a model of this shape cut to TUNE_LAYERS layers and TUNE_VOCAB rows (random weights:
     the time depends on shapes, not values)."""
     from transformers import AutoModelForCausalLM
 
@@ -126,9 +129,41 @@ def time_candidate(model_config: Any, dtype: str, quantize: str, kernel: str) ->
         small.layer_types = small.layer_types[:small.num_hidden_layers]
     small.vocab_size = min(small.vocab_size, TUNE_VOCAB)
     torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(small, dtype=getattr(torch, dtype)).eval()
+    return FastDecoder(model, quantize, kernel)
+
+
+def time_prefill(model_config: Any, dtype: str, quantize: str) -> int:
+    """The largest of PREFILL_SIZES at which the compiled step still prefills a chunk faster than oneDNN's
+    GEMMs op by op (0: never faster, the compiled step then takes decode rows and short chunks alone)."""
     with torch.inference_mode():
-        model = AutoModelForCausalLM.from_config(small, dtype=getattr(torch, dtype)).eval()
-        decoder = FastDecoder(model, quantize, kernel)
+        decoder = _cut(model_config, dtype, quantize, "native")
+        if decoder._step is None:
+            return 0
+        best = 0
+        for n in PREFILL_SIZES:
+            seconds = {}
+            for how, rows in (("compiled", n), ("per-op", 0)):
+                decoder.step_rows = rows
+                times = []
+                for rep in range(3):
+                    state = decoder.new_state()
+                    decoder.forward(list(range(8)), state)  # a short prefix, as a turn after the template
+                    started = time.perf_counter()
+                    decoder.forward([(8 + rep + i) % TUNE_VOCAB for i in range(n)], state)
+                    times.append(time.perf_counter() - started)
+                seconds[how] = min(times)
+            if seconds["compiled"] > seconds["per-op"]:
+                break
+            best = n
+        return best
+
+
+def time_candidate(model_config: Any, dtype: str, quantize: str, kernel: str) -> float:
+    """Median seconds of one decode step on a model of this shape cut to TUNE_LAYERS layers (random weights:
+    the time depends on shapes, not values)."""
+    with torch.inference_mode():
+        decoder = _cut(model_config, dtype, quantize, kernel)
         state = decoder.new_state()
         decoder.forward(list(range(8)), state)
         times = []
@@ -152,7 +187,7 @@ def choose(cfg: Any, path: str, model_config: Any, params: int, limit_bytes: int
     """The decode path to load: the one candidate, the cached choice, or the fastest when timed now."""
     checkpoint = str(getattr(model_config, "dtype", None) or "bfloat16").removeprefix("torch.")
     found = candidates(cfg, checkpoint, params, limit_bytes, lib)
-    if len(found) == 1:
+    if len(found) == 1 and found[0][2] != "native":
         return Choice(*found[0])
     key = cache_key(cfg, path, threads, lib)
     folder = os.path.join(cfg.cache_dir, "tune")
@@ -165,13 +200,17 @@ def choose(cfg: Any, path: str, model_config: Any, params: int, limit_bytes: int
             return Choice(**cached["choice"], source="cached")
         started = time.monotonic()
         timings = {}
-        for d, q, k in found:
-            timings[f"{d}/{q}/{k}"] = time_candidate(model_config, d, q, k) * 1000
-        best = min(found, key=lambda c: timings[f"{c[0]}/{c[1]}/{c[2]}"])
-        choice = Choice(*best, source="tuned", step_ms={k: round(v, 3) for k, v in timings.items()})
+        if len(found) > 1:
+            for d, q, k in found:
+                timings[f"{d}/{q}/{k}"] = time_candidate(model_config, d, q, k) * 1000
+        best = min(found, key=lambda c: timings.get(f"{c[0]}/{c[1]}/{c[2]}", 0))
+        rows = time_prefill(model_config, best[0], best[1]) if best[2] == "native" else 0
+        choice = Choice(*best, source="tuned" if timings else "forced",
+                        step_ms={k: round(v, 3) for k, v in timings.items()}, prefill_rows=rows)
         log(f"tuned decode in {time.monotonic() - started:.1f} s: {choice.label} "
-            f"({', '.join(f'{k} {v:.1f} ms' for k, v in timings.items())} per step of a "
-            f"{TUNE_LAYERS}-layer cut)")
+            f"({', '.join(f'{k} {v:.1f} ms' for k, v in timings.items()) or 'forced'} per step of a "
+            f"{TUNE_LAYERS}-layer cut); the compiled step prefills chunks of up to {rows} prompt tokens, "
+            f"oneDNN's GEMMs longer ones")
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"key": key, "choice": {k: v for k, v in asdict(choice).items() if k != "source"}}, f)

@@ -174,6 +174,12 @@ def test_tuner_times_caches_and_is_forced(config_factory, cache_dir, tmp_path):
     assert (again.source, again.label) == ("cached", first.label)
     forced = tune.for_config(cfg.replace(dtype="bfloat16", kernel="onednn"), path, model_config, 1, lines.append)
     assert (forced.source, forced.label) == ("forced", "bfloat16/none/onednn")
+    # a forced compiled path still times where its step stops beating oneDNN's GEMMs on prompt chunks
+    native = tune.for_config(cfg.replace(dtype="bfloat16", kernel="native"), path, model_config, 1, lines.append)
+    assert native.label == "bfloat16/none/native" and native.prefill_rows in (0, *tune.PREFILL_SIZES)
+    assert any("prefills chunks of up to" in line for line in lines)
+    assert tune.for_config(cfg.replace(dtype="bfloat16", kernel="native"), path, model_config, 1,
+                           lines.append).source == "cached"
     params = tune.parameters(model_config)
     small = tune.candidates(cfg, "bfloat16", params, int(params * 3 / tune.WEIGHT_SHARE), kernels.current())
     assert small and all(d == "bfloat16" for d, _, _ in small)  # fp32 (4 bytes a weight) would not fit
