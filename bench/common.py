@@ -117,6 +117,15 @@ def http_json(method: str, url: str, body: dict | None = None, timeout: float = 
         return err.code, json.loads(err.read() or b"{}")
 
 
+def scrape(url: str) -> dict:
+    """{(name, sorted label pairs): value} of a daemon's /metrics (summed over workers by the daemon)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as resp:  # noqa: S310 - our own daemon
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of one process, in MiB (psutil)."""
     return psutil.Process(pid).memory_info().rss / MB

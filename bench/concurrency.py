@@ -116,9 +116,15 @@ def decode_rate(daemon: common.ServedDaemon, before: dict, n: int) -> float:
     return n * steps / seconds if seconds > 0 else float("nan")
 
 
-def prompt_speed(url: str, tokenizer_url: str, size: int, repeats: int = 3) -> float:
-    """Prefill tok/s of raw prompts of exactly `size` tokens (distinct each time: no KV reuse), max_tokens 1."""
+TTFT = "edgechat_time_to_first_token_seconds"
+
+
+def prompt_speed(url: str, tokenizer_url: str, size: int, repeats: int = 3) -> tuple[float, float]:
+    """Prefill tok/s of raw prompts of exactly `size` tokens (distinct each time: no KV reuse), max_tokens 1:
+    as the client saw it (HTTP, tokenizing included), and from the daemon's own time to first token
+    (admission to the first token: the prefill step and its sampling)."""
     rates = []
+    before = common.scrape(url)
     for r in range(repeats):
         text = " ".join(f"w{(r * 7919 + i * 104729) % 99991}" for i in range(size * 2))
         ids = common.http_json("POST", tokenizer_url, {"prompt": text})[1]["tokens"][:size]
@@ -127,7 +133,10 @@ def prompt_speed(url: str, tokenizer_url: str, size: int, repeats: int = 3) -> f
                                                           "temperature": 0})
         if got["status"] == 200 and got["ttft"]:
             rates.append(size / got["ttft"])
-    return common.median(rates)
+    after = common.scrape(url)
+    count = after[(TTFT + "_count", ())] - before[(TTFT + "_count", ())]
+    seconds = after[(TTFT + "_sum", ())] - before[(TTFT + "_sum", ())]
+    return common.median(rates), size * count / seconds if seconds > 0 else float("nan")
 
 
 def run_edgechat(name: str, workdir: str, args: list[str], clients: list[int], requests: int, new: int,
@@ -231,22 +240,26 @@ def report(args, ours: dict, base: dict | None, peer: dict | None) -> str:
                     common.ratio(r["e2e"], s.get("e2e", 0))]
         rows.append(row)
     lines.append(common.markdown_table(headers, rows))
-    p_headers = ["prompt tokens", "edgechat tok/s (HTTP, max_tokens 1)"]
-    p_rows = [[size, f"{ours['prompt'].get(size, float('nan')):.1f}"] for size in PROMPT_SIZES]
+    p_headers = ["prompt tokens", "edgechat tok/s (HTTP, max_tokens 1)", "edgechat tok/s (daemon's TTFT)"]
+    nan = (float("nan"), float("nan"))
+    p_rows = [[size, f"{ours['prompt'].get(size, nan)[0]:.1f}", f"{ours['prompt'].get(size, nan)[1]:.1f}"]
+              for size in PROMPT_SIZES]
     if peer:
-        p_headers += [f"llama.cpp {precision} pp", "ratio"]
+        p_headers += [f"llama.cpp {precision} pp (llama-bench)", "HTTP / pp", "daemon / pp"]
         for row, size in zip(p_rows, PROMPT_SIZES):
-            row += [f"{peer['prompts'].get(size, float('nan')):.1f}", common.ratio(ours["prompt"].get(size, 0),
-                                                                                   peer["prompts"].get(size, 0))]
+            pp = peer["prompts"].get(size, 0)
+            http_rate, daemon_rate = ours["prompt"].get(size, (0, 0))
+            row += [f"{pp:.1f}", common.ratio(http_rate, pp), common.ratio(daemon_rate, pp)]
     lines += ["", common.markdown_table(p_headers, p_rows)]
-    if base:
+    if base:  # the baseline may predate the daemon's batch stats: both sides as the clients saw them
         b_rows = []
         for new_row, old_row in zip(ours["rows"], base["rows"]):
-            b_rows.append([new_row["clients"], f"{old_row['decode']:.1f}", f"{new_row['decode']:.1f}",
-                           common.ratio(new_row["decode"], old_row["decode"]), f"{old_row['e2e']:.1f}",
-                           f"{new_row['e2e']:.1f}", common.ratio(new_row["e2e"], old_row["e2e"])])
-        lines += ["", common.markdown_table(["clients", "baseline decode", "this decode", "ratio", "baseline e2e",
-                                             "this e2e", "ratio"], b_rows)]
+            b_rows.append([new_row["clients"], f"{old_row['per_client']:.1f}", f"{new_row['per_client']:.1f}",
+                           common.ratio(new_row["per_client"], old_row["per_client"]), f"{old_row['e2e']:.1f}",
+                           f"{new_row['e2e']:.1f}", common.ratio(new_row["e2e"], old_row["e2e"]),
+                           f"{old_row['refused']} of {old_row['requests']}"])
+        lines += ["", common.markdown_table(["clients", "baseline per-client decode tok/s", "this", "ratio",
+                                             "baseline e2e tok/s", "this", "ratio", "baseline refused"], b_rows)]
     return "\n".join(lines)
 
 

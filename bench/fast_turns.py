@@ -28,7 +28,6 @@ import time
 # it (docs/performance.md: spinning waiters cut decode 3-5x when other jobs share the cores)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from . import common, decode_options  # noqa: E402
 from .naive_loop import NaiveChat  # noqa: E402
@@ -52,11 +51,7 @@ def parse_args(argv):
 
 def metrics(d: common.ServedDaemon) -> dict:
     """{(name, labels): value} of the daemon's /metrics (summed over workers by the daemon)."""
-    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return common.scrape(d.url)
 
 
 def streamed_turn(d: common.ServedDaemon, session: str, prompt: str, new_tokens: int) -> dict:

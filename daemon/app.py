@@ -11,6 +11,7 @@ from flask import Flask
 from .config import Config
 from .server import logs
 from .services import KEY, Services, get_services
+from .sessions import StoreFailure
 
 log = logging.getLogger("edgechat")
 
@@ -31,9 +32,11 @@ def create_app(config: Config | None = None) -> Flask:
     from .memory.budget import MemoryBudget
     from .telemetry.listeners import Recorder
     from .telemetry.metrics import Metrics
-    from .telemetry.multiproc import MULTIPROC_ENV
+    from .telemetry.multiproc import MULTIPROC_ENV, backed_files
     from .telemetry.sampler import Sampler
     multiprocess = bool(os.environ.get(MULTIPROC_ENV))
+    if multiprocess:  # no SIGBUS when the metrics folder fills up
+        backed_files()
     # Sessions in SQLite (the default) or Redis are one store that every worker reports whole:
     # summing the workers' reports would count each session once per worker, so the history gauges
     # take the freshest report instead. Only "memory" is per worker (sum them).
@@ -164,9 +167,12 @@ def _start_housekeeping(services: Services) -> None:
 
     def loop() -> None:
         while not stop.wait(services.config.metrics_refresh_s):
+            recorder.set_store_writable(store.probe_write())  # recovers by itself within a tick
             try:
                 store.sweep()
                 recorder.set_store_stats(store.stats())
+            except StoreFailure as exc:  # counted and shown on /readyz already
+                log.warning("session housekeeping: %s", exc)
             except Exception:  # noqa: BLE001 - keep the loop alive; a failing store shows in logs
                 log.exception("session housekeeping failed")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -26,12 +27,16 @@ def _xdg(var: str, fallback: str) -> str:
     return os.path.join(base, "edgechat")
 
 
-def _runtime_default() -> str:
-    """Metrics folder default: $XDG_RUNTIME_DIR/edgechat/metrics, else under the state folder."""
+def instance_metrics_dir(state_dir: str) -> str:
+    """The metrics folder of the daemon whose state folder this is: one per instance, so two daemons
+    on one host never share (and wipe) each other's files. Under $XDG_RUNTIME_DIR (a tmpfs: no
+    writes to an SD card) keyed by the state folder's path, else inside the state folder."""
+    state = os.path.abspath(os.path.expanduser(state_dir))
     run = os.environ.get("XDG_RUNTIME_DIR")
     if run:
-        return os.path.join(run, "edgechat", "metrics")
-    return os.path.join(_xdg("XDG_STATE_HOME", "~/.local/state"), "metrics")
+        key = hashlib.sha256(state.encode()).hexdigest()[:12]
+        return os.path.join(run, "edgechat", f"metrics-{key}")
+    return os.path.join(state, "metrics")
 
 
 def _opt(default: Any = dataclasses.MISSING, *, help: str, factory: Any = None,
@@ -111,7 +116,7 @@ class Config:
     min_new_tokens: int = _opt(0, help="Suppress end-of-text before this many tokens (testing aid).")
     generation_timeout_s: float = _opt(120.0, help="Per-request generation deadline; the reply ends "
                                                    "with finish_reason=length.")
-    max_batch: int = _opt(4, help="Generations decoded together per worker (continuous batching: each step "
+    max_batch: int = _opt(8, help="Generations decoded together per worker (continuous batching: each step "
                                   "reads the weights once for all of them); a generation joins only when its "
                                   "KV cache fits kv_cache_bytes beside the others'. 1 = one at a time.")
     prefill_chunk: int = _opt(64, help="Prompt tokens one step prefills beside running generations: more "
@@ -158,8 +163,10 @@ class Config:
     # --- observability ---------------------------------------------------------------------
     metrics_path: str = _opt("/metrics", help="Path of the Prometheus endpoint.")
     metrics_port: int = _opt(0, help="Serve /metrics on this separate port too; 0 = main port only.")
-    metrics_dir: str = _opt(help="prometheus_client multiprocess folder (wiped by edgechat serve).",
-                            factory=_runtime_default)
+    metrics_dir: str = _opt("", help="prometheus_client multiprocess folder, one per daemon (wiped at "
+                                     "start; a daemon finding it held by another running one refuses "
+                                     "to start); empty = $XDG_RUNTIME_DIR/edgechat/metrics-<hash of "
+                                     "state_dir>, else state_dir/metrics.")
     metrics_refresh_s: float = _opt(5.0, help="Seconds between refreshes of per-worker memory/GC gauges.")
     memory_limit_bytes: int = _opt(0, help="Memory budget; 0 = cgroup limit if set, else host total.")
     tracemalloc: bool = _opt(False, help="Trace Python allocations (costs memory and time).")
@@ -207,6 +214,8 @@ class Config:
             raise ValueError(f"metrics_port must be 0..65535, got {self.metrics_port!r}")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        if not self.metrics_dir:
+            object.__setattr__(self, "metrics_dir", instance_metrics_dir(self.state_dir))
         if not self.metrics_path.startswith("/"):
             raise ValueError(f"metrics_path must start with '/', got {self.metrics_path!r}")
         if not self.model:
@@ -359,8 +368,7 @@ def markdown_table() -> str:
     for f in dataclasses.fields(Config):
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = "(see meaning)" if f.name != "state_dir" else "`$XDG_STATE_HOME/edgechat`"
-            default = {"cache_dir": "`$XDG_CACHE_HOME/edgechat`",
-                       "metrics_dir": "`$XDG_RUNTIME_DIR/edgechat/metrics`"}.get(f.name, default)
+            default = {"cache_dir": "`$XDG_CACHE_HOME/edgechat`"}.get(f.name, default)
         else:
             value = f.default
             default = f"`{','.join(value) if isinstance(value, tuple) else value}`"

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -81,3 +84,35 @@ def test_env_example_lists_every_setting():
     assert text == cfgmod.env_example(), "regenerate: python -m daemon.config env-example"
     names = set(re.findall(r"^#(EDGECHAT_[A-Z_]+)=", text, re.M))
     assert names == {cfgmod.ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Config)}
+
+
+@pytest.mark.parametrize("runtime", [True, False])
+def test_metrics_folder_default_is_one_per_state_folder(monkeypatch, tmp_path, runtime):
+    if runtime:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    else:
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    a, b = (Config(state_dir=str(tmp_path / name)) for name in ("a", "b"))
+    assert a.metrics_dir != b.metrics_dir
+    assert Config(state_dir=str(tmp_path / "a")).metrics_dir == a.metrics_dir  # stable
+    parent = tmp_path / "run" / "edgechat" if runtime else tmp_path / "a"
+    assert os.path.dirname(a.metrics_dir) == str(parent)
+    assert Config(state_dir=str(tmp_path / "a"), metrics_dir="/elsewhere").metrics_dir == "/elsewhere"
+
+
+def test_a_held_metrics_folder_is_refused_naming_both_daemons(tmp_path):
+    from daemon.telemetry import multiproc
+    folder = tmp_path / "metrics"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from daemon.telemetry.multiproc import claim_dir\n"
+        f"claim_dir({str(folder)!r}, 'the first daemon'); print('held', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(multiproc.FolderHeld, match="the first daemon.*the second daemon"):
+            multiproc.claim_dir(str(folder), "the second daemon")
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    multiproc.claim_dir(str(folder), "the second daemon")  # free once the first has gone
+    os.close(multiproc._claims.pop(str(folder.resolve())))

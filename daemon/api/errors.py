@@ -8,10 +8,12 @@ from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ..openai_error import error_body
+from ..sessions import StoreFailure
 from ..server.logs import REQUEST_ID
 
 log = logging.getLogger("edgechat.api")
-__all__ = ["ApiError", "error_body", "error_response", "init_app", "invalid", "request_id"]
+__all__ = ["ApiError", "error_body", "error_response", "init_app", "invalid", "request_id",
+           "store_unavailable"]
 
 
 class ApiError(Exception):
@@ -27,6 +29,20 @@ class ApiError(Exception):
 def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     """Shorthand for a 400 about one request field."""
     return ApiError(400, message, code=code, param=param)
+
+
+STORE_RETRY_AFTER_S = 5  # the housekeeping probe runs every metrics_refresh_s (5 s by default)
+
+
+def store_unavailable(err: StoreFailure, services=None) -> ApiError:
+    """503 store_unavailable with Retry-After for a session store failure (counted as rejected).
+
+    services: the app's Services where there is no app context (a streamed body's end)."""
+    from ..services import get_services
+    (services or get_services()).recorder.on_reject("store_unavailable")
+    what = "store" if err.write else "read"
+    return ApiError(503, f"the session store cannot {what} now ({err.operation} failed); nothing was "
+                         "changed; retry later", code="store_unavailable", retry_after=STORE_RETRY_AFTER_S)
 
 
 def error_response(err: ApiError):
@@ -64,6 +80,13 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError):
         return error_response(err)
+
+    @app.errorhandler(StoreFailure)
+    def _store_failure(err: StoreFailure):
+        # the disk is full or read-only, the database locked, Redis gone: nothing of the request
+        # happened; the client may retry once the store is back (housekeeping probes it)
+        log.warning("%s (request id %s)", err, request_id())
+        return error_response(store_unavailable(err))
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):

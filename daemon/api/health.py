@@ -6,6 +6,7 @@ import os
 from flask import Blueprint, jsonify
 
 from ..services import get_services
+from ..telemetry.multiproc import write_failures
 
 bp = Blueprint("health", __name__)
 
@@ -18,7 +19,8 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """Ready: model loaded and warmed up, the wait queue not full, and the session store answering."""
+    """Ready: model loaded and warmed up, the wait queue not full, and the session store answering
+    reads (whether it takes writes is reported apart: `session_store.writable`)."""
     services = get_services()
     cfg, engine = services.config, services.engine
     waiting = engine.queue_depth()
@@ -33,6 +35,12 @@ def readyz():
             "decode": {"dtype": engine.dtype, "quantize": engine.quantize, "kernel": engine.kernel,
                        "chosen": choice.source, "step_ms": choice.step_ms, **engine.decode_path},
             "queue_depth": waiting, "batch": engine.batch(), "pid": os.getpid()}
+    # reads gate readiness; failed writes are reported, not gating: stateless completions still
+    # work, and readiness must not flap with every read that succeeds between failed writes
+    body["session_store"] = {"writable": services.store.writable,
+                             "last_error": services.store.last_error()}
+    # this worker's metric values lost to a full metrics folder (it keeps serving: not gating)
+    body["metrics_write_failures"] = write_failures()
     if cfg.leak_mode != "off":
         body["leak_mode"] = cfg.leak_mode
     if pressure is not None:

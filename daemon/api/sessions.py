@@ -1,20 +1,22 @@
 """Server-side conversations under the bounded history policy: /v1/sessions."""
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 
 from flask import Blueprint, g, jsonify
 
 from ..services import Services, get_services
-from ..sessions import ContextTooLong, SessionBusy, SessionNotFound
+from ..sessions import ContextTooLong, SessionBusy, SessionNotFound, StoreFailure
 from . import logprobs, params, turns, validate
 from .auth import protect
-from .errors import ApiError, invalid
+from .errors import ApiError, invalid, store_unavailable
 from .openapi import documented
 
 bp = protect(Blueprint("sessions", __name__, url_prefix="/v1/sessions"))
 KEYED = "api_key"
+log = logging.getLogger("edgechat.api")
 
 
 def _not_found(session_id: str) -> ApiError:
@@ -29,7 +31,12 @@ def _tokens(err: ContextTooLong) -> str:
 
 
 def _publish_stats(services: Services) -> None:
-    services.recorder.set_store_stats(services.store.stats())
+    """Best effort: the gauges are refreshed by housekeeping too, and a turn already committed
+    must not be answered with an error because a read of the stats failed."""
+    try:
+        services.recorder.set_store_stats(services.store.stats())
+    except StoreFailure as exc:
+        log.warning("session stats not refreshed: %s", exc)
 
 
 @bp.post("")
@@ -128,7 +135,16 @@ def message(session_id: str):
         raise
 
     def finish(g_) -> tuple:
-        result = turn.commit(g_.text) if g_.stats.finish_reason != "cancelled" else None
+        try:
+            result = turn.commit(g_.text) if g_.stats.finish_reason != "cancelled" else None
+        except SessionNotFound:  # deleted (or expired) while the turn ran: an expected race
+            turns.observe(g_, services, turn=turn.index, history_messages=None)
+            services.metrics.requests_rejected_total.labels(reason="session_gone").inc()
+            raise ApiError(404, "the session was deleted or expired while this turn ran; the reply "
+                                "was not stored", code="session_not_found", param="id") from None
+        except StoreFailure as err:  # the disk filled or the store went away during the turn
+            turns.observe(g_, services, turn=turn.index, history_messages=None)
+            raise store_unavailable(err, services) from None
         turns.observe(g_, services, turn=turn.index,
                       history_messages=len(result.session.messages) if result else None)
         if result is not None:  # the page's latency sparkline: committed turns only

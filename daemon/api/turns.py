@@ -215,6 +215,10 @@ def stream(gen, stack: ExitStack, *, turn: int, head: list[dict], delta: Callabl
         except GenerationShed as shed:  # the memory watchdog took it back: a final error event, no commit
             err = shed_error(shed)
             yield sse(error_body(err.status, err.message, err.code))
+        except ApiError as err:  # a refusal known only at the end (session gone, store down)
+            state["committed"] = True  # observed by whoever raised it
+            log.info("stream ended with %s: %s", err.code, err.message)
+            yield sse(error_body(err.status, err.message, err.code, err.param))
         except Exception:  # noqa: BLE001 - the status line is sent; tell the client in-band
             log.exception("stream failed")
             yield sse(error_body(500, "generation failed", "internal_error"))

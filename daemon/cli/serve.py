@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 from ..config import ENV_PREFIX, SECRETS, Config, to_env
 from ..server import logs
 from ..server.options import gunicorn_options
-from ..telemetry.multiproc import MULTIPROC_ENV
+from ..server.hooks import describe
+from ..telemetry.multiproc import MULTIPROC_ENV, FolderHeld, claim_dir
 from .flags import add_arguments, from_args
 
 log = logging.getLogger("edgechat.serve")
@@ -77,6 +78,22 @@ def check_model(cfg: Config) -> str | None:
     return None
 
 
+def check_store(cfg: Config) -> str | None:
+    """Open (create, check, migrate) a SQLite session file once here, before any worker: a corrupt
+    or unusable file stops the start with one message, untouched, instead of every worker failing
+    on it at once (or migrating it side by side); an error message or None."""
+    url = cfg.session_store_url()
+    if not url.startswith("sqlite:"):
+        return None
+    from ..sessions import StoreUnavailable
+    from ..sessions.sqlite_schema import open_file, path_from_url
+    try:
+        open_file(path_from_url(url), busy_timeout_s=5.0).close()
+    except StoreUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def run(ns: argparse.Namespace) -> int:
     """Validate, prepare the model, export the config to workers, run gunicorn until stopped."""
     try:
@@ -85,7 +102,7 @@ def run(ns: argparse.Namespace) -> int:
         logs.setup("INFO", os.environ.get(ENV_PREFIX + "LOG_FORMAT", "text").strip().lower())
         return _fail(f"invalid configuration: {exc}")
     logs.setup(cfg.log_level, cfg.log_format, cfg.access_log)
-    problem = check_model(cfg)
+    problem = check_model(cfg) or check_store(cfg)
     if problem:
         return _fail(problem)
     # workers get `cfg` itself (forked from here); the environment says the same for anything that
@@ -94,6 +111,12 @@ def run(ns: argparse.Namespace) -> int:
     for name in SECRETS:
         os.environ.pop(ENV_PREFIX + name.upper(), None)
     os.environ[MULTIPROC_ENV] = cfg.metrics_dir
+    try:  # before gunicorn: a held folder is refused like an invalid setting, with exit code 2
+        claim_dir(cfg.metrics_dir, describe(cfg.state_dir, [f"{cfg.host}:{cfg.port}"]))
+    except FolderHeld as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"metrics_dir: cannot use {cfg.metrics_dir}: {exc.strerror}")
     # OpenMP threads that spin while they wait cut decode 3-5x as soon as anything else wants a
     # core (docs/performance.md); sleeping waiters cost little on an idle box. An operator's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

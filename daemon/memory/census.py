@@ -1,8 +1,9 @@
 """Object census: live objects by type, bytes of live torch tensors, growth since a baseline, and who holds it.
 
 Catches what tracemalloc cannot see: tensor storage is allocated by torch, outside Python's allocator.
-It walks every object the GC tracks (gc.get_objects), so it is O(objects) and holds the GIL throughout:
-0.15-0.5 s per ~375 k objects (torch + transformers + Flask loaded) on the 2-core dev box at load
+It walks every object the GC tracks (gc.get_objects), so it is O(objects), each walk inside C calls
+only (heapwalk.py says why: a heap list held by Python code can break another thread's work;
+holders(), which must hold what it finds, runs in a forked child): 0.15-0.5 s per ~375 k objects (torch + transformers + Flask loaded) on the 2-core dev box at load
 average ~10, plus a full gc.collect() (0.7 s there) when asked to collect first. The daemon runs it
 on demand (admin endpoints) and, without the collection, for the gauges at a low rate (CENSUS_EVERY_S,
 from the tracing thread in tracing.py). Never imports torch: a
@@ -20,6 +21,7 @@ from types import FrameType, ModuleType
 from typing import Protocol
 
 from ..telemetry.labels import LIVE_OBJECT_TYPES, OTHER
+from .heapwalk import by_type_id, in_child, live_classes, pick
 
 CENSUS_EVERY_S = 120.0  # background census for the gauges: well under 1 % of one core
 TENSOR = "torch.Tensor"  # every tensor subclass (Parameter included) is counted under this name too
@@ -89,22 +91,27 @@ def take(collect: bool = True, ids: bool = True) -> Census:
     started = time.perf_counter()
     if collect:
         gc.collect()
-    objs = gc.get_objects()
-    try:
-        by_type = Counter(map(type, objs))
-        tensor_cls = _tensor_class()
-        tensor_types = {t for t in by_type if tensor_cls is not None and issubclass(t, tensor_cls)}
-        daemon_types = {t for t in by_type if _module(t).startswith("daemon.")}
-        # passes in Python over every object: with the GC walk, the census's whole cost
-        tensors = [o for o in objs if type(o) in tensor_types] if tensor_types else []
-        daemon_ids = {id(o) for o in objs if type(o) in daemon_types} if ids and daemon_types else set()
-    finally:
-        del objs  # a list of every object must not outlive the census
+    by_id = by_type_id()
+    classes = live_classes()
+    by_type = Counter()
+    for type_id, n in by_id.items():
+        cls = classes.get(type_id)  # None: the class died since the walk (its objects did too)
+        if cls is not None:
+            by_type[cls] += n
+    tensor_cls = _tensor_class()
+    tensor_types = frozenset(id(t) for t in by_type if tensor_cls is not None and issubclass(t, tensor_cls))
+    daemon_types = frozenset(id(t) for t in by_type if _module(t).startswith("daemon."))
+    # second walk: the objects of those types (complete objects, safe to hold in Python)
+    picked = pick(tensor_types | (daemon_types if ids else frozenset())) \
+        if tensor_types or (ids and daemon_types) else []
+    tensors = [o for o in picked if id(type(o)) in tensor_types]
+    daemon_ids = {id(o) for o in picked if id(type(o)) in daemon_types} if ids else set()
+    del picked
     counts = {type_name(t): n for t, n in by_type.items()}
     tensor_bytes, tensor_ids = storage_bytes(tensors), frozenset(map(id, tensors) if ids else ())
     count = len(tensors)
     del tensors
-    return Census(time.time(), time.perf_counter() - started, counts, sum(by_type.values()), count,
+    return Census(time.time(), time.perf_counter() - started, counts, sum(by_id.values()), count,
                   tensor_bytes, tensor_ids, frozenset(daemon_ids))
 
 
@@ -138,13 +145,10 @@ def new_tensors(base: Census, sample: int = 6) -> list:
     tensor_cls = _tensor_class()
     if tensor_cls is None:
         return []
-    objs = gc.get_objects()
-    try:
-        # exact types, not isinstance(): that would run every object's __class__ and ABC machinery
-        kinds = {t for t in set(map(type, objs)) if issubclass(t, tensor_cls)}
-        found = [o for o in objs if type(o) in kinds and id(o) not in base.tensor_ids]
-    finally:
-        del objs
+    # exact types, not isinstance(): that would run every object's __class__ and ABC machinery
+    classes = live_classes()
+    kinds = frozenset(i for i in by_type_id() if i in classes and issubclass(classes[i], tensor_cls))
+    found = [o for o in pick(kinds) if id(o) not in base.tensor_ids]
     picked = found[:: max(1, len(found) // sample)][:sample]
     del found  # it refers to every new tensor: it must not be around when holders() looks
     return picked
@@ -256,5 +260,5 @@ class CensusKeeper:
             out = growth(now, base, limit)
             out["holders"] = []
             if with_holders and base is not None and now.tensors > base.tensors:
-                out["holders"] = holders(new_tensors(base), base)
+                out["holders"] = in_child(lambda: holders(new_tensors(base), base))
             return out

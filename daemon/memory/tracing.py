@@ -26,7 +26,8 @@ GROUP_BY = ("lineno", "traceback")
 # (the baseline census's type names would otherwise top every diff).
 DROPPED_FILES = frozenset({"<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>",
                            "<unknown>", tracemalloc.__file__, linecache.__file__, __file__,
-                           __file__.replace("tracing.py", "census.py")})
+                           __file__.replace("tracing.py", "census.py"),
+                           __file__.replace("tracing.py", "heapwalk.py")})
 # The tracing switch every worker of one server follows, in the shared multiprocess folder (not *.db:
 # invisible to the metrics collectors): a request reaches one worker, the others pick it up within
 # metrics_refresh_s. Quick requests land on one worker almost every time, so asking each does not work.

@@ -96,6 +96,8 @@ class Engine:
         # and where the compiled kernels came from (packaged, built, unavailable, off): a per-op step with
         # them unavailable is the slow path EdgechatDecodeSlowPath reports
         self.decode_path: dict = {**(describe() if describe else {}), "compiled": kernels.state()}
+        lib = getattr(getattr(self.decoder, "_step", None), "lib", None)
+        self._argmax = kernels.argmaxer(lib) if lib is not None else None  # greedy rows' token, compiled
         self.choice = choice
         # leak mode "tensors" keeps every turn's cache itself; a pool would only hide that
         budget = cfg.kv_cache_bytes if cfg.leak_mode != "tensors" else 0
@@ -266,7 +268,8 @@ class Engine:
         sampling = sampling_for(params, max_new, self._generation_config, self.cfg.min_new_tokens)
         constraint = params.constraint() if params.constraint is not None else None
         logprobs: list | None = [] if params.top_logprobs is not None else None
-        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids, constraint, logprobs, params.seed)
+        sampler = Sampler(sampling, self.eos_ids, self._banned, prompt_ids, constraint, logprobs, params.seed,
+                          self._argmax)
         kv_bytes = self.decoder.kv_bytes(len(prompt_ids) + max_new)
         waited = self._admission.enter(kv_bytes, self.cfg.queue_timeout_s)
         try:

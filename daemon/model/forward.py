@@ -24,6 +24,7 @@ QUANTIZE = ("none", "int8", "int4")
 # how the projections run: gemv.cpp (compiled), oneDNN prepacked, or plain F.linear
 KERNELS = ("native", "onednn", "plain")
 STEP_ROWS = 8  # rows of one prompt chunk up to which the compiled step runs them (the tuner may raise it)
+STEP_ROWS_ALL = 256  # the tuner's largest size: a step_rows this high means longer chunks go through it in pieces
 
 
 def default_kernel(dtype: torch.dtype = torch.bfloat16) -> str:
@@ -159,7 +160,11 @@ class FastDecoder:
         together = [i for i, (_, ids, _) in enumerate(work) if self._step is not None and len(ids) <= self.step_rows]
         for i, (state, ids, want) in enumerate(work):
             if i not in together:
-                logits = self.forward(ids, state)
+                if self._step is not None and self.step_rows >= STEP_ROWS_ALL:  # faster at every size: in pieces
+                    for start in range(0, len(ids), self.step_rows):
+                        logits = self.forward(ids[start:start + self.step_rows], state)
+                else:
+                    logits = self.forward(ids, state)
                 out[i] = logits if want else None
         if not together:
             return out

@@ -8,7 +8,7 @@ generator (seeded by the request's `seed`), so sequences batched together never 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -73,8 +73,10 @@ class Sampler:
 
     def __init__(self, sampling: Sampling, eos_ids: frozenset[int], banned: torch.Tensor | None,
                  prompt_ids: Sequence[int], constraint: Constraint | None = None,
-                 logprobs: list | None = None, seed: int | None = None) -> None:
-        """seed: this generation's random stream (None: one drawn from torch's global generator)."""
+                 logprobs: list | None = None, seed: int | None = None,
+                 argmax: Callable[[torch.Tensor, torch.Tensor | None], int] | None = None) -> None:
+        """seed: this generation's random stream (None: one drawn from torch's global generator); argmax:
+        the compiled kernels' masked argmax, for greedy turns that need nothing else (the same token)."""
         self.s = sampling
         self.generator = torch.Generator()
         self.generator.manual_seed(int(torch.randint(0, 2**62, ())) if seed is None else seed)
@@ -90,6 +92,9 @@ class Sampler:
             self._bias = (torch.tensor(ids, dtype=torch.long), torch.tensor(values, dtype=torch.float32))
         self.constraint = constraint
         self.logprobs = logprobs if sampling.top_logprobs is not None else None
+        plain = (sampling.temperature <= 0 and constraint is None and self.logprobs is None and self._bias is None
+                 and sampling.repetition_penalty == 1.0 and not self._counting)
+        self._argmax = argmax if plain else None  # the token is the argmax of what is not banned
 
     def _penalize(self, logits: torch.Tensor, token: int | None) -> None:
         if self._seen is None:  # first call: ids of the prompt, then each new token
@@ -150,6 +155,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, produced: int, last: int | None) -> int:
         """Next token, given the tokens produced so far in this turn and the last one (None at first)."""
+        if self._argmax is not None:
+            if produced < self.s.min_new:
+                logits[self._eos[self._eos < logits.shape[0]]] = float("-inf")
+            return self._argmax(logits, None if self.banned is None else self.banned[: logits.shape[0]])
         logits = self._process(logits, produced, last)
         if self.constraint is not None:
             token = self._constrained(logits)

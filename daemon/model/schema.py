@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .grammar import ANY, first_bytes
+from .grammar import ANY, first_bytes, literals
 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$comment",
                          "$id", "deprecated", "readOnly", "writeOnly", "format", "$defs",
@@ -56,12 +56,12 @@ def _node(schema: Any, defs: dict, where: str, refs: int) -> tuple:
             raise SchemaError(f"{where}.$ref: references nest deeper than {MAX_REF_DEPTH} (recursive?)")
         return _node(defs[name], defs, f"{where}.$ref", refs + 1)
     if "const" in schema:
-        return ("alts", (_literal(schema["const"]),))
+        return literals((_literal(schema["const"]),))
     if "enum" in schema:
         values = schema["enum"]
         if not isinstance(values, list) or not values:
             raise SchemaError(f"{where}.enum: must be a non-empty list")
-        return _branches([("alts", (_literal(v),)) for v in values], where + ".enum", merge=True)
+        return literals(_literal(v) for v in values)
     for key in ("anyOf", "oneOf"):
         if key in schema:
             options = schema[key]
@@ -93,7 +93,7 @@ def _typed(kind: str, schema: dict, defs: dict, where: str, refs: int) -> tuple:
         props = schema.get("properties")
         if not props:
             return ("freeobj",) if schema.get("additionalProperties", True) is not False \
-                else ("alts", (b"{}",))
+                else literals((b"{}",))
         if not isinstance(props, dict):
             raise SchemaError(f"{where}.properties: must be an object")
         return ("object", tuple((_literal(k) + b":", _node(v, defs, f"{where}.properties.{k}", refs))
@@ -106,8 +106,8 @@ def _typed(kind: str, schema: dict, defs: dict, where: str, refs: int) -> tuple:
     if kind in ("integer", "number"):
         return ("number", kind == "integer")
     if kind == "boolean":
-        return ("alts", (b"true", b"false"))
-    return ("alts", (b"null",))
+        return literals((b"true", b"false"))
+    return literals((b"null",))
 
 
 def _bound(schema: dict, key: str, where: str, default: int | None) -> int | None:
@@ -117,12 +117,12 @@ def _bound(schema: dict, key: str, where: str, default: int | None) -> int | Non
     return value
 
 
-def _branches(nodes: list[tuple], where: str, merge: bool = False) -> tuple:
+def _branches(nodes: list[tuple], where: str) -> tuple:
     """One node for alternatives: literals merge; others must start with different bytes."""
     if len(nodes) == 1:
         return nodes[0]
-    if merge or all(n[0] == "alts" for n in nodes):
-        return ("alts", tuple(a for n in nodes for a in n[1]))
+    if all(n[0] == "alts" for n in nodes):
+        return literals(a for n in nodes for a in n[1])
     seen: set[int] = set()
     for node in nodes:
         first = first_bytes(node)

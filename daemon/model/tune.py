@@ -23,12 +23,13 @@ import torch
 
 from .. import __version__
 from . import kernels
+from .forward import STEP_ROWS_ALL
 from .weights import can_pack
 
 WEIGHT_SHARE = 0.6  # a candidate's weights may take at most this share of the memory limit
 _BYTES = {("float32", "none"): 4.0, ("bfloat16", "none"): 2.0, "int8": 1.0, "int4": 0.625}
 TUNE_LAYERS, TUNE_VOCAB, WARM, STEPS = 4, 32768, 3, 10
-PREFILL_SIZES = (16, 32, 64, 128)  # prompt chunks timed both ways for the compiled step's crossover
+PREFILL_SIZES = (16, 32, 64, 128, STEP_ROWS_ALL)  # prompt chunks timed both ways: the compiled step's crossover
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def _cut(model_config: Any, dtype: str, quantize: str, kernel: str) -> Any:
 
 def time_prefill(model_config: Any, dtype: str, quantize: str) -> int:
     """The largest of PREFILL_SIZES at which the compiled step still prefills a chunk faster than oneDNN's
-    GEMMs op by op (0: never faster, the compiled step then takes decode rows and short chunks alone)."""
+    GEMMs op by op (0: never faster, the compiled step then takes decode rows and short chunks alone; the
+    largest size: faster at every size, longer chunks go through it in pieces of that size)."""
     with torch.inference_mode():
         decoder = _cut(model_config, dtype, quantize, "native")
         if decoder._step is None:

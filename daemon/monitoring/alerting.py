@@ -174,6 +174,38 @@ def availability_alerts(t: Thresholds, n: Names) -> Group:
     ])
 
 
+def dependency_alerts(t: Thresholds) -> Group:
+    """What the daemon depends on failing under it: the session store, the metrics folder."""
+    errors, failures = duration(t.store_errors_window), duration(t.metrics_writes_window)
+    return Group("edgechat.dependencies.alerts", [
+        alert_rule(t, "EdgechatSessionStoreUnwritable",
+               "Detects a session store that refuses writes (disk full, read-only, locked): turns and "
+               "new sessions get 503 while reads go on.",
+               "edgechat_session_store_writable == 0", t.store_unwritable_for, "critical",
+               "edgechat cannot store turns: its session store refuses writes.",
+               f"The session store of {INSTANCE} has refused writes for {duration(t.store_unwritable_for)} "
+               "(writable = {{ $value }}): "
+               "every turn and new session is answered 503 store_unavailable; see /readyz "
+               "session_store.last_error."),
+        alert_rule(t, "EdgechatSessionStoreFailing",
+               f"Detects session store calls failing for {duration(t.store_errors_for)} (Redis down or "
+               "paused, the SQLite file locked past busy_timeout, I/O errors).",
+               f"sum without (operation) (rate(edgechat_session_store_errors_total[{errors}])) > 0",
+               t.store_errors_for, "warning",
+               "edgechat's session store keeps failing.",
+               f"Session store calls on {INSTANCE} fail at {{{{ $value | humanize }}}}/s over the last "
+               f"{errors}; the requests concerned get 503 store_unavailable."),
+        alert_rule(t, "EdgechatMetricsWritesFailing",
+               "Detects workers that cannot write their metric files (the metrics folder's file "
+               "system is full): dashboards and alerts miss their newest values.",
+               f"increase(edgechat_metrics_write_failures_total[{failures}]) > 0",
+               t.metrics_writes_for, "warning",
+               "edgechat cannot write its metrics: the metrics folder is full.",
+               f"Workers on {INSTANCE} failed {{{{ $value | printf \"%.0f\" }}}} metric write(s) in the "
+               f"last {failures} for lack of room in metrics_dir."),
+    ])
+
+
 def decode_alerts(t: Thresholds, n: Names) -> Group:
     """Decode on the slow path where the fast one should be."""
     return Group("edgechat.decode.alerts", [
@@ -218,4 +250,5 @@ def meta_alerts(t: Thresholds) -> Group:
 def alert_groups(t: Thresholds, n: Names) -> list[Group]:
     """All alert groups; the meta group comes last so EdgechatInfoInhibitor sees the others' ALERTS."""
     return [memory_alerts(t, n), history_alerts(t, n), gc_alerts(t, n), turn_alerts(t, n),
-            process_alerts(t, n), availability_alerts(t, n), decode_alerts(t, n), meta_alerts(t)]
+            process_alerts(t, n), availability_alerts(t, n), dependency_alerts(t), decode_alerts(t, n),
+            meta_alerts(t)]

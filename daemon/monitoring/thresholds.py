@@ -128,6 +128,18 @@ class Thresholds:
     saturation_ratio: float = 0.05
     saturation_for: float = _window(10 * MINUTE, "for of Saturated")
 
+    # -- dependencies (docs/reliability.md) --------------------------------------------------------
+    # The session store refusing writes (disk full, read-only, locked): every turn and new session
+    # gets 503 until an operator frees space; the housekeeping probe shows recovery within seconds,
+    # so 2 min is a fault that did not pass by itself.
+    store_unwritable_for: float = _window(2 * MINUTE, "for of SessionStoreUnwritable")
+    # Any store call failing (Redis down or paused, the file locked past busy_timeout) for 5 min.
+    store_errors_window: float = _window(5 * MINUTE, "rate window of session store errors")
+    store_errors_for: float = _window(5 * MINUTE, "for of SessionStoreFailing")
+    # The metrics folder full: the dashboards miss values from now on; the operator frees space.
+    metrics_writes_window: float = _window(10 * MINUTE, "increase window of metric write failures")
+    metrics_writes_for: float = _window(1 * MINUTE, "for of MetricsWritesFailing")
+
     # -- decode path -------------------------------------------------------------------------------
     # A worker decoding op by op on torch's kernels because the compiled kernels did not load (a wheel
     # built without them, a missing compiler in an editable checkout, a library that does not load):

@@ -23,12 +23,20 @@ def metrics_dir() -> str:
     return path
 
 
+def describe(state_dir: str, bind) -> str:
+    """How a daemon is named to another one that finds its metrics folder held."""
+    where = ", ".join(bind) if isinstance(bind, (list, tuple)) else str(bind)
+    return f"pid {os.getpid()}, state_dir {os.path.abspath(state_dir)}, listening on {where}"
+
+
 def on_starting(server) -> None:
-    """Master, once, before any worker: set up and wipe the multiprocess metrics folder."""
+    """Master, once, before any worker: claim, set up and wipe the multiprocess metrics folder
+    (FolderHeld, a RuntimeError gunicorn prints before exiting 1, when another daemon holds it)."""
+    from ..config import Config
     path = metrics_dir()
     # must be in the environment before prometheus_client is imported anywhere in this tree
     os.environ[MULTIPROC_ENV] = path
-    prepare_dir(path)
+    prepare_dir(path, describe(Config.from_env().state_dir, server.cfg.bind))
     log.info("metrics folder %s (wiped)", path)
 
 

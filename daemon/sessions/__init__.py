@@ -6,18 +6,17 @@ callable, metrics are reached through the StoreListener Protocol.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 from urllib.parse import urlsplit
 
 from .base import (STORE_OPERATIONS, ContextTooLong, CountTokens, HistoryPolicy, Message, SessionBusy,
                    SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreListener, StoreStats,
-                   StoreUnavailable, Trimmed, Turn, TurnResult, trim_history)
+                   StoreFailure, StoreUnavailable, Trimmed, Turn, TurnResult, trim_history)
 from .memory import MemoryStore
 
 __all__ = ["STORE_OPERATIONS", "ContextTooLong", "CountTokens", "HistoryPolicy", "MemoryStore", "Message",
            "SessionBusy", "SessionNotFound", "SessionRecord", "SessionSnapshot", "SessionStore",
-           "StoreListener", "StoreStats", "StoreUnavailable", "Trimmed", "Turn", "TurnResult", "make_store",
+           "StoreFailure", "StoreListener", "StoreStats", "StoreUnavailable", "Trimmed", "Turn", "TurnResult", "make_store",
            "trim_history"]
 
 BACKENDS = ("memory", "sqlite:///path/to/file.db", "redis://host:port/db")
@@ -28,7 +27,7 @@ def _scheme(url: object) -> str:
 
 
 def make_store(policy: HistoryPolicy, count_tokens: CountTokens, *, url: str = "memory",
-               clock: Callable[[], float] = time.time, listener: StoreListener | None = None,
+               clock: Callable[[], float] | None = None, listener: StoreListener | None = None,
                lease_s: float = 300.0) -> SessionStore:
     """The SessionStore for `url`: "memory", "sqlite:///abs/path.db" or "redis://host:port/db".
 

@@ -19,7 +19,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
-from ..telemetry.labels import STORE_OPERATIONS
+from ..telemetry.labels import STORE_OPERATIONS, STORE_WRITES
+from .clock import SteadyClock
 from .policy import CountTokens, HistoryPolicy, Message, Pairs, Trimmed, count_prompt, as_messages, trim_history
 
 __all__ = ["CountTokens", "HistoryPolicy", "Message", "Pairs", "Trimmed", "as_messages", "trim_history",
@@ -60,6 +61,18 @@ class StoreUnavailable(ValueError):
     """
 
 
+class StoreFailure(RuntimeError):
+    """The store failed an operation at run time (disk full, read-only, locked past its busy
+    timeout, unreachable): nothing of the operation happened. `write`: it was a write."""
+
+    def __init__(self, operation: str, cause: BaseException):
+        super().__init__(f"session store {operation} failed: {type(cause).__name__}: {cause}")
+        self.operation = operation
+        self.write = operation in STORE_WRITES
+
+
+
+
 class ContextTooLong(ValueError):
     """System prompt + new user message alone (or the untrimmed prompt in leak mode) exceed max_tokens."""
 
@@ -87,6 +100,8 @@ class StoreListener(Protocol):
 
     # operation is one of STORE_OPERATIONS: every public call and each turn primitive
     def on_store_op(self, operation: str, seconds: float) -> None: ...
+
+    def on_store_error(self, operation: str) -> None: ...  # the operation failed (StoreFailure)
 
 
 def timed(operation: str):
@@ -205,15 +220,18 @@ class SessionStore(ABC):
     """Bounded per-session chat history; backends implement storage, the turn lifecycle is shared."""
 
     def __init__(self, policy: HistoryPolicy, count_tokens: CountTokens, *,
-                 clock: Callable[[], float] = time.time, listener: StoreListener | None = None,
+                 clock: Callable[[], float] | None = None, listener: StoreListener | None = None,
                  lease_s: float = 300.0):
-        """lease_s: how long a turn may hold a shared store's session lock before another process
-        may take it over (must exceed the longest turn: queue wait + generation timeout)."""
+        """clock: Unix seconds for TTLs and timestamps; None = the store's steady clock (clock.py),
+        which wall-clock steps do not move. lease_s: how long a turn may hold a shared store's
+        session lock before another process may take it over (must exceed the longest turn: queue
+        wait + generation timeout)."""
         if not lease_s > 0:
             raise ValueError(f"lease_s must be > 0, got {lease_s!r}")
         self.policy = policy
         self.count_tokens = count_tokens
-        self.clock = clock
+        self.steady = SteadyClock()  # backends that share a store re-anchor it on the store's clock
+        self.clock = clock if clock is not None else (lambda: self.steady())
         self.listener = listener
         self.lease_s = float(lease_s)
 
@@ -247,7 +265,23 @@ class SessionStore(ABC):
         """Release the backend's resources."""
 
     def healthy(self) -> bool:
-        """Whether the store answers now (cheap; /readyz asks): False after a run-time store failure."""
+        """Whether the store answers reads now (cheap; /readyz asks). Failed writes do not count:
+        a store that reads but cannot write stays ready (see `writable`), so readiness does not
+        flap with every read that succeeds between two failed writes."""
+        return True
+
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until a write (a turn, or probe_write()) succeeds again."""
+        return True
+
+    def last_error(self) -> str | None:
+        """The last failure of a store call, for /readyz (None once a call of its kind succeeded)."""
+        return None
+
+    def probe_write(self) -> bool:
+        """Write something tiny now (housekeeping calls it), so `writable` recovers by itself
+        once the disk or server accepts writes again; returns `writable`."""
         return True
 
     def evict_idle(self, idle_s: float) -> int:
@@ -315,6 +349,10 @@ class SessionStore(ABC):
     def _notify_truncate(self, reason: str, messages: int) -> None:
         if messages and self.listener is not None:
             self.listener.on_truncate(reason, messages)
+
+    def _notify_error(self, operation: str) -> None:
+        if self.listener is not None and hasattr(self.listener, "on_store_error"):
+            self.listener.on_store_error(operation)
 
     def _notify_evict(self, reason: str, sessions: int) -> None:
         if sessions and self.listener is not None:

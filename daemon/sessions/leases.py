@@ -21,7 +21,8 @@ import time
 from collections import deque
 from typing import Callable, TypeVar
 
-from .base import SessionBusy, SessionRecord, timed
+from ..telemetry.labels import STORE_WRITES
+from .base import SessionBusy, SessionRecord, StoreFailure, timed
 
 log = logging.getLogger("edgechat.sessions")
 T = TypeVar("T")
@@ -152,9 +153,70 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+class Failures:
+    """A shared store's run-time failures: the last one (for /readyz), whether writes fail, and the
+    leases whose release failed (retried, so the session is not busy until the lease expires)."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self.writes_fail = False
+        self.unreleased: dict[tuple[str, str], Callable[[], None]] = {}  # (id, token) -> drop
+
+    def retry_releases(self, errors: tuple, session_id: str | None = None) -> None:
+        """Drop the leases left behind by failed releases (of one session, or all) now."""
+        for key, drop in list(self.unreleased.items()):
+            if session_id is None or key[0] == session_id:
+                try:
+                    drop()
+                except errors:
+                    continue
+                self.unreleased.pop(key, None)
+
+    def failed(self, store, operation: str, exc: BaseException) -> StoreFailure:
+        """Record a backend error of `operation`; the StoreFailure to raise in its place."""
+        self.last = f"{operation}: {type(exc).__name__}: {exc}"
+        if operation in STORE_WRITES:
+            self.writes_fail = True
+        store._notify_error(operation)
+        return StoreFailure(operation, exc)
+
+    def succeeded(self, operation: str) -> None:
+        """A call of `operation` worked: a write clears the write failure, any call the last error."""
+        if operation in STORE_WRITES:
+            self.writes_fail = False
+        self.last = None if not self.writes_fail else self.last
+
+
+class Probed:
+    """A shared store's failures as /readyz reports them, and its write probe: the store sets `_failures`,
+    `_errors` (its backend's exceptions) and defines `_probe` (one tiny write)."""
+
+    _failures: Failures
+    _errors: tuple
+
+    @property
+    def writable(self) -> bool:
+        """False from a failed write until a write succeeds again."""
+        return not self._failures.writes_fail
+
+    def last_error(self) -> str | None:
+        """The last failure, while it stands."""
+        return self._failures.last
+
+    def probe_write(self) -> bool:
+        """One tiny write now; `writable` after it (a success also retries the leases left behind)."""
+        try:
+            self._probe()
+        except StoreFailure:
+            return self.writable
+        self._failures.retry_releases(self._errors)
+        return self.writable
+
+
 def store_call(operation: str, errors: tuple):
     """Decorate a shared store's method: timed, guarded against re-entry from GC, and `errors`
-    (the backend's own exceptions) recorded for healthy() until a call succeeds again."""
+    (the backend's own exceptions) recorded (store._failures) and raised as StoreFailure, which the
+    API answers with 503 store_unavailable."""
     def wrap(method):
         @functools.wraps(method)
         @timed(operation)
@@ -163,11 +225,10 @@ def store_call(operation: str, errors: tuple):
             try:
                 result = method(self, *args, **kwargs)
             except errors as exc:
-                self._failure = f"{type(exc).__name__}: {exc}"
-                raise
+                raise self._failures.failed(self, operation, exc) from exc
             finally:
                 self._reentry.leave()
-            self._failure = None
+            self._failures.succeeded(operation)
             return result
         return run
     return wrap
@@ -183,19 +244,24 @@ def acquire_turn(store, session_id: str, timeout: float | None,
     if not store._locks.acquire(session_id, remaining(deadline)):
         store._observe_op("acquire", 0.0)
         raise SessionBusy("another turn on this session is in progress")
+    store._failures.retry_releases(errors, session_id)  # our own lease a failed release left
     token, spent = secrets.token_hex(16), [0.0]
 
     def attempt() -> SessionRecord | None:
         t0 = time.perf_counter()
         store._reentry.enter()
         try:
-            return try_lease(token)
+            record = try_lease(token)
         except errors as exc:
-            store._failure = f"{type(exc).__name__}: {exc}"
-            raise
+            # a timed-out attempt may still be carried out by the store later (a paused Redis runs
+            # it when it resumes): the lease may be ours without our knowing, so drop it at retry
+            store._failures.unreleased[(session_id, token)] = store._dropper(session_id, token)
+            raise store._failures.failed(store, "acquire", exc) from exc
         finally:
             store._reentry.leave()
             spent[0] += time.perf_counter() - t0
+        store._failures.succeeded("acquire")
+        return record
 
     try:
         return poll(attempt, deadline), token
@@ -214,9 +280,10 @@ def release_turn(store, session_id: str, token: str, drop_lease: Callable[[], No
     t0 = time.perf_counter()
     try:
         drop_lease()
-    except errors as exc:  # the lease then ends at its expiry; a finished turn must not fail here
-        store._failure = f"{type(exc).__name__}: {exc}"
-        log.warning("could not release a session lease: %s", exc)
+    except errors as exc:  # retried at the next turn on the session and by the write probe
+        store._failures.failed(store, "release", exc)
+        store._failures.unreleased[(session_id, token)] = drop_lease
+        log.warning("could not release a session lease (retried): %s", exc)
     finally:
         store._locks.release(session_id)
         store._observe_op("release", time.perf_counter() - t0)

@@ -22,7 +22,9 @@ import redis
 from . import redis_scripts as lua
 from .base import (SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats,
                    StoreUnavailable)
-from .leases import LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn, store_call
+from .clock import SteadyClock, boottime
+from .leases import (Failures, Probed, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
+                     store_call)
 
 PREFIX = "edgechat:"
 SCHEMA_VERSION = 2  # 2: sessions indexed by owner (redis_scripts.MIGRATE_OWNERS)
@@ -60,15 +62,17 @@ def _where(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
 
 
-class RedisStore(SessionStore):
+class RedisStore(Probed, SessionStore):
     """Sessions in one Redis database under the `edgechat:` prefix."""
+
+    _errors = ERRORS
 
     def __init__(self, policy, count_tokens, *, url: str, **kwargs):
         super().__init__(policy, count_tokens, **kwargs)
         self.where = _where(url)
         self._locks = LocalLocks()
         self._reentry = Reentry()
-        self._failure: str | None = None
+        self._failures = Failures()
         self._closed = False
         self._host = host_identity()
         try:
@@ -78,6 +82,8 @@ class RedisStore(SessionStore):
                              for name in ("CREATE", "GET", "ACQUIRE", "RELEASE", "COMMIT", "DELETE", "STATS",
                                           "OWNER_STATS", "MIGRATE_OWNERS")}
             self._check_schema()
+            seconds, micros = self._redis.time()  # Redis's clock: one "now" for every host sharing it
+            self.steady = SteadyClock(seconds + micros / 1e6 - boottime())
         except (redis.RedisError, ValueError) as exc:
             password = urlsplit(url).password
             reason = str(exc).replace(password, "***") if password else str(exc)
@@ -163,15 +169,19 @@ class RedisStore(SessionStore):
         return StoreStats(int(count), int(total), int(float(longest)), int(float(tokens)))
 
     def healthy(self) -> bool:
-        """Open, the last store call did not fail, and Redis answers PING."""
+        """Open, and Redis answers PING (failed writes: `writable`)."""
         if self._closed:
             return False
         try:
             self._redis.ping()
         except redis.RedisError as exc:  # the probe's failure is the answer
-            self._failure = f"{type(exc).__name__}: {exc}"
+            self._failures.last = f"read: {type(exc).__name__}: {exc}"
             return False
-        return self._failure is None
+        return True
+
+    @store_call("probe", ERRORS)
+    def _probe(self) -> None:
+        self._redis.set(PREFIX + "probe", str(os.getpid()), px=60_000)
 
     def close(self) -> None:
         """Drop the connection pool; later calls raise RuntimeError. The data stays in Redis."""
@@ -202,10 +212,14 @@ class RedisStore(SessionStore):
         return _record(session_id, reply[1:])
 
     def _release(self, session_id, lease):
+        release_turn(self, session_id, lease, self._dropper(session_id, lease), ERRORS)
+
+    def _dropper(self, session_id: str, token: str):
+        """What drops this lease (if it is still ours), for a release now or a retry later."""
         def drop() -> None:
             if not self._closed:
-                self._run("RELEASE", session_id, self._lease_value(lease))
-        release_turn(self, session_id, lease, drop, ERRORS)
+                self._run("RELEASE", session_id, self._lease_value(token))
+        return drop
 
     @store_call("commit", ERRORS)
     def _commit(self, before, after):

@@ -18,12 +18,13 @@ import json
 import os
 import sqlite3
 import threading
-import time
 from contextlib import contextmanager
 
 from . import sqlite_schema as schema
 from .base import SessionNotFound, SessionRecord, SessionSnapshot, SessionStore, StoreStats
-from .leases import LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn, store_call
+from .clock import SteadyClock
+from .leases import (Failures, Probed, LocalLocks, Reentry, acquire_turn, host_identity, pid_alive, release_turn,
+                     store_call)
 
 ERRORS = (sqlite3.Error,)
 COLUMNS = ("id, owner, created, last_active, turns, tokens, truncations, version, n_messages, "
@@ -49,8 +50,10 @@ def _dump(pairs) -> str:
     return json.dumps([list(p) for p in pairs], ensure_ascii=False, separators=(",", ":"))
 
 
-class SQLiteStore(SessionStore):
+class SQLiteStore(Probed, SessionStore):
     """Sessions in one SQLite file; safe for many threads and processes on one host."""
+
+    _errors = ERRORS
 
     def __init__(self, policy, count_tokens, *, path: str, busy_timeout_s: float = 5.0, **kwargs):
         super().__init__(policy, count_tokens, **kwargs)
@@ -63,8 +66,14 @@ class SQLiteStore(SessionStore):
         self._reentry = Reentry()
         self._host = host_identity()
         self._closed = False
-        self._failure: str | None = None
-        self._register(schema.open_file(path, busy_timeout_s))  # StoreUnavailable if unusable
+        self._failures = Failures()
+        conn = self._register(schema.open_file(path, busy_timeout_s))  # StoreUnavailable if unusable
+        try:
+            offset = schema.clock_anchor(conn, schema.boot_id())
+        except sqlite3.Error as exc:
+            raise schema.unavailable(path, exc) from None
+        if offset is not None:
+            self.steady = SteadyClock(offset)
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -160,7 +169,7 @@ class SQLiteStore(SessionStore):
         return size
 
     def healthy(self) -> bool:
-        """Open, the last store call did not fail, and the tables answer a read."""
+        """Open, and the tables answer a read (failed writes: `writable`)."""
         if self._closed:
             return False
         try:
@@ -169,9 +178,14 @@ class SQLiteStore(SessionStore):
             conn.execute("SELECT 1 FROM sessions LIMIT 1").fetchone()
             conn.execute("SELECT 1 FROM leases LIMIT 1").fetchone()
         except sqlite3.Error as exc:  # the probe's failure is the answer
-            self._failure = f"{type(exc).__name__}: {exc}"
+            self._failures.last = f"read: {type(exc).__name__}: {exc}"
             return False
-        return self._failure is None
+        return True
+
+    @store_call("probe", ERRORS)
+    def _probe(self) -> None:
+        with self._write() as conn:  # a page really written (and fsynced at the checkpoint)
+            conn.execute("UPDATE schema_version SET version = version")
 
     def close(self) -> None:
         """Close every thread's connection; later calls raise RuntimeError."""
@@ -188,11 +202,15 @@ class SQLiteStore(SessionStore):
                             lambda token: self._try_lease(session_id, owner, token), ERRORS)
 
     def _release(self, session_id, lease):
+        release_turn(self, session_id, lease, self._dropper(session_id, lease), ERRORS)
+
+    def _dropper(self, session_id: str, token: str):
+        """What drops this lease (if it is still ours), for a release now or a retry later."""
         def drop() -> None:
             if not self._closed:
                 self._sync(self._conn(), False).execute(
-                    "DELETE FROM leases WHERE session_id = ? AND token = ?", (session_id, lease))
-        release_turn(self, session_id, lease, drop, ERRORS)
+                    "DELETE FROM leases WHERE session_id = ? AND token = ?", (session_id, token))
+        return drop
 
     @store_call("commit", ERRORS)
     def _commit(self, before, after):
@@ -221,7 +239,7 @@ class SQLiteStore(SessionStore):
                     outcome = "busy"
                 else:
                     conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?, ?)",
-                                 (session_id, token, os.getpid(), self._host, time.time() + self.lease_s))
+                                 (session_id, token, os.getpid(), self._host, self.steady() + self.lease_s))
                     outcome = "ok"
         if outcome == "ttl":
             self._notify_evict("ttl", 1)
@@ -236,8 +254,11 @@ class SQLiteStore(SessionStore):
         return not (self._host and lease_host == self._host and not pid_alive(lease_pid))
 
     def _leased(self, conn, session_id: str) -> bool:
-        row = conn.execute("SELECT pid, host, expires FROM leases WHERE session_id = ?", (session_id,)).fetchone()
-        return row is not None and self._live(*row, time.time())
+        row = conn.execute("SELECT pid, host, expires, token FROM leases WHERE session_id = ?",
+                           (session_id,)).fetchone()
+        if row is not None and (session_id, row[3]) in self._failures.unreleased:
+            return False  # ours, from a turn whose release failed: that turn is over
+        return row is not None and self._live(*row[:3], self.steady())
 
     def _expire_if_idle(self, conn, session_id: str, last_active: float) -> str | None:
         """Inside a write: delete the session if idle past the TTL and not in a turn; "ttl" if so."""
@@ -257,7 +278,7 @@ class SQLiteStore(SessionStore):
 
     def _expired_ids(self, conn, now: float) -> list[str]:
         """Idle-past-TTL sessions that no live lease protects."""
-        ttl, wall = self.policy.ttl_s, time.time()
+        ttl, wall = self.policy.ttl_s, self.steady()
         rows = conn.execute(_LEASED + "WHERE s.last_active <= ? AND ? - s.last_active >= ?",
                             (now - ttl + _SLACK_S, now, ttl)).fetchall()
         return [sid for sid, token, pid, host, expires in rows
@@ -289,7 +310,7 @@ class SQLiteStore(SessionStore):
 
     def _evict_owned(self, conn, keep: str, owner, excess: int) -> int:
         """Evict up to `excess` of `owner`'s least recently active sessions, never `keep` or one in a turn."""
-        victims, wall = [], time.time()
+        victims, wall = [], self.steady()
         if excess > 0:
             for sid, token, pid, host, expires in conn.execute(
                     _LEASED + "WHERE s.owner IS ? AND s.id != ? ORDER BY s.last_active, s.rowid",

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 
 from .base import StoreUnavailable
+from .clock import boottime
 
 SETTING = "session_store"
 LATEST = 3
@@ -66,7 +68,7 @@ def open_file(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         _create(path)
         conn = connect(path, busy_timeout_s)
     except (OSError, sqlite3.Error) as exc:
-        raise _unavailable(path, exc) from None
+        raise unavailable(path, exc) from None
     try:
         # must precede the first table; a no-op on a file that has tables already
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -81,11 +83,30 @@ def open_file(path: str, busy_timeout_s: float) -> sqlite3.Connection:
         migrate(conn)
     except (OSError, sqlite3.Error) as exc:
         conn.close()
-        raise _unavailable(path, exc) from None
+        raise unavailable(path, exc) from None
     except StoreUnavailable:
         conn.close()
         raise
     return conn
+
+
+def clock_anchor(conn: sqlite3.Connection, boot: str) -> float | None:
+    """This boot's clock anchor (wall time minus boot time, clock.py), set by the first process
+    after the boot and kept in the file, so every process of the host agrees on "now" and a
+    wall-clock step after it moves none of them; None where the boot cannot be told apart."""
+    if not boot:
+        return None
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS clock (boot TEXT PRIMARY KEY, offset REAL NOT NULL)")
+        conn.execute("DELETE FROM clock WHERE boot != ?", (boot,))
+        conn.execute("INSERT OR IGNORE INTO clock VALUES (?, ?)", (boot, time.time() - boottime()))
+        offset = conn.execute("SELECT offset FROM clock WHERE boot = ?", (boot,)).fetchone()[0]
+        conn.execute("COMMIT")
+        return float(offset)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def version_of(conn: sqlite3.Connection) -> int:
@@ -122,6 +143,15 @@ def migrate(conn: sqlite3.Connection, target: int = LATEST) -> int:
         raise
 
 
+def boot_id() -> str:
+    """This boot's id ("" where /proc does not say)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def _create(path: str) -> None:
     """Make the folder (0700) and an empty file (0600): sessions are private; SQLite's WAL and
     shared-memory files copy the main file's mode."""
@@ -129,7 +159,8 @@ def _create(path: str) -> None:
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
 
 
-def _unavailable(path: str, exc: BaseException) -> StoreUnavailable:
+def unavailable(path: str, exc: BaseException) -> StoreUnavailable:
+    """StoreUnavailable naming the file, the reason and what to do."""
     reason = " ".join((getattr(exc, "strerror", None) or str(exc)).split())  # one line
     text = str(exc).lower()
     if "not a database" in text or "malformed" in text or "integrity" in text:

@@ -104,5 +104,11 @@ def tracked_objects() -> list[int]:
 
     Costs O(objects): ~4.5 ms for ~200 k objects with torch + transformers imported, and a
     transient list of that size, so it runs on the sampler's timer, not on every refresh.
+
+    The list gc.get_objects() returns may hold a tuple another thread is still building from a
+    generator (`tuple(x for x in ...)`): if that thread ran while the list lives, its tuple's
+    final resize would fail with "SystemError: Objects/tupleobject.c: bad argument to internal
+    function". So the list only ever lives inside C calls (map -> get_objects -> len), where no
+    bytecode runs and the GIL is never given up; a Python expression holding it would race.
     """
-    return [len(gc.get_objects(generation=g)) for g in GENERATIONS]
+    return list(map(len, map(gc.get_objects, GENERATIONS)))

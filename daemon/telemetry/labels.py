@@ -7,11 +7,15 @@ TRUNCATE_REASONS = ("turns", "tokens")
 # "quota": a key at max_sessions_per_key lost its own least recently active session
 EVICT_REASONS = ("ttl", "lru", "quota", "deleted", "memory_pressure")
 # What a session store times (daemon.sessions), one histogram series each.
-STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release")
+STORE_OPERATIONS = ("create", "get", "delete", "sweep", "stats", "acquire", "commit", "release",
+                    "probe")
+# the ones that write: a store failing these while reads work is unwritable, not down
+STORE_WRITES = frozenset(("create", "delete", "sweep", "acquire", "commit", "release", "probe"))
 # Why a request was refused: by the API, or by the server while reading it (daemon.server.worker).
 REJECT_REASONS = ("queue_full", "queue_timeout", "unauthorized", "session_busy", "memory_pressure",
                   "read_timeout", "request_too_large", "malformed_request", "read_busy",
-                  "prompt_too_long", "rate_limited", "too_many_in_flight", "session_quota", "shutting_down")
+                  "prompt_too_long", "rate_limited", "too_many_in_flight", "session_quota", "shutting_down",
+                  "session_gone", "store_unavailable")
 # Why a generation had to wait before joining the batch (daemon.model.admission): every place taken, or
 # its KV cache did not fit the budget beside the running ones.
 ADMISSION_WAIT_REASONS = ("batch_full", "kv_budget")

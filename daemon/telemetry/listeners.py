@@ -7,7 +7,7 @@ implements them all, so renaming a method breaks a type check, never silently a 
 from __future__ import annotations
 
 from .labels import (ADMISSION_WAIT_REASONS, COMPILED_STATES, DECODE_STEPS, EVICT_REASONS, KV_DROP_REASONS,
-                     LIVE_OBJECT_TYPES, OUTCOMES, PRESSURE_ACTIONS, REJECT_REASONS, STORE_OPERATIONS,
+                     LIVE_OBJECT_TYPES, OUTCOMES, PRESSURE_ACTIONS, REJECT_REASONS, STORE_OPERATIONS, STORE_WRITES,
                      TRUNCATE_REASONS, bounded, turn_index_bucket)
 from .metrics import Metrics
 
@@ -31,6 +31,16 @@ class Recorder:
         """One session store call took `seconds` (operation in STORE_OPERATIONS)."""
         self.m.session_store_operation_seconds.labels(bounded(operation, STORE_OPERATIONS)).observe(
             max(seconds, 0.0))
+
+    def on_store_error(self, operation: str) -> None:
+        """A session store call failed; a failed write also marks the store unwritable."""
+        self.m.session_store_errors_total.labels(bounded(operation, STORE_OPERATIONS)).inc()
+        if operation in STORE_WRITES:
+            self.m.session_store_writable.set(0)
+
+    def set_store_writable(self, writable: bool) -> None:
+        """What the housekeeping write probe found."""
+        self.m.session_store_writable.set(1 if writable else 0)
 
     def on_reject(self, reason: str) -> None:
         """A request was refused (reason in REJECT_REASONS): by the API, or by the server reading it."""

@@ -106,6 +106,16 @@ class Metrics:
         self.session_store_operation_seconds = h("session_store_operation_seconds", "Session store "
                                                  "call latency by operation.", ("operation",),
                                                  buckets=STORE_BUCKETS)
+        self.session_store_errors_total = c("session_store_errors_total", "Session store calls that "
+                                            "failed (disk full, read-only, locked, unreachable).",
+                                            ("operation",))
+        # any worker that cannot write shows 0: the minimum over the live workers
+        self.session_store_writable = g("session_store_writable", "1 while the session store "
+                                        "accepts writes, 0 from a failed write until one succeeds.",
+                                        mode="livemin")
+        self.metrics_write_failures_total = c("metrics_write_failures_total", "Metric values this "
+                                              "worker could not write to its multiprocess files "
+                                              "(folder full).")
         # --- turns
         self.turn_duration_seconds = h("turn_duration_seconds", "Turn latency by position in its "
                                        "conversation.", ("turn_index",), buckets=LATENCY_BUCKETS)
@@ -196,6 +206,8 @@ class Metrics:
             self.sessions_evicted_total.labels(reason)
         for operation in STORE_OPERATIONS:
             self.session_store_operation_seconds.labels(operation)
+            self.session_store_errors_total.labels(operation)
+        self.session_store_writable.set(1)
         for reason in KV_DROP_REASONS:
             self.kv_cache_dropped_total.labels(reason)
         for reason in REJECT_REASONS:

@@ -19,25 +19,57 @@ import contextlib
 import fcntl
 import glob
 import json
+import mmap
 import os
 import sys
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LOCK_NAME = ".edgechat.lock"
+OWNER_NAME = ".edgechat.owner"  # flock held by the daemon whose folder it is; says which daemon
 ARCHIVE = "archive"  # stands where a pid stands in file names: counter_archive.db, gauge_max_archive.db
 _SUMMED = ("counter", "histogram", "summary")
 _GAUGE_MERGE = {"min": min, "max": max, "sum": lambda a, b: a + b}  # + mostrecent; all/live*: dropped
 
 
-def prepare_dir(path: str) -> str:
-    """Create the folder (0700), wipe metric files of a previous run, export PROMETHEUS_MULTIPROC_DIR.
+class FolderHeld(RuntimeError):
+    """Another running daemon owns this metrics folder; the message names both daemons."""
+
+
+_claims: dict[str, int] = {}  # folder -> the open owner file whose flock this process holds
+
+
+def claim_dir(path: str, owner: str) -> None:
+    """Hold the folder for this daemon's life (a flock on its owner file, kept open and inherited by
+    the workers); `owner` describes this daemon. FolderHeld when a live daemon holds it: its files
+    are that daemon's, and wiping them would leave its /metrics reporting this one's workers."""
+    path = os.path.abspath(path)
+    if path in _claims:
+        return
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(path, OWNER_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderHeld(f"metrics folder {path} is held by a running edgechat daemon ({holder}); "
+                         f"this daemon ({owner}) needs its own: set metrics_dir (EDGECHAT_METRICS_DIR, "
+                         "--metrics-dir), or leave it empty for one per state_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    _claims[path] = fd
+
+
+def prepare_dir(path: str, owner: str | None = None) -> str:
+    """Claim the folder (see claim_dir), create it (0700), wipe metric files of a previous run,
+    export PROMETHEUS_MULTIPROC_DIR.
 
     Only *.db files are removed, never the folder, so a misconfigured path cannot lose data.
     Raises RuntimeError when prometheus_client was already imported without multiprocess mode:
     workers forked from this process would then silently keep their metrics to themselves.
     """
     path = os.path.abspath(path)
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    claim_dir(path, owner or f"pid {os.getpid()}")
     values = sys.modules.get("prometheus_client.values")
     if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
         raise RuntimeError(f"prometheus_client was imported before {MULTIPROC_ENV} was set; "
@@ -57,6 +89,64 @@ def _locked(path: str, exclusive: bool):
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+_write_failures = [0]  # metric writes lost to a full folder in this process (see backed_files)
+
+
+def write_failures() -> int:
+    """Metric values this process could not write to its files since it started (folder full)."""
+    return _write_failures[0]
+
+
+def backed_files() -> None:
+    """Make this worker's metric files take their disk blocks before a value is written in them.
+
+    prometheus_client grows its files with ftruncate, which on tmpfs (and most file systems) only
+    makes a hole; the first write through the mmap into a hole the full file system cannot fill
+    kills the process with SIGBUS. posix_fallocate reserves the blocks first and says ENOSPC
+    instead: the value is then kept in the worker (prometheus_client's own copy, written with its
+    next change once there is room) and counted (write_failures()). A worker that cannot even
+    create its files refuses to boot, naming the folder. Idempotent; call before any metric exists.
+    """
+    from prometheus_client import values
+    from prometheus_client.mmap_dict import MmapedDict
+    if getattr(values.MmapedDict, "_edgechat_backed", False):
+        return
+
+    class BackedMmapedDict(MmapedDict):
+        _edgechat_backed = True
+
+        def __init__(self, filename, read_mode=False):
+            if not read_mode:
+                try:
+                    with open(filename, "a+b") as fh:
+                        os.posix_fallocate(fh.fileno(), 0, mmap.PAGESIZE)  # the header it writes
+                except OSError as exc:
+                    raise RuntimeError(f"metrics_dir {os.path.dirname(filename)}: no room for this "
+                                       f"worker's metric files ({exc.strerror})") from exc
+            super().__init__(filename, read_mode)
+
+        def _init_value(self, key):
+            encoded = key.encode("utf-8")
+            size = 4 + len(encoded) + (8 - (len(encoded) + 4) % 8) + 16  # as the parent packs it
+            os.posix_fallocate(self._f.fileno(), self._used, size)  # OSError: nothing written
+            super()._init_value(key)
+
+        def read_value(self, key):
+            try:
+                return super().read_value(key)
+            except OSError:
+                _write_failures[0] += 1
+                return 0.0, 0.0
+
+        def write_value(self, key, value, timestamp):
+            try:
+                super().write_value(key, value, timestamp)
+            except OSError:
+                _write_failures[0] += 1
+
+    values.MmapedDict = BackedMmapedDict
 
 
 def worker_exited(pid: int, path: str | None = None) -> None:

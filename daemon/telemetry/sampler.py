@@ -10,7 +10,7 @@ from typing import Callable, Protocol
 
 import psutil
 
-from . import gcstats, process
+from . import gcstats, multiproc, process
 from .metrics import GC_PAUSE_BUCKETS, Metrics
 
 # gc.get_objects(2) holds the GIL ~3-25 ms per 200 k objects (torch + transformers, loaded box):
@@ -45,6 +45,7 @@ class Sampler:
         self._refresh_lock = threading.Lock()
         self._last_refresh = 0.0
         self._tracked_due = 0.0
+        self._write_failures = multiproc.write_failures()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -67,6 +68,7 @@ class Sampler:
             self._refresh_process()
             self._refresh_memory()
             self._refresh_gc()
+            self._refresh_write_failures()
             if self.m.tracemalloc_traced_bytes is not None:  # (0, 0) once tracing is stopped
                 traced, peak = tracemalloc.get_traced_memory()
                 self.m.tracemalloc_traced_bytes.set(traced)
@@ -114,6 +116,12 @@ class Sampler:
         m.memory_limit_bytes.set(reading.limit)
         m.service_memory_bytes.set(reading.service)
         m.service_memory_charged_bytes.set(reading.charged)
+
+    def _refresh_write_failures(self) -> None:
+        failed = multiproc.write_failures()
+        if failed > self._write_failures:
+            self.m.metrics_write_failures_total.inc(failed - self._write_failures)
+            self._write_failures = failed
 
     def _refresh_gc(self) -> None:
         m = self.m

@@ -215,6 +215,28 @@ def test_session_stream(app_factory):
     assert stored[-1] == {"role": "assistant", "content": "".join(deltas)}
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_session_deleted_while_its_turn_streams(app_factory, tmp_path, caplog, store):
+    url = "memory" if store == "memory" else f"sqlite:///{tmp_path / 'sessions.db'}"
+    client = app_factory(min_new_tokens=4, session_store=url).test_client()
+    sid = new_session(client)
+    resp = client.post(f"/v1/sessions/{sid}/messages",
+                       json={"content": "Stream please", "max_tokens": 4, "stream": True})
+    chunks = resp.response  # the body, read lazily: the turn commits after its last token
+    first = next(iter(chunks))
+    assert first.startswith(b"data: {")
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    with caplog.at_level("INFO", logger="edgechat.api"):
+        rest = b"".join(chunks).decode()
+    events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "session_not_found", events[-1]
+    assert "[DONE]" not in rest
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert_error(client.get(f"/v1/sessions/{sid}"), 404, "session_not_found")  # nothing came back
+    rejected = client.get("/metrics").get_data(as_text=True)
+    assert 'edgechat_requests_rejected_total{reason="session_gone"} 1.0' in rejected
+
+
 def test_history_trimmed_by_turns(app_factory):
     client = app_factory(max_history_turns=2, history_trim_to=1.0).test_client()  # a sliding window
     sid = new_session(client, system="sys")

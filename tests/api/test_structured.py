@@ -121,3 +121,34 @@ def test_unsupported_schema_is_400(client):
     error = resp.get_json()["error"]
     assert resp.status_code == 400 and error["code"] == "unsupported_parameter"
     assert "pattern" in error["message"]
+
+
+BIG_ENUM = [f"value-{i:05d}" for i in range(50_000)]
+
+
+def test_a_big_enum_steps_by_bisection_over_one_shared_tuple():
+    node = compile_schema({"type": "string", "enum": BIG_ENUM})
+    state = grammar.feed(grammar.start(node), b'"value-0')
+    frame = state[-1]
+    # every state refers to the compiled tuple itself: no per-step copy of 50,000 alternatives
+    assert frame[1] is node[1] and frame[3] - frame[2] == 10_000
+    allowed = [b for b in range(256) if grammar.step(state, b) is not None]
+    assert allowed == list(b"0123456789") and grammar.feed(grammar.start(node), b'"value-5') is None
+    assert accepts(node, '"value-49999"') and accepts(node, '"value-00000"')
+    assert not accepts(node, '"value-50000"') and not accepts(node, '"value-0000"')
+
+
+def test_enum_values_that_prefix_each_other():
+    node = compile_schema({"enum": ["ab", "a", "abc", 1, 12]})
+    for text, ok in [('"a"', True), ('"ab"', True), ('"abc"', True), ('1', True), ('12', True),
+                     ('"abcd"', False), ('123', False), ('"b"', False)]:
+        assert accepts(node, text) is ok, text
+
+
+def test_a_50000_value_enum_is_answered_from_the_enum(app_factory):
+    client = app_factory(max_new_tokens=80).test_client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": {
+        "type": "object", "properties": {"v": {"type": "string", "enum": BIG_ENUM}}}}}
+    choice = reply(client, max_tokens=80, temperature=1.0, seed=3, response_format=fmt)
+    assert choice["finish_reason"] == "stop"
+    assert json.loads(choice["message"]["content"])["v"] in set(BIG_ENUM)

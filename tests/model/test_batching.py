@@ -49,13 +49,14 @@ def forced(request, make_engine, monkeypatch, cache_dir):
     return make_engine
 
 
-@pytest.mark.parametrize("forced", [(0, False), (1, False), (2, False), (3, False), (2, True)],
-                         ids=["generic", "avx2", "avx512", "avx512_bf16", "avx512+vnni"], indirect=True)
+@pytest.mark.parametrize("forced", [(0, False), (1, False), (2, False), (3, False), (4, False), (2, True)],
+                         ids=["generic", "avx2", "avx512", "avx512_bf16", "amx_bf16", "avx512+vnni"], indirect=True)
 @pytest.mark.parametrize("quantize,dtype", [("none", "bfloat16"), ("none", "float32"), ("int8", "bfloat16"),
                                             ("int4", "bfloat16")])
 def test_greedy_tokens_are_the_same_alone_or_batched(forced, quantize, dtype):
+    # prefill_chunk: each prompt in one chunk, alone or beside others (the same prompt path both times)
     e = forced(quantize=quantize, dtype=dtype, kernel="native", min_new_tokens=24, kv_cache_bytes=0,
-               max_batch=4)
+               max_batch=4, prefill_chunk=512)
     assert e.decode_path["step"] == "one-call"
     alone = [drain(e.generate(user(q), GREEDY)) for q in QUESTIONS[:4]]  # no KV kept: nothing reused below
     e.kv_pool.budget_bytes = 64 << 20  # room for all four beside each other
@@ -65,14 +66,14 @@ def test_greedy_tokens_are_the_same_alone_or_batched(forced, quantize, dtype):
 @pytest.mark.parametrize("kernel", ["onednn", "plain"])
 def test_torch_paths_batch_by_turns_with_the_same_tokens(make_engine, kernel):
     """Without the compiled step each sequence runs op by op in turn: the same tokens, nothing slower."""
-    e = make_engine(kernel=kernel, min_new_tokens=16, kv_cache_bytes=0)
+    e = make_engine(kernel=kernel, min_new_tokens=16, kv_cache_bytes=0, prefill_chunk=512)
     alone = [drain(e.generate(user(q), GREEDY)) for q in QUESTIONS[:3]]
     e.kv_pool.budget_bytes = 64 << 20
     assert together(e, QUESTIONS[:3]) == alone
 
 
 def test_seeded_sampling_is_its_own_stream_in_a_batch(make_engine):
-    e = make_engine(min_new_tokens=20, kv_cache_bytes=0)
+    e = make_engine(min_new_tokens=20, kv_cache_bytes=0, prefill_chunk=512)
     params = GenerationParams(max_new_tokens=20, temperature=1.0, seed=1234)
     alone = drain(e.generate(user(QUESTIONS[0]), params))  # no KV kept: the same prompt path below
     e.kv_pool.budget_bytes = 64 << 20

@@ -143,3 +143,55 @@ def test_huge_copy_is_aligned_equal_and_given_back():
     del t
     gc.collect()
     assert not _mapped(addr)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 17, 40, 70])
+def test_amx_int8_sums_are_vnnis_bit_for_bit(lib, rows):
+    """From AMX_ROWS rows of x int8 weights run on AMX tiles: exact int32 sums and VNNI's epilogue, so any
+    number of rows gives every row what VNNI gives it."""
+    if lib.isa < kernels.ISA_NAMES.index("amx_bf16") or not lib.vnni:
+        pytest.skip("this CPU has no AMX")
+    torch.manual_seed(rows)
+    w = torch.randn(100, 256) * 0.05
+    packed = fused.pack_int8g(*quantize_groups8(w))
+    x = torch.randn(rows, 256)
+    out = {}
+    for isa in (2, lib.isa):
+        out[isa] = torch.empty(rows, 100)
+        kernels.gemv(dataclasses.replace(lib, isa=isa), "int8g", packed, None, x, out[isa])
+    assert torch.equal(out[2], out[lib.isa])
+    assert F.cosine_similarity(out[lib.isa], x @ w.T, dim=-1).min() > 0.999
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64, 65])
+def test_amx_bf16_gives_each_row_what_it_gets_alone(lib, rows):
+    """bf16 weights on AMX tiles (whole blocks of 16 rows of W; the rest on AVX512-BF16): a row of x gets the
+    same sums alone or beside others, and the rows match a float reference."""
+    if lib.isa < kernels.ISA_NAMES.index("amx_bf16"):
+        pytest.skip("this CPU has no AMX")
+    torch.manual_seed(rows)
+    w = torch.randn(37, 128).to(torch.bfloat16)  # 2 whole blocks of 16 and 5 rows past them
+    x = torch.randn(rows, 128)
+    many = torch.empty(rows, 37)
+    kernels.gemv(lib, "bf16", (w,), None, x, many)
+    alone = torch.empty(1, 37)
+    kernels.gemv(lib, "bf16", (w,), None, x[-1:].contiguous(), alone)
+    assert torch.equal(alone[0], many[-1])
+    torch.testing.assert_close(many, x.to(torch.bfloat16).float() @ w.float().T, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 17, 1000, 151936])
+def test_compiled_argmax_is_torchs_with_the_banned_at_minus_infinity(lib, n):
+    """Greedy rows pick their token with edgechat_argmax: the same index as torch's, ties (the first), NaN
+    (the first NaN wins) and everything banned (0) included."""
+    argmax = kernels.argmaxer(lib)
+    g = torch.Generator().manual_seed(n)
+    for trial in range(24):
+        x = torch.randn(n, generator=g)
+        if trial % 4 == 1:
+            x[torch.randint(0, n, (1,), generator=g)] = x.max()  # a tie for the top
+        if trial % 6 == 2 and n > 3:
+            x[n // 2] = float("nan")
+        banned = torch.rand(n, generator=g) < (0.0, 0.3, 1.0)[trial % 3]
+        assert argmax(x, banned) == int(torch.argmax(x.masked_fill(banned, float("-inf"))))
+        assert argmax(x, None) == int(torch.argmax(x))

@@ -284,20 +284,20 @@ def test_a_burst_beyond_the_queue_gets_503_and_shows_in_readyz(busy_daemon):
             "messages": USER, "max_tokens": 20000, "stream": True})
         with lock:
             results.append(resp)
-    threads = [threading.Thread(target=turn) for _ in range(12)]
+    threads = [threading.Thread(target=turn) for _ in range(16)]
     for t in threads:
         t.start()
     try:
-        # max_batch (4) run, queue_limit (4) wait for a place inside the daemon, the other 4 are refused
+        # max_batch (8) run, queue_limit (4) wait for a place inside the daemon, the other 4 are refused
         wait_for(lambda: sum(r.status_code == 503 for r in list(results)) == 4, 60,
                  "the refusals beyond the queue")
         ready = requests.get(url + "/readyz", timeout=30)
         assert ready.status_code == 503 and ready.json()["queue_depth"] == 4
         assert not ready.json()["checks"]["queue_not_full"]
-        assert ready.json()["batch"]["running"] == 4 == ready.json()["batch"]["max_batch"]
+        assert ready.json()["batch"]["running"] == 8 == ready.json()["batch"]["max_batch"]
         assert metric(url, "edgechat_queue_depth") == 4
-        assert metric(url, "edgechat_generations_in_progress") == 4
-        assert [r.status_code for r in results].count(200) == 4
+        assert metric(url, "edgechat_generations_in_progress") == 8
+        assert [r.status_code for r in results].count(200) == 8
         for r in results:
             if r.status_code == 503:
                 assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "queue_full"
@@ -307,7 +307,7 @@ def test_a_burst_beyond_the_queue_gets_503_and_shows_in_readyz(busy_daemon):
             for r in list(results):
                 r.close()
             time.sleep(0.05)
-    assert sorted(r.status_code for r in results) == [200] * 8 + [503] * 4
+    assert sorted(r.status_code for r in results) == [200] * 12 + [503] * 4
     wait_for(lambda: requests.get(url + "/readyz", timeout=30).status_code == 200,
              what="the queue to empty after the disconnects")
     wait_for(lambda: metric(url, "edgechat_generations_in_progress") == 0, what="no generation left")

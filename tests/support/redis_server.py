@@ -40,13 +40,15 @@ class RedisServer:
                 self.proc.wait(10)
 
 
-def start(folder) -> RedisServer:
-    """Start redis-server in `folder`; raises if it does not answer PING within 20 s."""
+def start(folder, port: int | None = None, persist: bool = False) -> RedisServer:
+    """Start redis-server in `folder` (on `port`, else a free one); raises if it does not answer
+    PING within 20 s. persist: an append-only file synced at every write (survives kill -9)."""
     import redis
-    port = free_port()
-    log = open(folder / "redis.log", "wb")
+    port = port or free_port()
+    log = open(folder / "redis.log", "ab")
+    durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
     proc = track(subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", str(folder)],
+                                   *durability, "--dir", str(folder)],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     log.close()
     server = RedisServer(f"redis://127.0.0.1:{port}/0", port, proc)

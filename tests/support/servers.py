@@ -40,18 +40,21 @@ class Daemon:
     """`edgechat serve` on builtin:tiny (or another model) as a real gunicorn, stopped on exit."""
 
     def __init__(self, tmp_path, cache_dir: str, *args: str, env: dict | None = None,
-                 start_timeout: float = 180.0, command: list[str] | None = None):
-        """command: what runs `edgechat` instead of this interpreter's `-m daemon` (this checkout); a
-        command given runs in tmp_path, so it imports the daemon it was installed with, not the checkout."""
+                 start_timeout: float = 180.0, metrics_dir: str | None = "metrics",
+                 command: list[str] | None = None):
+        """metrics_dir: a folder under tmp_path, or None for the daemon's own default. command: what runs
+        `edgechat` instead of this interpreter's `-m daemon` (this checkout); a command given runs in
+        tmp_path, so it imports the daemon it was installed with, not the checkout."""
         self.tmp_path = tmp_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.metrics_dir = str(tmp_path / "metrics")
+        self.metrics_dir = str(tmp_path / metrics_dir) if metrics_dir else None
         self.log_path = tmp_path / "daemon.log"
+        self.state_dir = str(tmp_path / "state")
         self.cmd = [*(command or [sys.executable, "-m", "daemon"]), "serve", "--port", str(self.port),
-                    "--cache-dir", cache_dir, "--state-dir", str(tmp_path / "state"),
-                    "--metrics-dir", self.metrics_dir, "--threads", "1",
-                    "--metrics-refresh-s", "1", *args]
+                    "--cache-dir", cache_dir, "--state-dir", self.state_dir,
+                    *(["--metrics-dir", self.metrics_dir] if self.metrics_dir else []),
+                    "--threads", "1", "--metrics-refresh-s", "1", *args]
         if "--model" not in args:
             self.cmd += ["--model", "builtin:tiny"]
         self.env = {k: v for k, v in os.environ.items()

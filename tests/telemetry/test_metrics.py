@@ -450,7 +450,7 @@ def test_twenty_recycled_workers_keep_the_folder_bounded(mpdir):
     live, live_pid = start_worker(path)
     workers.append(live)
     per_worker = {p.name.replace(live_pid, "PID") for p in path.glob("*.db")}
-    assert len(per_worker) == 6  # counter, histogram, gauge_{liveall,livesum,livemax,livemostrecent}
+    assert len(per_worker) == 7  # counter, histogram, gauge_{liveall,livesum,livemax,livemin,livemostrecent}
     before = None
     for _ in range(20):
         proc, pid = start_worker(path, turn=3)
@@ -460,7 +460,7 @@ def test_twenty_recycled_workers_keep_the_folder_bounded(mpdir):
         assert before is None or total == before + 1  # monotonic across every recycle
         before = total
     files = sorted(p.name for p in path.glob("*.db"))
-    assert len(files) == 6 + 2, files  # the live worker's files + counter/histogram archives
+    assert len(files) == 7 + 2, files  # the live worker's files + counter/histogram archives
     assert {f.split("_")[-1][:-3] for f in files} == {live_pid, "archive"}
     text = folder_scrape(path)
     assert metric_value(text, "edgechat_turns_total", outcome="ok") == 21
@@ -619,7 +619,7 @@ def test_gunicorn_two_workers_kill_and_twenty_recycles(tmp_path):
         # settle: two live workers again, each has refreshed its gauges
         assert _poll(lambda: len(live_pids()) == 2)
         files = sorted(p.name for p in path.glob("*.db"))
-        assert len(files) <= 2 * 6 + 2, files  # two workers' files + counter/histogram archives
+        assert len(files) <= 2 * 7 + 2, files  # two workers' files + counter/histogram archives
         assert sum(f.endswith("_archive.db") for f in files) == 2
         text = requests.get(base + "/metrics", timeout=5).text
         assert metric_value(text, "edgechat_http_requests_total", route="/pid", method="GET", status="200") == sent

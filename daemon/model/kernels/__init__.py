@@ -32,12 +32,14 @@ PACKAGED = os.path.join(build.HERE, build.LIBRARY)  # what setup.py builds into 
 MACHINE = platform.machine().lower()
 ARCH = {"amd64": "x86_64", "arm64": "aarch64"}.get(MACHINE, MACHINE)
 # edgechat_best_isa()'s levels on each architecture (0 is the portable C++ everywhere)
-ISA_LEVELS = {"x86_64": ("generic", "avx2", "avx512", "avx512_bf16"), "aarch64": ("generic", "neon", "neon_dotprod")}
+ISA_LEVELS = {"x86_64": ("generic", "avx2", "avx512", "avx512_bf16", "amx_bf16"),
+              "aarch64": ("generic", "neon", "neon_dotprod")}
 ISA_NAMES = ISA_LEVELS.get(ARCH, ("generic",))
+TOP = len(ISA_NAMES) - 1
 # ATen's and oneDNN's own caps (the forced-ISA switches) cap these kernels too
 _ATEN_CAP = {"default": 0, "avx2": 1}
 _ONEDNN_CAP = {"sse41": 0, "avx": 0, "avx2": 1, "avx2_vnni": 1, "avx2_vnni_2": 1, "avx512_core": 2,
-               "avx512_core_vnni": 2}
+               "avx512_core_vnni": 2, "avx512_core_bf16": 3, "avx10_1_512": 3, "avx512_core_fp16": 3}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 PACKAGED_STATE, BUILT, UNAVAILABLE, OFF = COMPILED_STATES
 
@@ -57,7 +59,7 @@ class Library:
 
     @property
     def isa_name(self) -> str:
-        """generic | avx2 | avx512 | avx512_bf16 on x86; generic | neon | neon_dotprod on aarch64."""
+        """generic | avx2 | avx512 | avx512_bf16 | amx_bf16 on x86; generic | neon | neon_dotprod on aarch64."""
         return ISA_NAMES[self.isa]
 
     @property
@@ -71,10 +73,10 @@ _loaded: dict[str, Library | None] = {}
 
 
 def isa_cap(environ: dict | None = None) -> int:
-    """The highest ISA allowed by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (3 when neither caps it)."""
+    """The highest ISA allowed by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA (TOP when neither caps it)."""
     env = os.environ if environ is None else environ
-    cap = _ATEN_CAP.get(env.get("ATEN_CPU_CAPABILITY", "").lower(), 3)
-    return min(cap, _ONEDNN_CAP.get(env.get("ONEDNN_MAX_CPU_ISA", "").lower(), 3))
+    cap = _ATEN_CAP.get(env.get("ATEN_CPU_CAPABILITY", "").lower(), TOP)
+    return min(cap, _ONEDNN_CAP.get(env.get("ONEDNN_MAX_CPU_ISA", "").lower(), TOP))
 
 
 def _build(cache_dir: str) -> str:
@@ -102,6 +104,8 @@ def _open(path: str, source: str) -> Library:
     cdll.edgechat_gemv_lin.restype = None
     cdll.edgechat_dequantize.argtypes = [_P, _P, _INT, _INT]
     cdll.edgechat_dequantize.restype = None
+    cdll.edgechat_argmax.argtypes = [_P, _P, _I64]
+    cdll.edgechat_argmax.restype = _I64
     cdll.edgechat_source_hash.restype = ctypes.c_char_p
     isa = min(cdll.edgechat_best_isa(), isa_cap())
     return Library(cdll, isa, path, vnni=_dot(isa, cdll.edgechat_has_vnni), source=source,
@@ -167,6 +171,15 @@ def current() -> Library | None:
     """The library loaded last (None if none was): what a decoder built without a cache_dir uses."""
     with _lock:
         return next((lib for lib in reversed(list(_loaded.values())) if lib is not None), None)
+
+
+def argmaxer(lib: Library) -> Callable[[torch.Tensor, torch.Tensor | None], int]:
+    """torch.argmax(logits.masked_fill(banned, -inf)) in one pass on one thread (fp32 logits, bool banned)."""
+    run = lib.lib.edgechat_argmax
+
+    def argmax(logits: torch.Tensor, banned: torch.Tensor | None) -> int:
+        return run(logits.data_ptr(), None if banned is None else banned.data_ptr(), logits.shape[0])
+    return argmax
 
 
 def gemv(lib: Library, kind: str, weights: tuple[torch.Tensor, ...], bias: torch.Tensor | None,

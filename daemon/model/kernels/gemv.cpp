@@ -4,8 +4,8 @@
 // Weights: bf16 or fp32 rows, int8 rows with one scale per row, or int4 groups of 32 with a bf16 scale
 // and minimum per group (w = scale * q + min, q in 0..15). Weights are converted to fp32 in registers.
 // x and y are fp32 ([M][K] and [M][N]). Built without -march: one function per ISA, picked at run time by
-// `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16; on aarch64, arm.cpp: 1 NEON, 2 NEON with the
-// dot-product instructions).
+// `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16, 4 AMX-BF16 and AMX-INT8; on aarch64, arm.cpp:
+// 1 NEON, 2 NEON with the dot-product instructions).
 // Row independence: every (n, m) sum is accumulated in the same order whatever M and the tiling are, so a
 // row of x gets bit for bit the same result alone or beside others (batched decode = decode alone).
 #include <cstdint>
@@ -262,6 +262,61 @@ AVX512BF static void bf16_dp(const uint16_t* W, const uint16_t* xb, float* y, in
     for (; n < n1; n++)
         for (int64_t m = 0; m < M; m++) tile_dp<1, 1>(W, xb, y, n, m, K, N);
 }
+
+// ---- AMX-BF16: W's rows stream straight into an A tile (16 rows x 32 k); x goes into B tiles as k-pairs
+// ([K/2][M][2], made per call: M x K is small); up to 4 C tiles hold 16 rows of W x 64 rows of x, so each
+// A tile, loaded once, serves up to 64 rows of x. A step is then bound by reading the weights whatever M
+// is. Rows past the last whole block of 16 run bf16_dp (a row always takes the same path whatever M is).
+// Needs the kernel's permission (Linux arch_prctl, asked once by edgechat_best_isa) ----
+struct TileConfig { uint8_t palette, start; uint8_t pad[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+#define AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+// C tile j += A tile 4 x B tile 5 (16 rows of x), or B tile 6 for a narrower last part (tile numbers are
+// immediates: one expansion per C tile)
+#define AMX_DP(j) if (j < parts) { \
+    const uint16_t* b = xp + (k >> 1) * M * 2 + (g + j * 16) * 2; \
+    if (j == parts - 1 && narrow) { _tile_loadd(6, b, M * 4); _tile_dpbf16ps(j, 4, 6); } \
+    else { _tile_loadd(5, b, M * 4); _tile_dpbf16ps(j, 4, 5); } }
+#define AMX_OUT(j) if (j < parts) { _tile_stored(j, c + j * 256, cfg.colsb[j]); }
+AMX static void bf16_amx(const uint16_t* W, const uint16_t* xb, float* y, int64_t n0, int64_t n1, int64_t K, int64_t M, int64_t N) {
+    const int64_t whole = n0 + (n1 - n0) / 16 * 16;
+    if ((K & 31) == 0 && whole > n0) {
+        std::vector<uint16_t> pairs(K * M);  // x as k-pairs: [(k/2)*M*2 + m*2 + k%2]
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++) pairs[(k >> 1) * M * 2 + m * 2 + (k & 1)] = xb[m * K + k];
+        const uint16_t* xp = pairs.data();
+        alignas(64) float c[4 * 256];
+        for (int64_t g = 0; g < M; g += 64) {
+            const int parts = (int)((M - g + 15) / 16 < 4 ? (M - g + 15) / 16 : 4);
+            alignas(64) TileConfig cfg = {};
+            cfg.palette = 1;
+            for (int j = 0; j < parts; j++) {  // C j: 16 rows of W, mb fp32 sums; B: 16 k-pairs of mb rows
+                const int64_t mb = M - g - j * 16 < 16 ? M - g - j * 16 : 16;
+                cfg.rows[j] = 16; cfg.colsb[j] = (uint16_t)(mb * 4);
+            }
+            const bool narrow = cfg.colsb[parts - 1] < 64;
+            cfg.rows[4] = 16; cfg.colsb[4] = 64;  // A: 16 rows of W, 32 bf16 of k
+            cfg.rows[5] = 16; cfg.colsb[5] = 64;  // B: 16 k-pairs of 16 rows of x
+            cfg.rows[6] = 16; cfg.colsb[6] = cfg.colsb[parts - 1];  // B of a narrower last part
+            _tile_loadconfig(&cfg);
+            for (int64_t n = n0; n < whole; n += 16) {
+                for (int j = 0; j < 4; j++) if (j < parts) { if (j == 0) _tile_zero(0); else if (j == 1) _tile_zero(1); else if (j == 2) _tile_zero(2); else _tile_zero(3); }
+                for (int64_t k = 0; k < K; k += 32) {
+                    _tile_loadd(4, W + n * K + k, K * 2);
+                    AMX_DP(0) AMX_DP(1) AMX_DP(2) AMX_DP(3)
+                }
+                AMX_OUT(0) AMX_OUT(1) AMX_OUT(2) AMX_OUT(3)
+                for (int j = 0; j < parts; j++) {
+                    const int64_t mb = cfg.colsb[j] / 4;
+                    for (int64_t i = 0; i < 16; i++)
+                        for (int64_t q = 0; q < mb; q++) y[(g + j * 16 + q) * N + n + i] = c[j * 256 + i * mb + q];
+                }
+            }
+        }
+        _tile_release();
+        n0 = whole;
+    }
+    if (n0 < n1) bf16_dp(W, xb, y, n0, n1, K, M, N);
+}
 #endif
 
 #if defined(__aarch64__)
@@ -287,6 +342,18 @@ static inline void add_bias(float* y, const float* bias, int64_t n0, int64_t n1,
     if (bias) for (int64_t m = 0; m < M; m++) for (int64_t n = n0; n < n1; n++) y[m * N + n] += bias[n];
 }
 
+#ifdef X86
+#include <sys/syscall.h>
+#include <unistd.h>
+// Linux gives a process AMX's tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA)
+static bool amx_usable() {
+    unsigned a, b, c, d;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    if (!((d >> 22) & 1) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;  // AMX-BF16, -TILE, -INT8
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+#endif
+
 #ifndef EDGECHAT_SOURCE_HASH
 #define EDGECHAT_SOURCE_HASH "unknown"
 #endif
@@ -295,11 +362,14 @@ extern "C" {
 // the hash of the sources this library was built from (kernels/build.py passes it)
 const char* edgechat_source_hash() { return EDGECHAT_SOURCE_HASH; }
 
-// 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them; aarch64: 2 NEON+SDOT, 1 NEON
+// 4: AMX (BF16 and INT8) too, 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them;
+// aarch64: 2 NEON+SDOT, 1 NEON
 int edgechat_best_isa() {
 #ifdef X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16")) return 3;
+    const bool bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+    if (bf16 && amx_usable()) return 4;
+    if (bf16) return 3;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
 #elif defined(__aarch64__)
