@@ -173,8 +173,9 @@ def test_qwen05_shape_build_and_generate(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert sum(p.numel() for p in hf.parameters()) == QWEN05_PARAMS
     del hf
+    # no KV kept and each prompt in one chunk: alone and batched below take the same prompt path
     engine = Engine.load(Config(model="builtin:qwen2.5-0.5b-shape", cache_dir=str(tmp_path), threads=1,
-                                warmup=False))
+                                warmup=False, kv_cache_bytes=0, prefill_chunk=512))
     try:
         c = engine.model.config
         assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
@@ -186,5 +187,17 @@ def test_qwen05_shape_build_and_generate(tmp_path):
         deltas = list(gen)
         assert gen.stats.completion_tokens >= 1 and "".join(deltas) == gen.text
         assert all(i < len(engine.tokenizer) for i in gen.token_ids)
+        # the real shape's greedy tokens are the same alone or decoded in one batch
+        greedy = GenerationParams(max_new_tokens=8, temperature=0.0)
+        prompts = [[{"role": "user", "content": q}] for q in ("Hi", "Tell me about the sea.", "Count to ten.")]
+
+        def drain(g):
+            for _ in g:
+                pass
+            return g.token_ids
+        alone = [drain(engine.generate(p, greedy)) for p in prompts]
+        engine.kv_pool.budget_bytes = 64 << 20  # room for the three beside each other
+        gens = [engine.generate(p, greedy) for p in prompts]
+        assert [drain(g) for g in gens] == alone
     finally:
         engine.close()
