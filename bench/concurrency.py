@@ -13,7 +13,7 @@ With --llama-dir (bench/llamacpp/build.sh's output folder), in the same run and 
 
     python -m bench.concurrency [--quantize int8] [--clients 1,2,4,8] [--llama-dir DIR] [--baseline DIR]
 
---baseline DIR: also serve N=1 (and N=4) from another checkout of edgechat (e.g. the commit before a
+--baseline DIR: also serve every N from another checkout of edgechat (e.g. the commit before a
 change), so "single-stream decode vs today's" is measured in the same run.
 """
 from __future__ import annotations

@@ -76,7 +76,7 @@ def _load(cfg: Config, metrics, recorder, sampler, budget) -> Services:
     # after each turn, above the soft memory limit, the engine keeps no KV cache idle
     engine = Engine.load(cfg, listener=recorder, memory_pressure=budget.above_soft)
     recorder.set_model_info(engine.model_id, engine.dtype_label, cfg.leak_mode, engine.load_seconds,
-                            engine.kernel)
+                            engine.kernel, engine.decode_path.get("step", "per-op"), engine.decode_path["compiled"])
     try:
         # counts stop early once past the context: a huge message is refused without tokenizing it all
         count = functools.partial(engine.count_tokens, limit=engine.context_length)

@@ -73,9 +73,10 @@ class Config:
                                                         "weight bytes; Qwen2/Llama-family models only); auto = "
                                                         "the fastest of all, timed at first start.")
     kernel: str = _opt("auto", choices=KERNELS, help="auto | native | onednn | plain: how decode runs the "
-                                                     "projections (native = edgechat's compiled GEMV, built at "
-                                                     "first start with the C++ compiler; auto = the fastest, "
-                                                     "timed at first start and cached).")
+                                                     "projections (native = edgechat's compiled GEMV, shipped "
+                                                     "in the wheel, built at first start in an editable "
+                                                     "checkout; auto = the fastest, timed at first start and "
+                                                     "cached).")
     warmup: bool = _opt(True, help="Run a short generation before /readyz turns ready.")
     # --- server ----------------------------------------------------------------------------
     host: str = _opt("127.0.0.1", help="Address to listen on.")

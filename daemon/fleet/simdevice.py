@@ -80,7 +80,7 @@ class SimDevice:
         m = self.metrics = Metrics(CollectorRegistry(), multiprocess=False)
         m.build_info.clear()
         m.build_info.labels(self.spec.version, platform.python_version(), "none", "none").set(1)
-        m.model_info.labels(self.spec.model, "bfloat16", "torch", "off").set(1)
+        m.model_info.labels(self.spec.model, "bfloat16", "native", "one-call", "packaged", "off").set(1)
         m.memory_limit_bytes.set(LIMIT)
         m.host_memory_total_bytes.set(LIMIT)
         m.history_max_turns.set(5)

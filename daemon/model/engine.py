@@ -93,7 +93,9 @@ class Engine:
         self.quantize = choice.quantize
         self.kernel = getattr(self.decoder, "kernel", "hf")
         describe = getattr(self.decoder, "describe", None)  # FastDecoder's; the HF path has nothing to add
-        self.decode_path: dict = describe() if describe else {}
+        # and where the compiled kernels came from (packaged, built, unavailable, off): a per-op step with
+        # them unavailable is the slow path EdgechatDecodeSlowPath reports
+        self.decode_path: dict = {**(describe() if describe else {}), "compiled": kernels.state()}
         lib = getattr(getattr(self.decoder, "_step", None), "lib", None)
         self._argmax = kernels.argmaxer(lib) if lib is not None else None  # greedy rows' token, compiled
         self.choice = choice

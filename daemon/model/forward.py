@@ -197,7 +197,7 @@ class FastDecoder:
         pages (the streamed weights, where the kernel granted them)."""
         lib = self._step.lib if self._step is not None else None
         return {"step": "one-call" if lib else "per-op",
-                "isa": f"{lib.isa_name}{'+vnni' if lib.vnni else ''}" if lib else None,
+                "isa": lib.label if lib else None,
                 "prefill_rows": self.step_rows if lib else None,
                 "huge_pages_mb": round(huge_bytes_held() / 2**20)}
 

@@ -115,7 +115,7 @@ def cache_key(cfg: Any, path: str, threads: int, lib: kernels.Library | None) ->
     return {"cpu": hashlib.sha256(_cpu_id().encode()).hexdigest()[:16], "cores": len(os.sched_getaffinity(0)),
             "cpu_quota": _cpu_quota(), "threads": threads, "torch": torch.__version__, "edgechat": __version__,
             "model": model_hash(path), "settings": [cfg.dtype, cfg.quantize, cfg.kernel],
-            "kernels": None if lib is None else [os.path.basename(lib.path), lib.isa_name]}
+            "kernels": None if lib is None else [lib.digest, lib.isa_name]}
 
 
 def _cut(model_config: Any, dtype: str, quantize: str, kernel: str) -> Any:

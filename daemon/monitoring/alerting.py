@@ -250,6 +250,20 @@ def dependency_alerts(t: Thresholds) -> Group:
     ])
 
 
+def decode_alerts(t: Thresholds, n: Names) -> Group:
+    """Decode on the slow path where the fast one should be."""
+    return Group("edgechat.decode.alerts", [
+        alert_rule(t, "EdgechatDecodeSlowPath",
+               "Detects a worker decoding op by op on torch's kernels (about half speed) because the compiled "
+               "decode kernels could not be loaded, on a model they serve.",
+               f"{n.decode_slow_path} > 0", t.decode_slow_path_for, "warning",
+               "edgechat decodes without its compiled kernels, at about half speed.",
+               f"{{{{ $value }}}} worker(s) on {INSTANCE} decode op by op (step per-op, compiled unavailable in "
+               "edgechat_model_info): the compiled decode kernels were neither packaged nor buildable. The worker's "
+               "log line 'decode kernels unavailable' says why; /readyz shows decode.step and decode.compiled."),
+    ])
+
+
 def meta_alerts(t: Thresholds) -> Group:
     """The heartbeat and the info inhibitor, named and scoped so they cannot collide with another
     job's in a shared Prometheus (severity none: never a page)."""
@@ -280,4 +294,5 @@ def meta_alerts(t: Thresholds) -> Group:
 def alert_groups(t: Thresholds, n: Names) -> list[Group]:
     """All alert groups; the meta group comes last so EdgechatInfoInhibitor sees the others' ALERTS."""
     return [memory_alerts(t, n), memory_trend_alerts(t, n), history_alerts(t, n), gc_alerts(t, n), turn_alerts(t, n),
-            process_alerts(t, n), availability_alerts(t, n), dependency_alerts(t), meta_alerts(t)]
+            process_alerts(t, n), availability_alerts(t, n), dependency_alerts(t), decode_alerts(t, n),
+            meta_alerts(t)]

@@ -5,7 +5,7 @@ and what vmalert records there, filtered by the site, version and device variabl
 """
 
 from daemon.monitoring import fleet_rules
-from daemon.monitoring.grafana import _panel, _query_variable, _thresholds, dashboard, row, target, timeseries
+from daemon.monitoring.grafana import _panel, _query_variable, _thresholds, dashboard, row, stat, target, timeseries
 from daemon.monitoring.recording import names_for
 from daemon.monitoring.thresholds import Thresholds
 
@@ -17,6 +17,8 @@ _F = 'site=~"$site", version=~"$version", device=~"$device"'
 SLOPE_MB_MIN = f"max by (device, site, version) ({N.deriv_slow}{{{_F}}}) * 60 / 2^20"
 FIRING = f'ALERTS{{alertstate="firing", alertname=~"Edgechat.*", {_F}}}'
 UP = f'up{{job="edgechat", {_F}}}'
+# devices with a worker decoding per-op without its compiled kernels (EdgechatDecodeSlowPath's condition)
+SLOW_DECODE = f"max by (device, version) ({N.decode_slow_path}{{{_F}}}) > 0"
 
 
 def sel(metric: str, extra: str = "") -> str:
@@ -68,12 +70,30 @@ def devices_table() -> dict:
     return panel
 
 
+def decode_panels() -> list[dict]:
+    """How many devices decode on the slow path (no compiled kernels), now and by version over time."""
+    return [
+        stat("Devices on the slow decode path",
+             "Devices with a worker decoding op by op on torch's kernels (about half speed) because the compiled "
+             "kernels could not be loaded: a wheel built without them, or an editable checkout without a compiler. "
+             "Each one raises EdgechatDecodeSlowPath; 0 is the healthy value.", "none",
+             [target(f"count({SLOW_DECODE}) or vector(0)", instant=True)], [(None, "green"), (1, "orange")],
+             w=6, h=6),
+        timeseries("Devices on the slow decode path by version",
+                   "Devices on the slow decode path per version (0 for every version with none): a release whose "
+                   "wheel lacks the kernels lifts its whole line at once.", "none",
+                   [target(f"count by (version) ({SLOW_DECODE}) or 0 * count by (version) ({UP})", "{{version}}")],
+                   w=18, h=6, minimum=0),
+    ]
+
+
 def build() -> dict:
     """Return the fleet dashboard as a dict."""
     window = "1h"
     panels = [
         row("Devices"),
         devices_table(),
+        *decode_panels(),
         row("Cohorts"),
         timeseries("Memory slope by cohort",
                    f"Average {window} slope of anonymous memory + swap over the devices of each version and site, "

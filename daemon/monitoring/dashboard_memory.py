@@ -255,10 +255,12 @@ def _process_rows():
                    [target(sel("edgechat_process_open_fds"), "fds {{pid}}"),
                     target(sel("edgechat_process_threads"), "threads {{pid}}")], minimum=0),
         stat("Model and leak mode",
-             "The model served, its dtype, and the deliberate leak mode (off in production; the leak modes "
-             "exist to test these dashboards and the alerts).", "none",
-             [target(f"max by (instance, model, dtype, kernel, leak_mode) ({sel('edgechat_model_info')})",
-                     "{{model}} {{dtype}} {{kernel}} leak_mode={{leak_mode}}")],
+             "The model served, its dtype, how it decodes (kernel; step one-call is the compiled kernels' fast "
+             "path; compiled says where they came from, unavailable = the slow path) and the deliberate leak mode "
+             "(off in production; the leak modes exist to test these dashboards and the alerts).", "none",
+             [target(f"max by (instance, model, dtype, kernel, step, compiled, leak_mode) "
+                     f"({sel('edgechat_model_info')})",
+                     "{{model}} {{dtype}} {{kernel}} {{step}} compiled={{compiled}} leak_mode={{leak_mode}}")],
              [(None, "blue")], w=12, h=8, text_mode="name"),
     ]
 

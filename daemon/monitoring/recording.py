@@ -64,6 +64,7 @@ class Names:
     rejected_ratio: str
     gc_pause_ratio: str
     gc_uncollectable: str
+    decode_slow_path: str
 
 
 def names_for(nominal: Thresholds) -> Names:
@@ -119,6 +120,7 @@ def names_for(nominal: Thresholds) -> Names:
         rejected_ratio=f"instance_reason:edgechat_requests_rejected:ratio_rate{d(nominal.saturation_window)}",
         gc_pause_ratio=f"instance:edgechat_gc_pause_seconds:ratio_rate{d(nominal.gc_pause_window)}",
         gc_uncollectable=f"instance:edgechat_gc_uncollectable_objects:increase{d(nominal.gc_uncollectable_window)}",
+        decode_slow_path="instance:edgechat_decode_slow_path_workers:count",
     )
 
 
@@ -240,4 +242,10 @@ def recording_groups(t: Thresholds, n: Names) -> list[Group]:
                                  f"(increase(edgechat_gc_uncollectable_objects_total[{d(t.gc_uncollectable_window)}]))",
              "Objects the collector found unreachable but could not free."),
     ])
-    return [process, memory, trend, history, turns, http, gc]
+    decode = Group("edgechat.decode.recording", [
+        _rec(n.decode_slow_path,
+             f'count {BY} (edgechat_model_info{{step="per-op", compiled="unavailable", kernel!="hf"}} == 1)',
+             "Workers decoding op by op because the compiled kernels could not be loaded, on a model they serve "
+             "(the transformers path, kernel=hf, never runs on them); no series while there are none."),
+    ])
+    return [process, memory, trend, history, turns, http, gc, decode]

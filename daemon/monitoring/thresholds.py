@@ -181,6 +181,13 @@ class Thresholds:
     metrics_writes_window: float = _window(10 * MINUTE, "increase window of metric write failures")
     metrics_writes_for: float = _window(1 * MINUTE, "for of MetricsWritesFailing")
 
+    # -- decode path -------------------------------------------------------------------------------
+    # A worker decoding op by op on torch's kernels because the compiled kernels did not load (a wheel
+    # built without them, a missing compiler in an editable checkout, a library that does not load):
+    # decode runs at about half speed. The state is fixed at load, so `for` only has to outlast a
+    # deploy that replaces the workers; 10 min of it is no transient.
+    decode_slow_path_for: float = _window(10 * MINUTE, "for of DecodeSlowPath")
+
     # -- meta --------------------------------------------------------------------------------------
     heartbeat_for: float = _window(1 * MINUTE, "for of EdgechatHeartbeat (heartbeat starts a minute after Prometheus)")
     # Must stay shorter than every info alert's `for` (a test checks it), so the inhibitor fires

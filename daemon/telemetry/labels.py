@@ -26,6 +26,12 @@ PRESSURE_ACTIONS = ("evict_sessions", "release_caches", "gc_collect", "malloc_tr
 LIVE_OBJECT_TYPES = ("torch.Tensor", "dict", "list", "tuple", "set", "function", "cell", "other")
 # Why the KV pool (daemon.model.kvpool) dropped a cache.
 KV_DROP_REASONS = ("lru", "oversize", "released", "pressure")
+# How decode runs (edgechat_model_info): the whole step in one call to the compiled kernels, or op by op
+# (torch's kernels, or the compiled GEMVs one projection at a time).
+DECODE_STEPS = ("one-call", "per-op")
+# Where this worker's compiled decode kernels came from (daemon.model.kernels.state): shipped in the
+# package, built at first start (an editable checkout), asked for but not loadable, or not asked for.
+COMPILED_STATES = ("packaged", "built", "unavailable", "off")
 OTHER = "other"  # any label value outside the known sets, so cardinality stays bounded
 
 

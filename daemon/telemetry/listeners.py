@@ -6,9 +6,9 @@ implements them all, so renaming a method breaks a type check, never silently a 
 """
 from __future__ import annotations
 
-from .labels import (ADMISSION_WAIT_REASONS, EVICT_REASONS, KV_DROP_REASONS, LIVE_OBJECT_TYPES, OUTCOMES,
-                     PRESSURE_ACTIONS, REJECT_REASONS, STORE_OPERATIONS, STORE_WRITES, TRUNCATE_REASONS,
-                     bounded, turn_index_bucket)
+from .labels import (ADMISSION_WAIT_REASONS, COMPILED_STATES, DECODE_STEPS, EVICT_REASONS, KV_DROP_REASONS,
+                     LIVE_OBJECT_TYPES, OUTCOMES, PRESSURE_ACTIONS, REJECT_REASONS, STORE_OPERATIONS, STORE_WRITES,
+                     TRUNCATE_REASONS, bounded, turn_index_bucket)
 from .metrics import Metrics
 
 
@@ -105,9 +105,10 @@ class Recorder:
         self.m.batch_limit.set(cfg.max_batch)
 
     def set_model_info(self, model: str, dtype: str, leak_mode: str, load_seconds: float,
-                       kernel: str = "") -> None:
-        """Record what this worker serves, the decode kernel it runs, and how long loading took."""
-        labels = (model, dtype, kernel, leak_mode)
+                       kernel: str = "", step: str = "per-op", compiled: str = "off") -> None:
+        """Record what this worker serves, how it decodes (kernel, one-call or per-op step, where its
+        compiled kernels came from), and how long loading took."""
+        labels = (model, dtype, kernel, bounded(step, DECODE_STEPS), bounded(compiled, COMPILED_STATES), leak_mode)
         if self._model_labels not in (None, labels):
             # multiprocess files cannot forget a series: 0 marks the old one replaced
             self.m.model_info.labels(*self._model_labels).set(0)

@@ -169,7 +169,7 @@ class Metrics:
         self.build_info = g("build_info", "Versions.", ("version", "python", "torch", "transformers"),
                             mode="livemax")
         self.model_info = g("model_info", "The served model and its decode path.",
-                            ("model", "dtype", "kernel", "leak_mode"),
+                            ("model", "dtype", "kernel", "step", "compiled", "leak_mode"),
                             mode="livemax")
         self.tracemalloc_traced_bytes: Gauge | None = None
         self.tracemalloc_peak_bytes: Gauge | None = None

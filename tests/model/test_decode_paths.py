@@ -191,11 +191,13 @@ def test_without_a_compiler_falls_back(monkeypatch, tmp_path, cache_dir):
     """No C++ compiler: a log line says so, and the decoder runs torch's kernels."""
     from transformers import AutoModelForCausalLM
     from daemon.model.builtin import ensure_built
-    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(kernels.build, "compiler", lambda: None)
+    monkeypatch.setattr(kernels, "PACKAGED", str(tmp_path / "none.so"))  # an editable checkout: nothing packaged
     monkeypatch.setattr(kernels, "_loaded", {})
     lines: list[str] = []
     assert kernels.load(str(tmp_path), lines.append) is None
     assert any("unavailable" in line and "torch's kernels" in line for line in lines)
+    assert kernels.state() == "unavailable"
     path = ensure_built("builtin:tiny", cache_dir, log=lambda *a: None)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     decoder = FastDecoder(model)

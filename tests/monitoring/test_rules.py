@@ -25,7 +25,8 @@ ALERT_NAMES = {
     "EdgechatHistoryLimitDisabled", "EdgechatGCUncollectableGrowing", "EdgechatGCPausesHigh",
     "EdgechatTurnLatencyCreep", "EdgechatTurnLatencyHigh", "EdgechatRestarted", "EdgechatOOMKilled",
     "EdgechatDown", "EdgechatHighErrorRate", "EdgechatSaturated", "EdgechatSessionStoreUnwritable",
-    "EdgechatSessionStoreFailing", "EdgechatMetricsWritesFailing", "EdgechatHeartbeat", "EdgechatInfoInhibitor"}
+    "EdgechatSessionStoreFailing", "EdgechatMetricsWritesFailing", "EdgechatDecodeSlowPath", "EdgechatHeartbeat",
+    "EdgechatInfoInhibitor"}
 META = {"EdgechatHeartbeat", "EdgechatInfoInhibitor"}
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 

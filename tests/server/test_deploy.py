@@ -185,15 +185,46 @@ def test_systemd_unit_has_the_edge_device_settings():
 
 # --- Docker ---------------------------------------------------------------------------------------
 
-def _dockerfile() -> list[tuple[str, str]]:
+def _dockerfile() -> list[list[tuple[str, str]]]:
+    """deploy/Dockerfile as stages (each from its FROM), each a list of (instruction, argument)."""
     text = open(os.path.join(DEPLOY, "Dockerfile"), encoding="utf-8").read().replace("\\\n", " ")
-    return [tuple(line.strip().split(None, 1)) for line in text.splitlines()
-            if line.strip() and not line.strip().startswith("#")]
+    stages: list[list[tuple[str, str]]] = []
+    for line in text.splitlines():
+        if line.strip() and not line.strip().startswith("#"):
+            op, arg = line.strip().split(None, 1)
+            if op == "FROM":
+                stages.append([])
+            stages[-1].append((op, arg))
+    return stages
+
+
+COMPILERS = {"g++", "gcc", "c++", "clang", "clang++", "build-essential", "cpp"}
+
+
+def _compilers(runs: str) -> set[str]:
+    return COMPILERS & set(runs.split())
+
+
+def test_dockerfile_builds_the_wheel_with_a_compiler_and_runs_it_without():
+    builder, image = _dockerfile()
+    assert builder[0] == ("FROM", "python:3.11-slim AS builder")
+    assert image[0] == ("FROM", "python:3.11-slim"), "the same base: the wheel's Python and glibc"
+    built = " ".join(arg for op, arg in builder if op == "RUN")
+    assert "apt-get install" in built and _compilers(built)
+    assert re.search(r"pip wheel .*--no-deps .*--wheel-dir /wheels \.$", built), built
+    # the builder gets every file the wheel is built from (the sdist's own list: MANIFEST.in, setup.py)
+    copied = {src.rstrip("/") for op, arg in builder if op == "COPY" for src in arg.split()[:-1]}
+    assert copied == {"pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "README.md", "daemon"}
+    runs = " ".join(arg for op, arg in image if op == "RUN")
+    assert not _compilers(runs) and "apt-get" not in runs, "no compiler in the image"
+    assert ("COPY", "--from=builder /wheels /tmp/wheels") in image
+    assert "pip install /tmp/wheels/edgechat-*.whl" in runs
+    # the build fails unless the packaged kernels load in the image
+    assert "kernels.load(" in runs and "'packaged'" in runs
 
 
 def test_dockerfile_structure():
-    steps = _dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    steps = _dockerfile()[-1]
     runs = " ".join(arg for op, arg in steps if op == "RUN")
     args = dict(arg.split("=", 1) for op, arg in steps if op == "ARG")
     pinned = re.search(r"torch==([\w.]+)", open(os.path.join(ROOT, "setup.cfg"), encoding="utf-8").read()).group(1)
@@ -205,11 +236,13 @@ def test_dockerfile_structure():
     assert dict(steps)["CMD"] == '["edgechat", "serve"]'
     assert "EDGECHAT_HOST=0.0.0.0" in " ".join(arg for op, arg in steps if op == "ENV")
     ignore = open(os.path.join(DEPLOY, "Dockerfile.dockerignore"), encoding="utf-8").read().split()
-    for op, arg in steps:
-        if op == "COPY":
-            for src in arg.split()[:-1]:
-                assert os.path.exists(os.path.join(ROOT, src)), src
-                assert f"!{src.rstrip('/')}" in [i.rstrip("/") for i in ignore], f"{src} is excluded from the context"
+    assert "**/*.so" in ignore, "a library built in a checkout must not enter the image"
+    for stage in _dockerfile():
+        for op, arg in stage:
+            if op == "COPY" and not arg.startswith("--from="):
+                for src in arg.split()[:-1]:
+                    assert os.path.exists(os.path.join(ROOT, src)), src
+                    assert f"!{src.rstrip('/')}" in [i.rstrip("/") for i in ignore], f"{src} is excluded from the context"
 
 
 def _compose() -> dict:

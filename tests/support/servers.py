@@ -40,14 +40,18 @@ class Daemon:
     """`edgechat serve` on builtin:tiny (or another model) as a real gunicorn, stopped on exit."""
 
     def __init__(self, tmp_path, cache_dir: str, *args: str, env: dict | None = None,
-                 start_timeout: float = 180.0, metrics_dir: str | None = "metrics"):
-        """metrics_dir: a folder under tmp_path, or None for the daemon's own default."""
+                 start_timeout: float = 180.0, metrics_dir: str | None = "metrics",
+                 command: list[str] | None = None):
+        """metrics_dir: a folder under tmp_path, or None for the daemon's own default. command: what runs
+        `edgechat` instead of this interpreter's `-m daemon` (this checkout); a command given runs in
+        tmp_path, so it imports the daemon it was installed with, not the checkout."""
+        self.tmp_path = tmp_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_dir = str(tmp_path / metrics_dir) if metrics_dir else None
         self.log_path = tmp_path / "daemon.log"
         self.state_dir = str(tmp_path / "state")
-        self.cmd = [sys.executable, "-m", "daemon", "serve", "--port", str(self.port),
+        self.cmd = [*(command or [sys.executable, "-m", "daemon"]), "serve", "--port", str(self.port),
                     "--cache-dir", cache_dir, "--state-dir", self.state_dir,
                     *(["--metrics-dir", self.metrics_dir] if self.metrics_dir else []),
                     "--threads", "1", "--metrics-refresh-s", "1", *args]
@@ -57,6 +61,7 @@ class Daemon:
                     if not k.startswith("EDGECHAT_") and k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env.update(env or {})
         self.start_timeout = start_timeout
+        self.command = command
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float | None = None) -> "Daemon":
@@ -69,8 +74,8 @@ class Daemon:
             raise RuntimeError(f"this Daemon was started already (pid {self.proc.pid}); "
                                "use either start()/stop() or `with Daemon(...)`, not both")
         self._log = open(self.log_path, "wb")
-        self.proc = track(subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
+        self.proc = track(subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                           start_new_session=True, cwd=None if self.command is None else self.tmp_path))
         try:
             wait_http(self.url + "/readyz", self.start_timeout if timeout is None else timeout, self.proc)
         except Exception:

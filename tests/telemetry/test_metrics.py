@@ -166,13 +166,13 @@ def test_store_and_engine_listeners(tel):
 
 def test_config_model_and_store_gauges(tel):
     tel.recorder.set_config(cfg(max_history_turns=7, kv_cache_bytes=5 << 20))
-    tel.recorder.set_model_info("builtin:tiny", "float32", "history", 1.5)
+    tel.recorder.set_model_info("builtin:tiny", "float32", "history", 1.5, "onednn", "per-op", "unavailable")
     tel.recorder.set_store_stats(StoreStats(sessions=3, messages_total=40, messages_max=22, tokens_max=900))
     text = scrape(tel)
     assert metric_value(text, "edgechat_history_max_turns") == 7
     assert metric_value(text, "edgechat_kv_cache_budget_bytes") == 5 << 20
-    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", kernel="",
-                        leak_mode="history") == 1
+    assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype="float32", kernel="onednn",
+                        step="per-op", compiled="unavailable", leak_mode="history") == 1
     assert metric_value(text, "edgechat_model_load_seconds") == 1.5
     assert metric_value(text, "edgechat_sessions") == 3
     assert metric_value(text, "edgechat_history_messages") == 40
@@ -663,7 +663,9 @@ def test_real_turns_move_the_metrics(app_factory):
                  method="POST", status="200") == 4
     engine = get_services(app).engine  # dtype and kernel auto: what the tuner chose on this CPU
     assert metric_value(text, "edgechat_model_info", model="builtin:tiny", dtype=engine.dtype_label,
-                        kernel=engine.kernel, leak_mode="off") == 1
+                        kernel=engine.kernel, step=engine.decode_path.get("step", "per-op"),
+                        compiled=engine.decode_path["compiled"], leak_mode="off") == 1
+    assert engine.decode_path["compiled"] in ("packaged", "built")  # the test machine has a compiler
     assert metric_value(text, "edgechat_history_max_turns") == 2
     assert metric_value(text, "edgechat_sessions") == 1
     assert metric_value(text, "edgechat_history_truncations_total", reason="turns") > 0

@@ -4,7 +4,8 @@
 // Weights: bf16 or fp32 rows, int8 rows with one scale per row, or int4 groups of 32 with a bf16 scale
 // and minimum per group (w = scale * q + min, q in 0..15). Weights are converted to fp32 in registers.
 // x and y are fp32 ([M][K] and [M][N]). Built without -march: one function per ISA, picked at run time by
-// `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16, 4 AMX-BF16 and AMX-INT8).
+// `isa` (0 generic, 1 AVX2+FMA, 2 AVX512F/BW, 3 AVX512-BF16, 4 AMX-BF16 and AMX-INT8; on aarch64, arm.cpp:
+// 1 NEON, 2 NEON with the dot-product instructions).
 // Row independence: every (n, m) sum is accumulated in the same order whatever M and the tiling are, so a
 // row of x gets bit for bit the same result alone or beside others (batched decode = decode alone).
 #include <cstdint>
@@ -318,6 +319,10 @@ AMX static void bf16_amx(const uint16_t* W, const uint16_t* xb, float* y, int64_
 }
 #endif
 
+#if defined(__aarch64__)
+#include "arm.cpp"
+#endif
+
 // rows [n0, n1) of this thread: split N into nearly equal, even-sized parts
 static inline void span(int64_t N, int64_t& n0, int64_t& n1, int t, int T) {
     int64_t per = ((N + T - 1) / T + 1) & ~(int64_t)1;
@@ -349,8 +354,16 @@ static bool amx_usable() {
 }
 #endif
 
+#ifndef EDGECHAT_SOURCE_HASH
+#define EDGECHAT_SOURCE_HASH "unknown"
+#endif
+
 extern "C" {
-// 4: AMX (BF16 and INT8) too, 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them (or not x86)
+// the hash of the sources this library was built from (kernels/build.py passes it)
+const char* edgechat_source_hash() { return EDGECHAT_SOURCE_HASH; }
+
+// 4: AMX (BF16 and INT8) too, 3: AVX512-BF16 too, 2: AVX512F+BW, 1: AVX2+FMA, 0: none of them;
+// aarch64: 2 NEON+SDOT, 1 NEON
 int edgechat_best_isa() {
 #ifdef X86
     __builtin_cpu_init();
@@ -359,6 +372,8 @@ int edgechat_best_isa() {
     if (bf16) return 3;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#elif defined(__aarch64__)
+    return arm_best_isa();
 #endif
     return 0;
 }

@@ -308,6 +308,9 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
         if (L.kind == K_I8G && isa >= 4 && M >= AMX_ROWS) i8g_amx(L, p, y, N, b0, b1);
         else if (L.kind == K_I8G) i8g_vnni(L, p, y, N, b0, b1);
         else i4v_vnni(L, p, y, N, b0, b1);
+#elif defined(__aarch64__)
+        if (L.kind == K_I8G) i8g_arm(L, p, y, N, b0, b1, isa);
+        else i4v_arm(L, p, y, N, b0, b1, isa);
 #endif
         return;
     }
@@ -320,6 +323,8 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
         else if (isa >= 3) bf16_dp((const uint16_t*)L.w, p.b.data(), y, n0, n1, K, M, N);
         else if (isa == 2) bf16_avx512((const uint16_t*)L.w, x, y, n0, n1, K, M, N);
         else if (isa == 1) bf16_avx2((const uint16_t*)L.w, x, y, n0, n1, K, M, N); else
+#elif defined(__aarch64__)
+        if (isa >= 1) bf16_neon((const uint16_t*)L.w, x, y, n0, n1, K, M, N); else
 #endif
         bf16_generic((const uint16_t*)L.w, x, y, n0, n1, K, M, N);
         break;
@@ -327,6 +332,8 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
 #ifdef X86
         if (isa >= 2) f32_avx512((const float*)L.w, x, y, n0, n1, K, M, N);
         else if (isa == 1) f32_avx2((const float*)L.w, x, y, n0, n1, K, M, N); else
+#elif defined(__aarch64__)
+        if (isa >= 1) f32_neon((const float*)L.w, x, y, n0, n1, K, M, N); else
 #endif
         f32_generic((const float*)L.w, x, y, n0, n1, K, M, N);
         break;
@@ -334,6 +341,8 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
 #ifdef X86
         if (isa >= 2) i8_avx512((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N);
         else if (isa == 1) i8_avx2((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N); else
+#elif defined(__aarch64__)
+        if (isa >= 1) i8_neon((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N); else
 #endif
         i8_generic((const int8_t*)L.w, (const float*)L.s, x, y, n0, n1, K, M, N);
         break;
@@ -342,6 +351,8 @@ static void run_kernel(const Lin& L, const Prepared& p, float* y, int t, int T, 
 #ifdef X86
         if (isa >= 2) i4_avx512(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N);
         else if (isa == 1) i4_avx2(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N); else
+#elif defined(__aarch64__)
+        if (isa >= 1) i4_neon(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N); else
 #endif
         i4_generic(Q, S, Z, x, p.xs.data(), y, n0, n1, K, M, N);
         break;
