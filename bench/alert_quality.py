@@ -143,9 +143,12 @@ def replay(workdir: str, rule_dirs: dict[str, str], ranges) -> dict[str, list]:
             stored = {}
             if names:
                 digest = hashlib.sha1(b"".join(open(p, "rb").read() for p in paths)).hexdigest()[:8]
-                path = os.path.join(workdir, f"recorded-{label}.om")
-                stored = prom.record(recorded, names, ranges, path, f"replay_{label}_{digest}:")
-                rule_replay.backfill(path, data)
+                # one file per batch: promtool parses a whole file once per block it cuts, so one file
+                # over every batch would cost (batches x blocks) parses
+                for b, span in enumerate(ranges):
+                    path = os.path.join(workdir, f"recorded-{label}-{b:03d}.om")
+                    stored = prom.record(recorded, names, [span], path, f"replay_{label}_{digest}:")
+                    rule_replay.backfill(path, data)
                 prom.restart()
             rules = rule_replay.alert_rules(paths, GROUPS, stored)
             out[label] = [e for a, b in ranges for e in prom.replay(rules, a, b)]
