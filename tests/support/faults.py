@@ -176,13 +176,22 @@ def faketime_lib() -> str | None:
 # libfaketime 0.9.10 with FAKETIME_DONT_FAKE_MONOTONIC=1 shifts the deadline of an absolute
 # clock_nanosleep on a monotonic clock by the fake offset (EINVAL: Python's time.sleep fails). Loaded
 # first, this passes those sleeps straight to the kernel; every other call goes on to libfaketime.
+# pthread_cond_timedwait goes straight to glibc too: CPython's condition variables (the GIL's) keep
+# monotonic time, and libfaketime's wrapper reads its settings on every call, which made each GIL
+# hand-off between the scheduler and a request thread cost milliseconds (a turn ran 40x slower).
 MONOTONIC_SLEEP_C = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <pthread.h>
 #include <time.h>
 #include <unistd.h>
 #include <sys/syscall.h>
+int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const struct timespec *t) {
+    static __typeof__(pthread_cond_timedwait) *real;
+    if (!real) real = dlvsym(dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD), "pthread_cond_timedwait", "GLIBC_2.3.2");
+    return real(c, m, t);
+}
 int clock_nanosleep(clockid_t clock, int flags, const struct timespec *t, struct timespec *rem) {
     static __typeof__(clock_nanosleep) *next;
     if (clock == CLOCK_MONOTONIC || clock == CLOCK_BOOTTIME || clock == CLOCK_MONOTONIC_RAW)
