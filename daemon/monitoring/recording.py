@@ -83,7 +83,7 @@ def names_for(nominal: Thresholds) -> Names:
         committed=f"{committed}:sum",
         usage_ratio="instance:edgechat_memory_usage:ratio",
         committed_ratio="instance:edgechat_memory_committed:ratio",
-        kv_sum="instance:edgechat_kv_cache_bytes:sum",
+        kv_sum="instance:edgechat_kv_bytes:sum",
         unpooled=f"{unpooled}:sum",
         deriv_fast=f"{unpooled}:deriv{d(nominal.leak_fast_window)}",
         deriv_slow=f"{unpooled}:deriv{d(nominal.leak_slow_window)}",
@@ -163,7 +163,8 @@ def recording_groups(t: Thresholds, n: Names) -> list[Group]:
              "RAM counted against the limit plus the workers' swap (just the RAM where swap is not reported)."),
         _rec(n.committed_ratio, f"{n.committed} / {ON} ({n.limit} > 0)",
              "RAM + swap as a fraction of the limit (the leak rules' floor: a leak pushed to swap counts)."),
-        _rec(n.kv_sum, f"sum {BY} (edgechat_kv_cache_bytes)", "KV caches the workers' pools keep between turns."),
+        _rec(n.kv_sum, f'sum {BY} ({{__name__=~"edgechat_kv_cache_bytes|edgechat_kv_running_bytes"}})',
+             "KV caches the workers hold under their one budget: kept between turns and reserved by the batch."),
         _rec(n.unpooled, f"(\n  {n.anon_swap_sum} - {ON} {n.kv_sum}\n  or {n.anon_swap_sum}\n)\n"
                          f"and {ON} {n.uptime} > {number(t.leak_settle)}",
              "What a leak grows: anonymous memory + swap less the KV pool (which fills to its budget and "

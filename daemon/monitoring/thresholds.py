@@ -28,9 +28,11 @@ class Thresholds:
     probe_routes_regex: str = "/metrics|/healthz|/readyz"
 
     # -- memory: what the leak rules watch -----------------------------------------------------------
-    # Anonymous memory + swap over the workers, less the KV caches the pool keeps (edgechat_kv_cache_bytes):
-    # the pool fills to kv_cache_bytes after every start and then stays, which looked like a leak for
-    # hours to days on quiet devices; a leak held in RAM or pushed to swap still shows in full.
+    # Anonymous memory + swap over the workers, less the KV caches under the pool's budget (kept between
+    # turns, edgechat_kv_cache_bytes, and reserved by the running batch, edgechat_kv_running_bytes): the
+    # pool fills to kv_cache_bytes after every start and then stays, and the batch's caches come and go
+    # with traffic, which looked like a leak for hours to days on quiet devices and in busy hours; a leak
+    # held in RAM or pushed to swap still shows in full.
     # -- memory: slow leak (warning) ---------------------------------------------------------------
     # A 0.5B model takes ~1 GB after load; a leak of a few MB/min (the `tensors` leak mode's is ~35
     # MB/min, a cache leak can be 1-5 MB/min) needs an hour of samples (120 at 30 s) before a slope
