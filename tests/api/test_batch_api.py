@@ -1,5 +1,5 @@
-"""Requests that share the batch each get what they get alone: streaming, stop strings, JSON mode, logprobs,
-seeded sampling, a session's turn; and a stream cancelled mid-way leaves the others running."""
+"""Requests that share the batch each get what they get alone: streaming, stop strings, JSON mode, a forced
+tool call, logprobs, seeded sampling, a session's turn; and a stream cancelled mid-way leaves the others running."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from daemon.services import get_services
 
 # each prompt is prefilled whole (alone or beside others): the same prompt path, the same tokens
-SETTINGS = dict(prefill_chunk=512, max_new_tokens=48, min_new_tokens=0)
+SETTINGS = dict(prefill_chunk=512, max_new_tokens=96, min_new_tokens=0)
 REQUESTS = {
     "greedy": {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": 24,
                "temperature": 0},
@@ -19,6 +19,10 @@ REQUESTS = {
              "temperature": 0, "stop": ["e"]},
     "json": {"messages": [{"role": "user", "content": "Describe a person."}], "max_tokens": 40,
              "temperature": 1.0, "seed": 3, "response_format": {"type": "json_object"}},
+    "tools": {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 96, "temperature": 0.8,
+              "seed": 3, "tool_choice": "required", "tools": [{"type": "function", "function": {
+                  "name": "get_weather", "parameters": {"type": "object", "required": ["city"], "properties": {
+                      "city": {"type": "string", "maxLength": 10}}}}}]},
     "logprobs": {"messages": [{"role": "user", "content": "Name a prime number."}], "max_tokens": 8,
                  "temperature": 0, "logprobs": True, "top_logprobs": 2},
     "seeded": {"messages": [{"role": "user", "content": "What is seventeen times three?"}], "max_tokens": 16,
@@ -29,7 +33,8 @@ REQUESTS = {
 
 
 def answer(client, name: str) -> dict:
-    """What a client keeps of one reply: text, finish reason, logprobs (streams: deltas joined)."""
+    """What a client keeps of one reply: text, finish reason, logprobs, tool calls less their random ids
+    (streams: deltas joined)."""
     body = REQUESTS[name]
     resp = client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.get_data(as_text=True)
@@ -40,7 +45,9 @@ def answer(client, name: str) -> dict:
         return {"text": text, "finish": next(c["choices"][0]["finish_reason"] for c in reversed(chunks)
                                              if c["choices"] and c["choices"][0]["finish_reason"])}
     choice = resp.get_json()["choices"][0]
-    return {"text": choice["message"]["content"], "finish": choice["finish_reason"], "logprobs": choice.get("logprobs")}
+    calls = [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"].get("tool_calls") or []]
+    return {"text": choice["message"]["content"], "finish": choice["finish_reason"], "logprobs": choice.get("logprobs"),
+            "calls": calls}
 
 
 @pytest.fixture
@@ -53,6 +60,8 @@ def test_each_request_in_a_batch_gets_what_it_gets_alone(batch_app):
     alone = {name: answer(client, name) for name in REQUESTS}
     assert alone["stop"]["finish"] == "stop" and "e" not in alone["stop"]["text"]
     json.loads(alone["json"]["text"])  # JSON mode: a document
+    assert alone["tools"]["finish"] == "tool_calls" and alone["tools"]["calls"][0][0] == "get_weather"
+    json.loads(alone["tools"]["calls"][0][1])  # a forced call: its arguments parse
     assert len(alone["logprobs"]["logprobs"]["content"]) >= 1
     together, errors = {}, []
     engine = get_services(batch_app).engine
